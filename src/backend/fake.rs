@@ -1,0 +1,377 @@
+//! The in-process fake backend: configurable latency per operation, fault injection (failure rate,
+//! fail-N-times, hang, panic), and a simulated guest that phones home, runs and uploads. It serves
+//! unit tests and control-plane benchmarks; it is never how a feature is shown to work.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, GuestSink, SandboxSpec, VmHandle,
+    VmState,
+};
+
+/// The operations whose latency and faults can be configured. `boot` is the guest's time from
+/// start to phone-home, `run` the command's run time, `upload` the runner's upload time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeOp {
+    Clone,
+    Start,
+    Boot,
+    AgentPing,
+    Exec,
+    ExecStatus,
+    Run,
+    Upload,
+    Destroy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fault {
+    /// Probability in [0, 1] that the operation fails.
+    pub fail_rate: f64,
+    /// The first N calls fail.
+    pub fail_times: u32,
+    /// The first N calls panic.
+    pub panic_times: u32,
+    /// Every call hangs forever.
+    pub hang: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FakeConfig {
+    pub latency: BTreeMap<FakeOp, Latency>,
+    pub faults: BTreeMap<FakeOp, Fault>,
+    /// The simulated command's exit code.
+    pub exit_code: i32,
+    /// Where the fake keeps its VM list, so leaks survive a daemon restart. None: memory only.
+    pub state_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct FakeVm {
+    job_id: String,
+    running: bool,
+    #[serde(skip)]
+    procs: HashMap<i64, ExecStatus>,
+}
+
+#[derive(Debug, Default)]
+struct FaultCounters {
+    failed: AtomicU32,
+    panicked: AtomicU32,
+}
+
+#[derive(Debug)]
+pub struct FakeBackend {
+    config: FakeConfig,
+    sink: Arc<dyn GuestSink>,
+    vms: Arc<Mutex<BTreeMap<String, FakeVm>>>,
+    counters: HashMap<FakeOp, FaultCounters>,
+    creations: Mutex<HashMap<String, u32>>,
+    calls: Mutex<HashMap<FakeOp, u32>>,
+    next_pid: AtomicI64,
+}
+
+const ALL_OPS: [FakeOp; 9] = [
+    FakeOp::Clone,
+    FakeOp::Start,
+    FakeOp::Boot,
+    FakeOp::AgentPing,
+    FakeOp::Exec,
+    FakeOp::ExecStatus,
+    FakeOp::Run,
+    FakeOp::Upload,
+    FakeOp::Destroy,
+];
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic injected on purpose must not poison the fake for the restarted actor.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+enum Verdict {
+    Proceed,
+    Fail,
+}
+
+impl FakeBackend {
+    pub fn new(config: FakeConfig, sink: Arc<dyn GuestSink>) -> Result<Self, BackendError> {
+        let vms = match &config.state_file {
+            Some(path) if path.exists() => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+                let mut vms: BTreeMap<String, FakeVm> = serde_json::from_str(&text)
+                    .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))?;
+                // Simulated guests do not survive the process that simulated them.
+                for vm in vms.values_mut() {
+                    vm.procs.clear();
+                }
+                vms
+            }
+            _ => BTreeMap::new(),
+        };
+        Ok(FakeBackend {
+            config,
+            sink,
+            vms: Arc::new(Mutex::new(vms)),
+            counters: ALL_OPS
+                .iter()
+                .map(|op| (*op, FaultCounters::default()))
+                .collect(),
+            creations: Mutex::new(HashMap::new()),
+            calls: Mutex::new(HashMap::new()),
+            next_pid: AtomicI64::new(1000),
+        })
+    }
+
+    /// How many VMs were actually created under this name (not counting idempotent re-clones).
+    pub fn creations(&self, name: &str) -> u32 {
+        lock(&self.creations).get(name).copied().unwrap_or(0)
+    }
+
+    pub fn calls(&self, op: FakeOp) -> u32 {
+        lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    pub fn vm_names(&self) -> Vec<String> {
+        lock(&self.vms).keys().cloned().collect()
+    }
+
+    fn latency(&self, op: FakeOp) -> Option<Duration> {
+        let latency = self.config.latency.get(&op)?;
+        let ms = if latency.max_ms > latency.min_ms {
+            rand::rng().random_range(latency.min_ms..=latency.max_ms)
+        } else {
+            latency.min_ms
+        };
+        (ms > 0).then(|| Duration::from_millis(ms))
+    }
+
+    /// Applies the configured latency and faults for one call of `op`.
+    async fn step(&self, op: FakeOp) -> Verdict {
+        *lock(&self.calls).entry(op).or_default() += 1;
+        if let Some(delay) = self.latency(op) {
+            tokio::time::sleep(delay).await;
+        }
+        let Some(fault) = self.config.faults.get(&op) else {
+            return Verdict::Proceed;
+        };
+        let Some(counters) = self.counters.get(&op) else {
+            return Verdict::Proceed;
+        };
+        if fault.hang {
+            std::future::pending::<()>().await;
+        }
+        if counters.panicked.fetch_add(1, Ordering::SeqCst) < fault.panic_times {
+            panic!("fake backend: injected panic in {op:?}");
+        }
+        if counters.failed.fetch_add(1, Ordering::SeqCst) < fault.fail_times {
+            return Verdict::Fail;
+        }
+        if fault.fail_rate > 0.0 && rand::rng().random_bool(fault.fail_rate.clamp(0.0, 1.0)) {
+            return Verdict::Fail;
+        }
+        Verdict::Proceed
+    }
+
+    async fn checked(&self, op: FakeOp, operation: &'static str) -> Result<(), BackendError> {
+        match self.step(op).await {
+            Verdict::Proceed => Ok(()),
+            Verdict::Fail => Err(BackendError::operation(operation, "injected failure")),
+        }
+    }
+
+    async fn persist(&self) -> Result<(), BackendError> {
+        let Some(path) = self.config.state_file.clone() else {
+            return Ok(());
+        };
+        let text = serde_json::to_string(&*lock(&self.vms))
+            .map_err(|e| BackendError::InvalidInput(e.to_string()))?;
+        tokio::task::spawn_blocking(move || {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, text)?;
+            std::fs::rename(&tmp, &path)
+        })
+        .await
+        .map_err(|e| BackendError::operation("persist", e.to_string()))?
+        .map_err(|e| BackendError::io("writing fake backend state", e))
+    }
+
+    fn with_vm<R>(&self, name: &str, f: impl FnOnce(&mut FakeVm) -> R) -> Result<R, BackendError> {
+        let mut vms = lock(&self.vms);
+        let vm = vms
+            .get_mut(name)
+            .ok_or_else(|| BackendError::Missing(name.to_owned()))?;
+        Ok(f(vm))
+    }
+
+    /// Simulates the guest booting: after `boot` latency it phones home, unless boot is faulted,
+    /// in which case the VM dies (a hang means it never phones home).
+    fn simulate_boot(self: &Arc<Self>, name: String, job_id: String) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            match this.step(FakeOp::Boot).await {
+                Verdict::Proceed => this.sink.phoned_home(&job_id).await,
+                Verdict::Fail => {
+                    let _ = this.with_vm(&name, |vm| vm.running = false);
+                }
+            }
+        });
+    }
+
+    /// Simulates the runner: the command runs, the runner reports its exit, uploads, reports done
+    /// and exits with the command's code. A faulted run or upload kills the runner early.
+    fn simulate_runner(self: &Arc<Self>, name: String, job_id: String, pid: i64) {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let set = |status: ExecStatus| {
+                let _ = this.with_vm(&name, |vm| vm.procs.insert(pid, status));
+            };
+            if let Verdict::Fail = this.step(FakeOp::Run).await {
+                set(ExecStatus::Signalled { signal: 9 });
+                return;
+            }
+            let code = this.config.exit_code;
+            this.sink.command_exited(&job_id, code).await;
+            if let Verdict::Fail = this.step(FakeOp::Upload).await {
+                set(ExecStatus::Exited { code: 70 });
+                return;
+            }
+            this.sink.uploads_done(&job_id).await;
+            set(ExecStatus::Exited { code });
+        });
+    }
+}
+
+/// The fake needs `Arc<Self>` to spawn its simulated guest, so the trait is implemented on a thin
+/// shared wrapper.
+#[derive(Debug, Clone)]
+pub struct SharedFake(pub Arc<FakeBackend>);
+
+#[async_trait]
+impl Backend for SharedFake {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Fake
+    }
+
+    async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError> {
+        let fake = &self.0;
+        let handle = VmHandle {
+            name: spec.name.clone(),
+            vm_ref: format!("fake:{}", spec.name),
+        };
+        if lock(&fake.vms).contains_key(&spec.name) {
+            return Ok(handle);
+        }
+        fake.checked(FakeOp::Clone, "clone").await?;
+        let created = {
+            let mut vms = lock(&fake.vms);
+            let fresh = !vms.contains_key(&spec.name);
+            vms.entry(spec.name.clone()).or_insert_with(|| FakeVm {
+                job_id: spec.job_id.clone(),
+                running: false,
+                procs: HashMap::new(),
+            });
+            fresh
+        };
+        if created {
+            *lock(&fake.creations).entry(spec.name.clone()).or_default() += 1;
+        }
+        fake.persist().await?;
+        Ok(handle)
+    }
+
+    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let fake = &self.0;
+        fake.checked(FakeOp::Start, "start").await?;
+        let (was_running, job_id) = fake.with_vm(&vm.name, |v| {
+            let was = v.running;
+            v.running = true;
+            (was, v.job_id.clone())
+        })?;
+        if !was_running {
+            fake.simulate_boot(vm.name.clone(), job_id);
+        }
+        fake.persist().await
+    }
+
+    async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let fake = &self.0;
+        if !fake.with_vm(&vm.name, |v| v.running)? {
+            return Err(BackendError::AgentUnavailable(format!(
+                "{} is not running",
+                vm.name
+            )));
+        }
+        match fake.step(FakeOp::AgentPing).await {
+            Verdict::Proceed => Ok(()),
+            Verdict::Fail => Err(BackendError::AgentUnavailable("injected failure".into())),
+        }
+    }
+
+    async fn exec(&self, vm: &VmHandle, _command: &GuestCommand) -> Result<i64, BackendError> {
+        let fake = &self.0;
+        fake.checked(FakeOp::Exec, "guest exec").await?;
+        let pid = fake.next_pid.fetch_add(1, Ordering::SeqCst);
+        let job_id = fake.with_vm(&vm.name, |v| {
+            v.procs.insert(pid, ExecStatus::Running);
+            v.job_id.clone()
+        })?;
+        fake.simulate_runner(vm.name.clone(), job_id, pid);
+        Ok(pid)
+    }
+
+    async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError> {
+        let fake = &self.0;
+        fake.checked(FakeOp::ExecStatus, "guest exec-status")
+            .await?;
+        fake.with_vm(&vm.name, |v| v.procs.get(&pid).copied())?
+            .ok_or_else(|| {
+                BackendError::operation("guest exec-status", format!("no process {pid}"))
+            })
+    }
+
+    async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let fake = &self.0;
+        fake.checked(FakeOp::Destroy, "destroy").await?;
+        lock(&fake.vms).remove(&vm.name);
+        fake.persist().await
+    }
+
+    async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError> {
+        Ok(match lock(&self.0.vms).get(&vm.name) {
+            None => VmState::Missing,
+            Some(v) if v.running => VmState::Running,
+            Some(_) => VmState::Stopped,
+        })
+    }
+
+    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
+        Ok(lock(&self.0.vms)
+            .keys()
+            .map(|name| VmHandle {
+                name: name.clone(),
+                vm_ref: format!("fake:{name}"),
+            })
+            .collect())
+    }
+}

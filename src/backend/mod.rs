@@ -1,0 +1,197 @@
+//! The seam between the lifecycle and the machines: the `Backend` trait every backend (local QEMU,
+//! Proxmox, the in-process fake) implements, and the types that cross it.
+//!
+//! Contract for implementors:
+//! - Every operation is idempotent for a given VM name, because a restarted SandboxActor re-runs the
+//!   phase it was in. `clone_vm` for a name that already exists returns that VM instead of making a
+//!   second one; `start_vm` on a running VM succeeds; `destroy_vm` on a missing VM succeeds.
+//! - Operations may be cancelled at any await point (the lifecycle drops the future on a phase
+//!   timeout or a cancel) and must leave nothing that a later `destroy_vm` cannot remove.
+//! - Blocking work (child processes, file IO of any size) runs off the async executor threads.
+
+pub mod fake;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+/// Which backend a daemon runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Qemu,
+    Pve,
+    Fake,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Qemu => "qemu",
+            BackendKind::Pve => "pve",
+            BackendKind::Fake => "fake",
+        }
+    }
+}
+
+/// How a guest may reach the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// Only the daemon's guest endpoint is reachable.
+    #[default]
+    Restricted,
+    /// Outbound traffic is allowed too.
+    Egress,
+}
+
+/// What the guest's cloud-init receives.
+#[derive(Clone, PartialEq, Eq)]
+pub struct CloudInitSpec {
+    pub hostname: String,
+    /// The URL the guest phones home to when boot is done.
+    pub phone_home_url: String,
+    /// The daemon's guest endpoint, as the guest reaches it.
+    pub guest_url: String,
+    /// One-time token the runner redeems for its job spec.
+    pub bootstrap_token: String,
+}
+
+impl std::fmt::Debug for CloudInitSpec {
+    // Tokens never reach logs, so the Debug form leaves them out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CloudInitSpec")
+            .field("hostname", &self.hostname)
+            .field("guest_url", &self.guest_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Everything a backend needs to create one sandbox VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSpec {
+    pub job_id: String,
+    /// The VM's name, `sandbox-…`; stable across actor restarts.
+    pub name: String,
+    /// The profile's template: an image name for qemu, a VMID for pve.
+    pub template: String,
+    pub cores: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub network: NetworkMode,
+    pub cloud_init: CloudInitSpec,
+}
+
+/// A VM the backend made, as the store records it. `vm_ref` is backend-specific (a VMID for pve,
+/// the sandbox directory for qemu) and enough to find the VM again after a daemon restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmHandle {
+    pub name: String,
+    pub vm_ref: String,
+}
+
+/// A command to start in the guest through the guest agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestCommand {
+    pub path: String,
+    pub args: Vec<String>,
+    pub env: BTreeMap<String, String>,
+}
+
+/// What the guest agent reports of a command it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStatus {
+    Running,
+    Exited { code: i32 },
+    Signalled { signal: i32 },
+}
+
+/// Whether a VM exists and runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VmState {
+    Running,
+    Stopped,
+    Missing,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("VM {0} does not exist")]
+    Missing(String),
+    #[error("guest agent not responding: {0}")]
+    AgentUnavailable(String),
+    #[error("{operation} failed: {message}")]
+    Operation {
+        operation: &'static str,
+        message: String,
+    },
+    #[error("{operation} timed out after {seconds:.0}s")]
+    Timeout {
+        operation: &'static str,
+        seconds: f64,
+    },
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    pub fn operation(operation: &'static str, message: impl Into<String>) -> Self {
+        BackendError::Operation {
+            operation,
+            message: message.into(),
+        }
+    }
+
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        BackendError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+#[async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> BackendKind;
+
+    /// Creates the VM (linked clone, cloud-init seed, resources) without starting it.
+    async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError>;
+
+    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError>;
+
+    /// One guest-agent round trip (sync + ping). Fails fast when the agent is not up yet.
+    async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError>;
+
+    /// Starts a command in the guest and returns its pid without waiting for it.
+    async fn exec(&self, vm: &VmHandle, command: &GuestCommand) -> Result<i64, BackendError>;
+
+    async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError>;
+
+    /// Stops the VM and removes everything that belongs to it. Succeeds if it is already gone.
+    async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError>;
+
+    async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError>;
+
+    /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`.
+    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError>;
+}
+
+pub type SharedBackend = Arc<dyn Backend>;
+
+/// How a backend reports what the guest does on its own (the fake backend simulates a guest and
+/// reports through this; real guests report over the guest HTTP endpoint, which calls the same sink).
+#[async_trait]
+pub trait GuestSink: Send + Sync + std::fmt::Debug {
+    async fn phoned_home(&self, job_id: &str);
+    async fn command_exited(&self, job_id: &str, exit_code: i32);
+    async fn uploads_done(&self, job_id: &str);
+}

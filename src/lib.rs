@@ -1,0 +1,8 @@
+//! AgentLab: runs AI coding agents unattended, one throwaway VM per job.
+//!
+//! `agentlabd` is an actix actor runtime: a Supervisor spawns one SandboxActor per VM, which drives
+//! the VM through clone → start → cloud-init → guest agent → run → upload → destroy on a `Backend`.
+//! State lives in SQLite (`store`), so a restart loses nothing.
+
+pub mod backend;
+pub mod model;

@@ -1,0 +1,301 @@
+//! Domain types shared by the store, the actors, the HTTP API and the CLI: jobs, sandboxes, their
+//! lifecycle phases and statuses, and the events they record.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Name prefix of every VM the daemon creates; reconciliation only ever touches VMs carrying it.
+pub const VM_NAME_PREFIX: &str = "sandbox-";
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown {kind} `{value}`")]
+pub struct ParseEnumError {
+    kind: &'static str,
+    value: String,
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name { $(#[serde(rename = $text)] $variant),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ParseEnumError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($text => Ok($name::$variant),)+
+                    _ => Err(ParseEnumError { kind: $kind, value: s.to_owned() }),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Where a job stands. Everything but QUEUED and RUNNING is terminal.
+    JobStatus, "job status", {
+        Queued => "QUEUED",
+        Running => "RUNNING",
+        Completed => "COMPLETED",
+        Failed => "FAILED",
+        Timeout => "TIMEOUT",
+        Cancelled => "CANCELLED",
+    }
+);
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+}
+
+string_enum!(
+    /// The sandbox lifecycle, in order. Each phase has its own timeout.
+    Phase, "phase", {
+        Clone => "clone",
+        Start => "start",
+        CloudInit => "cloud_init",
+        GuestAgent => "guest_agent",
+        Run => "run",
+        Upload => "upload",
+        Destroy => "destroy",
+    }
+);
+
+impl Phase {
+    /// The phases before the job's command runs; together they make up provisioning.
+    pub const PROVISIONING: &'static [Phase] = &[
+        Phase::Clone,
+        Phase::Start,
+        Phase::CloudInit,
+        Phase::GuestAgent,
+    ];
+
+    pub fn next(self) -> Option<Phase> {
+        let all = Phase::ALL;
+        let at = all.iter().position(|p| *p == self)?;
+        all.get(at + 1).copied()
+    }
+
+    pub fn is_provisioning(self) -> bool {
+        Phase::PROVISIONING.contains(&self)
+    }
+
+    /// The sandbox state a VM is in while this phase runs.
+    pub fn sandbox_state(self) -> SandboxState {
+        match self {
+            Phase::Clone | Phase::Start => SandboxState::Provisioning,
+            Phase::CloudInit | Phase::GuestAgent => SandboxState::Booting,
+            Phase::Run => SandboxState::Running,
+            Phase::Upload => SandboxState::Uploading,
+            Phase::Destroy => SandboxState::Destroying,
+        }
+    }
+}
+
+string_enum!(
+    /// Where a sandbox (one VM) stands. DESTROYED is the only terminal state.
+    SandboxState, "sandbox state", {
+        Provisioning => "PROVISIONING",
+        Booting => "BOOTING",
+        Ready => "READY",
+        Running => "RUNNING",
+        Uploading => "UPLOADING",
+        Kept => "KEPT",
+        Destroying => "DESTROYING",
+        Destroyed => "DESTROYED",
+    }
+);
+
+/// What a client asks for when it submits a job.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub profile: String,
+    pub task: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_minutes: Option<u32>,
+    /// Overrides the tuning's run-phase timeout for this job (it can only shorten it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_timeout_seconds: Option<u64>,
+    /// The job fails rather than start after this many seconds in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_seconds: Option<u64>,
+}
+
+/// How long one phase of one attempt took, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRun {
+    pub phase: Phase,
+    pub started_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<String>,
+}
+
+/// A job as the API shows it. The request's `env` values are never shown: they may be secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub profile: String,
+    pub task: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    pub git_ref: Option<String>,
+    pub env_keys: Vec<String>,
+    pub artifacts: Vec<String>,
+    pub status: JobStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sandbox_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub restarts: u32,
+    pub created_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub started_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deadline_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseRun>,
+}
+
+/// A sandbox (one VM) as the API shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub job_id: String,
+    pub backend: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_ref: Option<String>,
+    pub state: SandboxState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    pub profile: String,
+    pub cores: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub keepalive: bool,
+    pub lease_expires_at_ms: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destroyed_at_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One entry in a job's history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: i64,
+    pub job_id: String,
+    pub at_ms: i64,
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    pub message: String,
+}
+
+/// An artifact collected from a job's checkout and stored by the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Artifact {
+    pub job_id: String,
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+    pub created_at_ms: i64,
+}
+
+pub fn now_ms() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(now.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A new, time-ordered id, so ids sort by creation.
+pub fn new_id() -> String {
+    uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// The VM name of a job's sandbox. Deterministic, so a restarted actor finds the VM it cloned.
+pub fn sandbox_name_for(job_id: &str) -> String {
+    let tail = &job_id[job_id.len().saturating_sub(12)..];
+    format!("{VM_NAME_PREFIX}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enums_round_trip_through_text() {
+        for status in JobStatus::ALL {
+            assert_eq!(status.as_str().parse::<JobStatus>().unwrap(), *status);
+        }
+        for phase in Phase::ALL {
+            assert_eq!(phase.as_str().parse::<Phase>().unwrap(), *phase);
+        }
+        assert!("BOGUS".parse::<JobStatus>().is_err());
+    }
+
+    #[test]
+    fn phases_run_in_lifecycle_order() {
+        assert_eq!(Phase::Clone.next(), Some(Phase::Start));
+        assert_eq!(Phase::Upload.next(), Some(Phase::Destroy));
+        assert_eq!(Phase::Destroy.next(), None);
+        assert!(Phase::GuestAgent.is_provisioning());
+        assert!(!Phase::Run.is_provisioning());
+    }
+
+    #[test]
+    fn sandbox_names_are_stable_and_prefixed() {
+        let id = new_id();
+        assert_eq!(sandbox_name_for(&id), sandbox_name_for(&id));
+        assert!(sandbox_name_for(&id).starts_with(VM_NAME_PREFIX));
+        assert!(!JobStatus::Running.is_terminal());
+        assert!(JobStatus::Cancelled.is_terminal());
+    }
+}
