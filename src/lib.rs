@@ -5,4 +5,7 @@
 //! State lives in SQLite (`store`), so a restart loses nothing.
 
 pub mod backend;
+pub mod config;
 pub mod model;
+pub mod paths;
+pub mod store;
