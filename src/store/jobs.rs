@@ -323,9 +323,47 @@ impl Store {
             Some(reason) => format!("{status}: {reason}"),
             None => status.to_string(),
         };
-        let event = insert_event(&tx, id, "status", None, &message)?;
+        let event = insert_event(&tx, id, "finished", None, &message)?;
         tx.commit()?;
         Ok(Some(event))
+    }
+
+    /// Records the outcome a running job will end with once its VM is torn down.
+    pub fn set_pending_outcome(
+        &self,
+        id: &str,
+        status: JobStatus,
+        exit_code: Option<i32>,
+        error: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE jobs SET pending_status = ?2, exit_code = COALESCE(?3, exit_code), pending_error = ?4
+             WHERE id = ?1",
+            params![id, status.as_str(), exit_code, error],
+        )?;
+        Ok(())
+    }
+
+    /// The outcome recorded by `set_pending_outcome`, if any: (status, exit code, error).
+    pub fn pending_outcome(
+        &self,
+        id: &str,
+    ) -> Result<Option<(JobStatus, Option<i32>, Option<String>)>, StoreError> {
+        let conn = self.conn();
+        let row: Option<(Option<String>, Option<i32>, Option<String>)> = conn
+            .query_row(
+                "SELECT pending_status, exit_code, pending_error FROM jobs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match row {
+            Some((Some(status), exit_code, error)) => {
+                Ok(Some((parse_column("jobs", &status)?, exit_code, error)))
+            }
+            _ => Ok(None),
+        }
     }
 
     pub fn add_restart(&self, id: &str) -> Result<u32, StoreError> {
@@ -340,7 +378,7 @@ impl Store {
     pub fn record_phone_home(&self, id: &str) -> Result<bool, StoreError> {
         let conn = self.conn();
         let changed = conn.execute(
-            "UPDATE jobs SET guest_phoned_home_ms = COALESCE(guest_phoned_home_ms, ?2) WHERE id = ?1",
+            "UPDATE jobs SET guest_phoned_home_ms = ?2 WHERE id = ?1 AND guest_phoned_home_ms IS NULL",
             params![id, now_ms()],
         )?;
         Ok(changed > 0)
@@ -358,7 +396,7 @@ impl Store {
     pub fn record_guest_done(&self, id: &str) -> Result<bool, StoreError> {
         let conn = self.conn();
         let changed = conn.execute(
-            "UPDATE jobs SET guest_done_ms = COALESCE(guest_done_ms, ?2) WHERE id = ?1",
+            "UPDATE jobs SET guest_done_ms = ?2 WHERE id = ?1 AND guest_done_ms IS NULL",
             params![id, now_ms()],
         )?;
         Ok(changed > 0)

@@ -25,7 +25,10 @@ const MIGRATIONS: &[&str] = &[
         deadline_ms INTEGER,
         guest_phoned_home_ms INTEGER,
         guest_exit_code INTEGER,
-        guest_done_ms INTEGER
+        guest_done_ms INTEGER,
+        -- The outcome decided before teardown, so a crash during destroy keeps the reason.
+        pending_status TEXT,
+        pending_error TEXT
     );
     CREATE INDEX jobs_by_status ON jobs (status, seq);
 

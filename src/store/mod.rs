@@ -265,7 +265,7 @@ mod tests {
             .map(|e| e.kind)
             .collect();
         assert_eq!(kinds.first().map(String::as_str), Some("status"));
-        assert_eq!(kinds.last().map(String::as_str), Some("status"));
+        assert_eq!(kinds.last().map(String::as_str), Some("finished"));
     }
 
     #[test]
