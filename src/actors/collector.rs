@@ -10,7 +10,7 @@ use actix::prelude::*;
 use super::lifecycle::destroy_sandbox;
 use super::supervisor::{CancelJob, Supervisor};
 use super::Services;
-use crate::model::{now_ms, JobStatus};
+use crate::model::JobStatus;
 
 #[derive(Debug)]
 pub struct LeaseCollector {
@@ -64,10 +64,11 @@ async fn collect(
     svc: &Services,
     supervisor: &Addr<Supervisor>,
 ) -> Result<(), crate::store::StoreError> {
+    let now = svc.clock.now_ms();
     let expired = svc
         .store
-        .call(|s| {
-            let sandboxes = s.expired_sandboxes(now_ms())?;
+        .call(move |s| {
+            let sandboxes = s.expired_sandboxes(now)?;
             sandboxes
                 .into_iter()
                 .map(|sb| Ok((s.get_job(&sb.job_id)?.map(|j| j.status), sb)))

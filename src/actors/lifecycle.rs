@@ -148,6 +148,7 @@ pub async fn drive(
 fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profile) -> Sandbox {
     let now = now_ms();
     let ttl_minutes = request.ttl_minutes.unwrap_or(profile.ttl_minutes);
+    let lease_from = svc.clock.now_ms();
     Sandbox {
         id: sandbox_name_for(&job.id),
         job_id: job.id.clone(),
@@ -160,7 +161,7 @@ fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profil
         memory_mb: profile.resources.memory_mb,
         disk_gb: profile.storage.root_size_gb,
         keepalive: profile.keepalive,
-        lease_expires_at_ms: now.saturating_add(i64::from(ttl_minutes) * 60_000),
+        lease_expires_at_ms: lease_from.saturating_add(i64::from(ttl_minutes) * 60_000),
         created_at_ms: now,
         updated_at_ms: now,
         destroyed_at_ms: None,

@@ -33,6 +33,36 @@ pub struct Services {
     pub metrics: Metrics,
     /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
     pub guest_url: String,
+    pub clock: Clock,
+}
+
+/// Wall-clock milliseconds for leases and deadlines, advanced by tokio's monotonic clock from an
+/// anchor: immune to wall-clock jumps, and moved by tests that pause and advance time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall_ms: i64,
+    at: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            wall_ms: crate::model::now_ms(),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.at);
+        self.wall_ms
+            .saturating_add(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
 }
 
 impl Services {

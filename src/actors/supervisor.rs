@@ -13,7 +13,7 @@ use super::lifecycle::{self, Signals};
 use super::reconciler;
 use super::sandbox::{Exit, SandboxActor, SandboxExited};
 use super::Services;
-use crate::model::{now_ms, sandbox_name_for, JobStatus};
+use crate::model::{sandbox_name_for, JobStatus};
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -122,12 +122,12 @@ impl Supervisor {
         }
         self.admitting = true;
         let svc = Arc::clone(&self.svc);
+        let now = svc.clock.now_ms();
         let pick = async move {
             svc.store
                 .call(move |s| {
                     let mut started = Vec::new();
                     let mut events = Vec::new();
-                    let now = now_ms();
                     // Look further than `free` so expired jobs do not hold the queue's head.
                     for job in s.queued_jobs(u32::try_from(free * 4).unwrap_or(u32::MAX))? {
                         if started.len() == free {

@@ -324,7 +324,8 @@ impl Backend for SharedFake {
         }
         match fake.step(FakeOp::AgentPing).await {
             Verdict::Proceed => Ok(()),
-            Verdict::Fail => Err(BackendError::AgentUnavailable("injected failure".into())),
+            // A hard protocol error, unlike "not up yet", which the lifecycle keeps retrying.
+            Verdict::Fail => Err(BackendError::operation("guest agent", "injected failure")),
         }
     }
 
