@@ -7,6 +7,8 @@
 pub mod actors;
 pub mod backend;
 pub mod config;
+pub mod daemon;
+pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod paths;

@@ -98,8 +98,11 @@ pub struct Config {
     #[serde(deserialize_with = "optional_addr")]
     pub control_listen: Option<SocketAddr>,
     pub control_token_file: Option<PathBuf>,
-    /// Where sandboxes reach the daemon's guest API (through their restricted network).
+    /// Where the daemon serves the guest API.
     pub guest_listen: SocketAddr,
+    /// The guest API's URL as guests see it. Default: `http://10.0.2.100` (the local backend's
+    /// forward) for qemu, the `guest_listen` address otherwise.
+    pub guest_url: Option<String>,
     pub profiles_dir: PathBuf,
     pub tuning_dir: PathBuf,
     /// Which tuning file of `tuning_dir` is in force (`NAME.yaml`).
@@ -133,6 +136,7 @@ impl Default for Config {
             control_listen: None,
             control_token_file: None,
             guest_listen: SocketAddr::from(([127, 0, 0, 1], 8848)),
+            guest_url: None,
             profiles_dir: PathBuf::from("/etc/agentlab/profiles"),
             tuning_dir: PathBuf::from("/etc/agentlab/tuning"),
             tuning: "default".to_owned(),
@@ -239,6 +243,14 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    pub fn resolved_guest_url(&self) -> String {
+        match (&self.guest_url, self.backend) {
+            (Some(url), _) => url.trim_end_matches('/').to_owned(),
+            (None, BackendKind::Qemu) => "http://10.0.2.100".to_owned(),
+            (None, _) => format!("http://{}", self.guest_listen),
+        }
     }
 
     pub fn db_path(&self) -> PathBuf {
