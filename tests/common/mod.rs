@@ -152,6 +152,8 @@ pub fn request() -> JobRequest {
     }
 }
 
+pub mod daemon;
+
 pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)
 }
