@@ -77,14 +77,18 @@ pub fn check(config_path: &Path) -> Result<CheckReport, DaemonError> {
     })
 }
 
-fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<SharedBackend, DaemonError> {
+/// The backend a daemon runs on; the fake stays reachable for benchmarks.
+#[derive(Debug, Clone)]
+pub enum BuiltBackend {
+    Fake(Arc<FakeBackend>),
+    Other(SharedBackend),
+}
+
+fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
         BackendKind::Fake => {
-            tracing::warn!(
-                "running on the fake backend: no VMs are created (tests and benchmarks only)"
-            );
-            let fake = FakeBackend::new(config.fake.clone(), sink)?;
-            Ok(Arc::new(SharedFake(Arc::new(fake))))
+            tracing::warn!("running on the fake backend: no VMs are created (tests and benchmarks only)");
+            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(config.fake.clone(), sink)?)))
         }
         other => Err(DaemonError::Unsupported(format!(
             "backend `{}` is not available in this build",
@@ -113,8 +117,33 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+/// A daemon whose actors and servers run; `run` drives one until a signal.
+#[derive(Debug)]
+pub struct Started {
+    pub svc: Arc<Services>,
+    pub supervisor: Addr<Supervisor>,
+    pub backend: BuiltBackend,
+    servers: crate::http::Servers,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Started {
+    /// Stops admitting, suspends in-flight jobs (up to `shutdown_grace`), stops the servers.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new work; suspending in-flight jobs");
+        notify_systemd(sd_notify::NotifyState::Stopping);
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let grace = self.svc.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.supervisor.send(Shutdown)).await.is_err() {
+            tracing::warn!(?grace, "some jobs did not reach a resumable point in time; they resume at the next start");
+        }
+        self.servers.stop().await;
+        tracing::info!("agentlabd stopped");
+    }
+}
+
+/// Starts the store, actors and servers. Must be called inside an actix system.
+pub async fn start(config: Config) -> Result<Started, DaemonError> {
     let started = Instant::now();
     create_dirs(&config)?;
     let store = {
@@ -130,7 +159,11 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         store: store.clone(),
         hub: Arc::clone(&hub),
     });
-    let backend = build_backend(&config, Arc::clone(&reports))?;
+    let built = build_backend(&config, Arc::clone(&reports))?;
+    let backend: SharedBackend = match &built {
+        BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
+        BuiltBackend::Other(backend) => Arc::clone(backend),
+    };
     let guest_url = config.resolved_guest_url();
     let config = Arc::new(config);
     let svc = Arc::new(Services {
@@ -163,7 +196,12 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
         "agentlabd ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
+    Ok(Started { svc, supervisor, backend: built, servers, shutting_down })
+}
 
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+    let daemon = start(config).await?;
     let signal_error = |source| DaemonError::Io {
         context: "installing signal handlers".into(),
         source,
@@ -173,27 +211,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&svc, &config_path),
+            _ = hangup.recv() => reload(&daemon.svc, &config_path),
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
 
-    tracing::info!("shutting down: no new work; suspending in-flight jobs");
-    notify_systemd(sd_notify::NotifyState::Stopping);
-    shutting_down.store(true, Ordering::SeqCst);
-    let grace = config.shutdown_grace;
-    if tokio::time::timeout(grace, supervisor.send(Shutdown))
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            ?grace,
-            "some jobs did not reach a resumable point in time; they resume at the next start"
-        );
-    }
-    servers.stop().await;
-    tracing::info!("agentlabd stopped");
+    daemon.shutdown().await;
     Ok(())
 }
 
