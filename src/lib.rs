@@ -5,4 +5,6 @@
 //! State lives in SQLite (`store`), so a restart loses nothing.
 
 pub mod backend;
+pub mod cli;
 pub mod model;
+pub mod runner;
