@@ -74,7 +74,10 @@ pub fn expand(checkout: &Path, patterns: &[String]) -> Expansion {
     let root = match std::fs::canonicalize(checkout) {
         Ok(root) => root,
         Err(e) => {
-            errors.push(format!("cannot resolve the checkout {}: {e}", checkout.display()));
+            errors.push(format!(
+                "cannot resolve the checkout {}: {e}",
+                checkout.display()
+            ));
             return Expansion {
                 files: Vec::new(),
                 errors,
@@ -246,7 +249,10 @@ mod tests {
         // `*` does not cross directories; `**` does, and a matched directory brings its files.
         let e = expand(&co, &["out/*".into()]);
         assert_eq!(names(&e), ["out/.hidden", "out/a.txt", "out/sub/b.bin"]);
-        let e = expand(&co, &["out/**".into(), "out/**/*.bin".into(), "top.log".into()]);
+        let e = expand(
+            &co,
+            &["out/**".into(), "out/**/*.bin".into(), "top.log".into()],
+        );
         assert_eq!(
             names(&e),
             ["out/.hidden", "out/a.txt", "out/sub/b.bin", "top.log"]
@@ -292,12 +298,18 @@ mod tests {
             ["out/.hidden", "out/a.txt", "out/alias.txt", "out/sub/b.bin"]
         );
         let alias = e.files.iter().find(|c| c.rel == b"out/alias.txt").unwrap();
-        assert_eq!(alias.real, std::fs::canonicalize(co.join("out/a.txt")).unwrap());
+        assert_eq!(
+            alias.real,
+            std::fs::canonicalize(co.join("out/a.txt")).unwrap()
+        );
         let joined = e.errors.join("\n");
         assert!(joined.contains("out/escape.txt skipped"), "{joined}");
         assert!(joined.contains("out/etc skipped"), "{joined}");
         assert!(joined.contains("parentdir/outside.txt skipped"), "{joined}");
-        assert!(e.files.iter().all(|c| c.real.starts_with(std::fs::canonicalize(&co).unwrap())));
+        assert!(e
+            .files
+            .iter()
+            .all(|c| c.real.starts_with(std::fs::canonicalize(&co).unwrap())));
     }
 
     #[test]

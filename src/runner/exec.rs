@@ -1,8 +1,12 @@
 //! Running the job's command: `/bin/sh -c COMMAND` in the checkout, in its own process group,
 //! with the task on stdin, its output pumped into the log queue, and a run timeout that takes
 //! down the whole group.
+//!
+//! stdout and stderr share one pipe, as with `2>&1`: the log is one stream, and two pipes read by
+//! two threads could not keep the order in which the command wrote to them.
 
 use std::collections::BTreeMap;
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -11,6 +15,7 @@ use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rustix::pipe::{pipe_with, PipeFlags};
 use rustix::process::{kill_process_group, Pid, Signal};
 
 use super::error::RunnerError;
@@ -84,32 +89,32 @@ pub fn run_command(
     masker: &Masker,
     queue: &Arc<LogQueue>,
 ) -> Result<Outcome, RunnerError> {
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(spec.command)
-        .current_dir(spec.dir)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so a timeout reaches everything the command started.
-        .process_group(0);
-    apply_env(&mut cmd, spec.env);
-    cmd.env("AGENTLAB_TASK", spec.task)
-        .env("AGENTLAB_JOB_ID", spec.job_id);
-    let mut child = cmd.spawn().map_err(RunnerError::Spawn)?;
+    let (output, output_writer) =
+        pipe_with(PipeFlags::CLOEXEC).map_err(|e| RunnerError::Spawn(e.into()))?;
+    let stderr_writer = output_writer.try_clone().map_err(RunnerError::Spawn)?;
+    let mut child = {
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(spec.command)
+            .current_dir(spec.dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(output_writer))
+            .stderr(Stdio::from(stderr_writer))
+            // Its own group, so a timeout reaches everything the command started.
+            .process_group(0);
+        apply_env(&mut cmd, spec.env);
+        cmd.env("AGENTLAB_TASK", spec.task)
+            .env("AGENTLAB_JOB_ID", spec.job_id);
+        let child = cmd.spawn().map_err(RunnerError::Spawn)?;
+        // Dropping `cmd` here closes the runner's copies of the write end, so the pump sees
+        // EOF once the command's processes are gone.
+        child
+    };
     let pgid = i32::try_from(child.id()).ok().and_then(Pid::from_raw);
 
     let (pipes_done_tx, pipes_done) = mpsc::channel::<()>();
-    let mut pumps = 0;
-    if let Some(stdout) = child.stdout.take() {
-        spawn_pump(stdout, masker.fresh(), queue, pipes_done_tx.clone());
-        pumps += 1;
-    }
-    if let Some(stderr) = child.stderr.take() {
-        spawn_pump(stderr, masker.fresh(), queue, pipes_done_tx.clone());
-        pumps += 1;
-    }
-    drop(pipes_done_tx);
+    spawn_pump(File::from(output), masker.fresh(), queue, pipes_done_tx);
+    let pumps = 1;
     if let Some(mut stdin) = child.stdin.take() {
         let task = spec.task.as_bytes().to_vec();
         // A command that never reads stdin must not block the runner on a full pipe; EPIPE
@@ -279,6 +284,15 @@ mod tests {
             log,
             "id=job-1\ntask=the task\nstdin=the task\nkey=*** short=abc\n"
         );
+    }
+
+    #[test]
+    fn stdout_and_stderr_keep_the_order_they_were_written_in() {
+        let script = "i=0; while [ $i -lt 200 ]; do echo out$i; echo err$i >&2; i=$((i+1)); done";
+        let (outcome, log) = run(script, Duration::from_secs(30), &[]);
+        assert_eq!(outcome.exit_code, 0);
+        let expected: String = (0..200).map(|i| format!("out{i}\nerr{i}\n")).collect();
+        assert_eq!(log, expected);
     }
 
     #[test]

@@ -223,7 +223,13 @@ mod tests {
         let bundle = tmp.path().join("repo.bundle");
         git(
             &src,
-            &["bundle", "create", "--quiet", bundle.to_str().unwrap(), "--all"],
+            &[
+                "bundle",
+                "create",
+                "--quiet",
+                bundle.to_str().unwrap(),
+                "--all",
+            ],
         );
         let (env, masker) = no_env();
         let g = Git {
@@ -244,7 +250,10 @@ mod tests {
 
         let at_main = tmp.path().join("main");
         g.clone_bundle(&bundle, &at_main, Some("main")).unwrap();
-        assert_eq!(git(&at_main, &["rev-parse", "--abbrev-ref", "HEAD"]), "main");
+        assert_eq!(
+            git(&at_main, &["rev-parse", "--abbrev-ref", "HEAD"]),
+            "main"
+        );
     }
 
     #[test]
@@ -272,7 +281,9 @@ mod tests {
         );
 
         let missing = tmp.path().join("missing");
-        let err = g.clone_url(&url, &missing, Some("no-such-ref")).unwrap_err();
+        let err = g
+            .clone_url(&url, &missing, Some("no-such-ref"))
+            .unwrap_err();
         assert!(matches!(err, RunnerError::Git { .. }), "{err}");
     }
 
