@@ -9,7 +9,11 @@ use agentlab::runner::{self, RunnerConfig, DEFAULT_BOOTSTRAP_PATH, RUNNER_FAILUR
 use clap::Parser;
 
 #[derive(Debug, Parser)]
-#[command(name = "agentlab-runner", version, about = "Runs one AgentLab job inside its sandbox")]
+#[command(
+    name = "agentlab-runner",
+    version,
+    about = "Runs one AgentLab job inside its sandbox"
+)]
 struct Args {
     /// The bootstrap file holding the daemon's guest URL and a one-time token.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_BOOTSTRAP_PATH)]
