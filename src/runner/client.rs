@@ -13,7 +13,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use percent_encoding::{percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::blocking::{Body, Client, RequestBuilder, Response};
 use reqwest::StatusCode;
 use serde::Deserialize;
@@ -22,21 +21,7 @@ use sha2::{Digest, Sha256};
 use super::error::RunnerError;
 use super::spec::JobSpec;
 use crate::model::Artifact;
-
-/// Everything but RFC 3986's unreserved characters is escaped in a path segment.
-const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'.')
-    .remove(b'_')
-    .remove(b'~');
-
-/// Percent-encodes each `/`-separated segment of a relative path, keeping the separators.
-pub fn encode_path(path: &[u8]) -> String {
-    path.split(|b| *b == b'/')
-        .map(|segment| percent_encode(segment, SEGMENT).to_string())
-        .collect::<Vec<_>>()
-        .join("/")
-}
+use crate::urlpath::encode_path;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -316,21 +301,5 @@ impl<R: Read> Read for HashingReader<R> {
             .unwrap_or_else(PoisonError::into_inner)
             .update(&buf[..n]);
         Ok(n)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn encodes_each_segment_and_keeps_separators() {
-        assert_eq!(encode_path(b"out/report.txt"), "out/report.txt");
-        assert_eq!(
-            encode_path(b"out/with space/a#b?c%d"),
-            "out/with%20space/a%23b%3Fc%25d"
-        );
-        assert_eq!(encode_path("dir/é".as_bytes()), "dir/%C3%A9");
-        assert_eq!(encode_path(b"bad\xffname"), "bad%FFname");
     }
 }
