@@ -340,8 +340,17 @@ impl Progress {
     }
 
     fn finish(&mut self, job: &Job, w: &mut dyn Write) -> std::io::Result<()> {
-        let end = job.finished_at_ms.unwrap_or_else(format::now_ms);
-        self.close_current(end, w)?;
+        // The daemon's record of the last phase beats our estimate from event times.
+        let recorded = self.current.as_ref().and_then(|(label, since)| {
+            let run = job.phases.iter().rev().find(|p| p.phase.as_str() == label)?;
+            let secs = run.duration_seconds?;
+            Some(since + (secs * 1000.0) as i64)
+        });
+        let end = recorded
+            .or(job.finished_at_ms)
+            .unwrap_or_else(format::now_ms);
+        let since = self.current.as_ref().map_or(end, |(_, since)| *since);
+        self.close_current(end.max(since), w)?;
         self.clear(w)
     }
 }
