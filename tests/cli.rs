@@ -169,9 +169,23 @@ fn job_run_sends_the_request_and_prints_the_id() {
 
     let out = Command::new(env!("CARGO_BIN_EXE_agentlab"))
         .current_dir(tmp.path())
-        .args(["--socket", socket.to_str().unwrap(), "job", "run", "--profile", "small"])
+        .args([
+            "--socket",
+            socket.to_str().unwrap(),
+            "job",
+            "run",
+            "--profile",
+            "small",
+        ])
         .args(["--task", "COMPLETED", "--repo", "repo", "--ref", "main"])
-        .args(["--env", "A=1", "--env", "SECRET_FROM_ENV", "--artifact", "out/**"])
+        .args([
+            "--env",
+            "A=1",
+            "--env",
+            "SECRET_FROM_ENV",
+            "--artifact",
+            "out/**",
+        ])
         .args(["--run-timeout", "60"])
         .env("SECRET_FROM_ENV", "from-the-env")
         .output()
@@ -209,7 +223,15 @@ fn follow_streams_logs_resumes_events_and_exits_by_status() {
         let server = daemon(&socket);
         let out = agentlab(
             &socket,
-            &["job", "run", "--profile", "small", "--task", status, "--follow"],
+            &[
+                "job",
+                "run",
+                "--profile",
+                "small",
+                "--task",
+                status,
+                "--follow",
+            ],
         );
         assert_eq!(out.status.code(), Some(code), "{status}: {out:?}");
         let stdout = text(&out.stdout);
@@ -243,12 +265,49 @@ fn wait_with_json_prints_the_final_job() {
     let _server = daemon(&socket);
     let out = agentlab(
         &socket,
-        &["job", "run", "--profile", "small", "--task", "FAILED", "--wait", "--json"],
+        &[
+            "job",
+            "run",
+            "--profile",
+            "small",
+            "--task",
+            "FAILED",
+            "--wait",
+            "--json",
+        ],
     );
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let job: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(job["status"], "FAILED");
     assert_eq!(job["exit_code"], 2);
+}
+
+#[test]
+fn follow_with_json_keeps_stdout_for_the_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("d.sock");
+    let _server = daemon(&socket);
+    let out = agentlab(
+        &socket,
+        &[
+            "job",
+            "run",
+            "--profile",
+            "small",
+            "--task",
+            "TIMEOUT",
+            "--follow",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let job: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(job["status"], "TIMEOUT");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("hello\n") && stderr.contains("world\n"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -273,7 +332,10 @@ fn api_errors_are_clear_and_map_to_exit_codes() {
 
     let out = agentlab(&tmp.path().join("absent.sock"), &["status"]);
     assert_eq!(out.status.code(), Some(3));
-    assert!(text(&out.stderr).contains("is agentlabd running?"), "{out:?}");
+    assert!(
+        text(&out.stderr).contains("is agentlabd running?"),
+        "{out:?}"
+    );
 
     let out = agentlab(&socket, &["job", "list", "--status", "DONE"]);
     assert_eq!(out.status.code(), Some(2));
@@ -288,11 +350,20 @@ fn downloads_are_checked_against_their_digests() {
 
     let out = agentlab(&socket, &["job", "artifacts", "j1"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(text(&out.stdout).contains("out/good file.txt  10"), "{out:?}");
+    assert!(
+        text(&out.stdout).contains("out/good file.txt  10"),
+        "{out:?}"
+    );
 
     let out = agentlab(
         &socket,
-        &["job", "artifacts", "j1", "--download", dir.to_str().unwrap()],
+        &[
+            "job",
+            "artifacts",
+            "j1",
+            "--download",
+            dir.to_str().unwrap(),
+        ],
     );
     assert_eq!(out.status.code(), Some(7), "{out:?}");
     assert_eq!(
@@ -302,6 +373,9 @@ fn downloads_are_checked_against_their_digests() {
     assert!(!dir.join("out/tampered.txt").exists());
     assert!(!dir.join("out/.tampered.txt.part").exists());
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("out/tampered.txt: sha256 mismatch"), "{stderr}");
+    assert!(
+        stderr.contains("out/tampered.txt: sha256 mismatch"),
+        "{stderr}"
+    );
     assert!(stderr.contains("1 of 2 artifacts failed"), "{stderr}");
 }

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab::runner::{self, ExecSettings, LogSettings, RetryPolicy, RunnerConfig};
-use common::{serve_tcp, MockServer, Request, Response};
+use common::{serve_tcp, serve_tcp_on, MockServer, Request, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -55,9 +56,13 @@ fn make_bundle(tmp: &Path) -> Vec<u8> {
 /// The mock guest API: hands out `spec` once for the bootstrap token, answers the first log
 /// append with 503 (a daemon restarting), and stores artifacts with their digest.
 fn guest_api(spec: Value, bundle: Vec<u8>) -> MockServer {
+    guest_api_on(TcpListener::bind("127.0.0.1:0").unwrap(), spec, bundle)
+}
+
+fn guest_api_on(listener: TcpListener, spec: Value, bundle: Vec<u8>) -> MockServer {
     let bootstrapped = Arc::new(AtomicUsize::new(0));
     let logs_seen = Arc::new(AtomicUsize::new(0));
-    serve_tcp(move |req: &Request| {
+    serve_tcp_on(listener, move |req: &Request| {
         let path = req.path();
         if path == "/guest/v1/bootstrap" {
             if req.method != "POST" || req.bearer() != Some(BOOT_TOKEN) {
@@ -336,4 +341,32 @@ fn a_failed_checkout_is_reported_and_nothing_runs() {
         .unwrap()
         .contains("cannot prepare the checkout"));
     assert!(!workdir.join("ran.txt").exists());
+}
+
+#[test]
+fn waits_for_a_daemon_that_is_not_up_yet() {
+    let tmp = tempfile::tempdir().unwrap();
+    let workdir = tmp.path().join("work/repo");
+    let spec = spec(&workdir, "echo up", Value::Null, &[]);
+    // Reserve a port, leave it closed for a while (connection refused), then serve on it.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let server = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        guest_api_on(
+            TcpListener::bind(("127.0.0.1", port)).unwrap(),
+            spec,
+            Vec::new(),
+        )
+    });
+    let code = runner::run(&config(tmp.path(), &url)).unwrap();
+    assert_eq!(code, 0);
+    let requests = server.join().unwrap().requests();
+    assert_eq!(requests[0].path(), "/guest/v1/bootstrap");
+    assert_eq!(log_text(&requests), "up\n");
+    assert_eq!(requests.last().unwrap().path(), "/guest/v1/done");
 }

@@ -140,7 +140,8 @@ pub struct RunArgs {
     /// Wait for the job to end, showing its phases; the exit code follows the job's status.
     #[arg(long)]
     pub wait: bool,
-    /// Like --wait, and stream the job's output too.
+    /// Like --wait, and stream the job's output too (to stderr with --json, which keeps stdout
+    /// for the final job).
     #[arg(long)]
     pub follow: bool,
 }

@@ -172,7 +172,13 @@ fn run(
     }
     let tty = std::io::stderr().is_terminal();
     writeln!(err, "job {} submitted", created.id).map_err(io)?;
-    let job = follow::watch(client, &created.id, args.follow, tty, out, err)?;
+    let logs = match (args.follow, json) {
+        (false, _) => follow::Logs::None,
+        (true, false) => follow::Logs::Stdout,
+        // stdout is for the final job's JSON alone.
+        (true, true) => follow::Logs::Stderr,
+    };
+    let job = follow::watch(client, &created.id, logs, tty, out, err)?;
     if json {
         let text = client.get_text(&job_path(&created.id))?;
         writeln!(out, "{}", text.trim_end()).map_err(io)?;

@@ -146,12 +146,22 @@ enum Msg {
     LogsEnded(Result<(), CliError>),
 }
 
-/// Follows a job until it ends, rendering progress to `err` and (with `logs`) its output to
-/// `out`. Returns the ended job.
+/// What `watch` shows besides the phases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logs {
+    None,
+    /// The job's output goes to stdout.
+    Stdout,
+    /// The job's output goes to stderr, keeping stdout for the final JSON.
+    Stderr,
+}
+
+/// Follows a job until it ends, rendering progress to `err` and the job's output where `logs`
+/// says. Returns the ended job.
 pub fn watch(
     client: &ApiClient,
     id: &str,
-    logs: bool,
+    logs: Logs,
     tty: bool,
     out: &mut dyn Write,
     err: &mut dyn Write,
@@ -165,7 +175,7 @@ pub fn watch(
             let _ = tx.send(Msg::EventsEnded(Box::new(ended)));
         });
     }
-    if logs {
+    if logs != Logs::None {
         let (client, id, tx) = (client.clone(), id.to_owned(), tx.clone());
         std::thread::spawn(move || {
             let chunks = tx.clone();
@@ -181,7 +191,7 @@ pub fn watch(
 
     let mut progress = Progress::new(tty, terminal_width());
     let mut ended: Option<(Job, Instant)> = None;
-    let mut logs_done = !logs;
+    let mut logs_done = logs == Logs::None;
     let tick = if tty {
         Duration::from_millis(150)
     } else {
@@ -193,8 +203,14 @@ pub fn watch(
             Ok(Msg::Event(event)) => progress.event(&event, err).map_err(io)?,
             Ok(Msg::Log(bytes)) => {
                 progress.clear(err).map_err(io)?;
-                out.write_all(&bytes).map_err(io)?;
-                out.flush().map_err(io)?;
+                let sink: &mut dyn Write = if logs == Logs::Stderr {
+                    &mut *err
+                } else {
+                    &mut *out
+                };
+                sink.write_all(&bytes)
+                    .and_then(|()| sink.flush())
+                    .map_err(io)?;
                 progress.log_ends_line = bytes.last() == Some(&b'\n');
             }
             Ok(Msg::EventsEnded(result)) => match *result {
@@ -225,8 +241,13 @@ pub fn watch(
         return Err(CliError::Protocol("lost track of the job".into()));
     };
     if !progress.log_ends_line {
-        // Keep the summary off the end of an unterminated last line of output.
-        writeln!(out).map_err(io)?;
+        // Keep what follows off the end of an unterminated last line of output.
+        let sink: &mut dyn Write = if logs == Logs::Stderr {
+            &mut *err
+        } else {
+            &mut *out
+        };
+        writeln!(sink).map_err(io)?;
     }
     progress.finish(&job, err).map_err(io)?;
     Ok(job)
@@ -342,7 +363,11 @@ impl Progress {
     fn finish(&mut self, job: &Job, w: &mut dyn Write) -> std::io::Result<()> {
         // The daemon's record of the last phase beats our estimate from event times.
         let recorded = self.current.as_ref().and_then(|(label, since)| {
-            let run = job.phases.iter().rev().find(|p| p.phase.as_str() == label)?;
+            let run = job
+                .phases
+                .iter()
+                .rev()
+                .find(|p| p.phase.as_str() == label)?;
             let secs = run.duration_seconds?;
             Some(since + (secs * 1000.0) as i64)
         });

@@ -110,7 +110,13 @@ impl MockServer {
 }
 
 pub fn serve_tcp(handler: impl Fn(&Request) -> Response + Send + Sync + 'static) -> MockServer {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    serve_tcp_on(TcpListener::bind("127.0.0.1:0").unwrap(), handler)
+}
+
+pub fn serve_tcp_on(
+    listener: TcpListener,
+    handler: impl Fn(&Request) -> Response + Send + Sync + 'static,
+) -> MockServer {
     let url = format!("http://{}", listener.local_addr().unwrap());
     let requests = Arc::new(Mutex::new(Vec::new()));
     let handler: Arc<Handler> = Arc::new(handler);
