@@ -192,34 +192,34 @@ impl GuestClient {
         const WHAT: &str = "upload an artifact";
         let url = self.url(&format!("artifacts/{}", encode_path(rel)));
         let timeout = UPLOAD_BASE + Duration::from_secs(len / UPLOAD_MIN_BYTES_PER_SEC);
-        let digest = Arc::new(Mutex::new(Sha256::new()));
+        // Each attempt hashes what it sends with its own hasher (a failed attempt's reader may
+        // still be running); the last attempt's is the one the answer describes.
+        let last_hasher = Mutex::new(Arc::new(Mutex::new(Sha256::new())));
         let resp = self.execute(WHAT, Retry::Transient, || {
             let handle = File::open(file)
                 .map_err(|e| RunnerError::io(format!("open {}", file.display()), e))?;
-            // Each attempt hashes what it actually sent; the last attempt's hash is the one
-            // the answer describes.
-            *digest.lock().unwrap_or_else(PoisonError::into_inner) = Sha256::new();
+            let hasher = Arc::new(Mutex::new(Sha256::new()));
+            *last_hasher.lock().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&hasher);
             let reader = HashingReader {
                 inner: handle.take(len),
-                hasher: Arc::clone(&digest),
+                hasher,
             };
             Ok(self
                 .authed(self.http.put(&url))
                 .timeout(timeout)
                 .body(Body::sized(reader, len)))
         })?;
+        let hasher = Arc::clone(&last_hasher.lock().unwrap_or_else(PoisonError::into_inner));
         let sent = hex::encode(
-            std::mem::take(&mut *digest.lock().unwrap_or_else(PoisonError::into_inner)).finalize(),
+            std::mem::take(&mut *hasher.lock().unwrap_or_else(PoisonError::into_inner)).finalize(),
         );
         // The answer should be an Artifact; an answer we cannot read is not worth failing an
         // upload the daemon accepted.
         if let Ok(artifact) = resp.json::<Artifact>() {
             if !artifact.sha256.eq_ignore_ascii_case(&sent) {
-                return Err(RunnerError::Api {
-                    what: WHAT,
-                    status: 201,
-                    code: "digest_mismatch".into(),
-                    message: format!("daemon stored sha256 {} but sent {sent}", artifact.sha256),
+                return Err(RunnerError::DigestMismatch {
+                    stored: artifact.sha256,
+                    sent,
                 });
             }
         }

@@ -43,6 +43,8 @@ pub enum RunnerError {
     Git { args: String, detail: String },
     #[error("the checkout directory {0} already exists and is not empty")]
     WorkdirNotEmpty(PathBuf),
+    #[error("the daemon stored sha256 {stored} but the runner sent {sent}")]
+    DigestMismatch { stored: String, sent: String },
     #[error("cannot start the command: {0}")]
     Spawn(#[source] std::io::Error),
 }

@@ -143,6 +143,11 @@ pub fn run(config: &RunnerConfig) -> Result<i32, RunnerError> {
         None => 0,
     };
 
+    // Errors quote git, paths and answers: mask them like the output.
+    let errors: Vec<String> = errors
+        .iter()
+        .map(|e| String::from_utf8_lossy(&masker.mask_all(e.as_bytes())).into_owned())
+        .collect();
     if let Err(e) = client.post_done(uploaded, &errors) {
         eprintln!("agentlab-runner: {e}");
     }
