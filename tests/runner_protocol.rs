@@ -370,3 +370,42 @@ fn waits_for_a_daemon_that_is_not_up_yet() {
     assert_eq!(log_text(&requests), "up\n");
     assert_eq!(requests.last().unwrap().path(), "/guest/v1/done");
 }
+
+#[test]
+fn an_artifact_the_daemon_stored_wrongly_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let workdir = tmp.path().join("work/repo");
+    let spec = spec(
+        &workdir,
+        "printf data > out.txt; echo \"$API_KEY\" >&2",
+        Value::Null,
+        &["out.txt"],
+    );
+    let server = serve_tcp(move |req: &Request| match req.path().as_str() {
+        "/guest/v1/bootstrap" => Response::json(200, &spec),
+        p if p.starts_with("/guest/v1/artifacts/") => Response::json(
+            201,
+            &json!({"job_id": "job-1", "path": "out.txt", "size": 4,
+                    "sha256": hex::encode(Sha256::digest(b"other")), "created_at_ms": 0}),
+        ),
+        _ => Response::empty(204),
+    });
+    let code = runner::run(&config(tmp.path(), &server.url)).unwrap();
+    assert_eq!(code, 0);
+    let requests = server.requests();
+    let logs: Vec<u8> = requests
+        .iter()
+        .filter(|r| r.path() == "/guest/v1/log")
+        .flat_map(|r| r.body.clone())
+        .collect();
+    assert_eq!(logs, b"***\n");
+    let done: Value = serde_json::from_slice(&requests.last().unwrap().body).unwrap();
+    assert_eq!(done["uploaded"], 0);
+    assert!(
+        done["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("the daemon stored sha256"),
+        "{done}"
+    );
+}
