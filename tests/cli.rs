@@ -55,7 +55,6 @@ struct State {
     /// The status the job ends in, taken from the submitted task.
     final_status: String,
     events_requests: usize,
-    job_gets: usize,
 }
 
 /// The mock daemon. The job ends with the status named by its task; the first events stream
@@ -92,17 +91,32 @@ fn daemon(socket: &Path) -> MockServer {
                     )
                 }
             }
-            ("GET", "/v1/jobs/j1/logs") => Response::stream(
-                "text/plain",
-                vec![
-                    (Duration::from_millis(100), b"hello\n".to_vec()),
-                    (Duration::from_millis(100), b"world\n".to_vec()),
-                ],
-            ),
+            ("GET", "/v1/jobs/j1/logs") => {
+                let offset: usize = req
+                    .query()
+                    .split('&')
+                    .find_map(|kv| kv.strip_prefix("offset="))
+                    .map_or(0, |o| o.parse().unwrap());
+                let log = b"hello\nworld\n";
+                let parts = [&log[..6], &log[6..]]
+                    .iter()
+                    .scan(0, |at, part| {
+                        let start = *at;
+                        *at += part.len();
+                        Some((start, *part))
+                    })
+                    .filter(|(start, part)| start + part.len() > offset)
+                    .map(|(start, part)| {
+                        let skip = offset.saturating_sub(start);
+                        (Duration::from_millis(100), part[skip..].to_vec())
+                    })
+                    .collect();
+                Response::stream("text/plain", parts)
+            }
             ("GET", "/v1/jobs/j1") => {
-                state.job_gets += 1;
-                // Still running when the first events stream breaks off.
-                if state.job_gets == 1 || state.final_status.is_empty() {
+                // Still running when the first events stream breaks off; over once the rest
+                // of its events have been served.
+                if state.events_requests < 2 || state.final_status.is_empty() {
                     Response::json(200, &job_json("j1", "RUNNING", None))
                 } else {
                     let code = (state.final_status == "FAILED").then_some(2);
@@ -235,7 +249,8 @@ fn follow_streams_logs_resumes_events_and_exits_by_status() {
         );
         assert_eq!(out.status.code(), Some(code), "{status}: {out:?}");
         let stdout = text(&out.stdout);
-        assert!(stdout.starts_with("hello\nworld\n"), "{stdout}");
+        // Resumed at its offset, the log is not repeated.
+        assert!(stdout.starts_with("hello\nworld\njob j1"), "{stdout}");
         assert!(stdout.contains(&format!("job j1 {status}")), "{stdout}");
         assert!(stdout.contains("clone  1.5s      ok"), "{stdout}");
         if status == "FAILED" {
