@@ -169,7 +169,7 @@ fn runs_a_job_through_the_whole_guest_protocol() {
     let tmp = tempfile::tempdir().unwrap();
     let bundle = make_bundle(tmp.path());
     std::fs::write(tmp.path().join("outside.txt"), "not yours").unwrap();
-    let workdir: PathBuf = tmp.path().join("guest/work/repo");
+    let workdir: PathBuf = tmp.path().join("guest/checkout/repo");
     let command = r#"
         cat README.md
         i=1; while [ $i -le 500 ]; do echo "line $i"; i=$((i+1)); done

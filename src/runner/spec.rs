@@ -106,7 +106,7 @@ mod tests {
             r#"{"job_id":"j1","session_token":"s3cr3t-session","task":"fix it","command":"make",
                 "repo":{"kind":"url","url":"https://example.invalid/r.git","ref":"main"},
                 "env":{"API_KEY":"hunter2hunter2"},"artifacts":["out/**"],
-                "run_timeout_seconds":3600,"max_artifact_bytes":268435456,"workdir":"/work/repo"}"#,
+                "run_timeout_seconds":3600,"max_artifact_bytes":268435456,"workdir":"/srv/job/repo"}"#,
         )
         .unwrap();
         assert_eq!(
