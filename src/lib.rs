@@ -6,10 +6,13 @@
 
 pub mod actors;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod paths;
+pub mod runner;
 pub mod store;
+pub mod urlpath;
