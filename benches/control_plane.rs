@@ -163,6 +163,7 @@ fn bench_daemon(dir: &Path, jobs: usize, load_requests: usize) {
         ids.push(id);
     }
     row("POST /v1/jobs → clone call (fake, zero latency)", &Samples(to_clone));
+    eprintln!("bench: {jobs} jobs submitted; measuring list and load");
     // Let every job finish so the sandbox list is complete.
     std::thread::sleep(Duration::from_millis(500));
     let mut lists = Vec::new();
@@ -242,6 +243,11 @@ fn bench_rss(dir: &Path, live: usize) {
 }
 
 fn main() {
+    // `cargo test --all-targets` runs bench targets too; this one only measures under `cargo bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("control_plane: measures only under `cargo bench`");
+        return;
+    }
     let quick = std::env::args().any(|a| a == "--quick");
     let n = if quick { 200 } else { 1000 };
     println!("| measurement | n | p50 | p99 |\n|---|---|---|---|");
