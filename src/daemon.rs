@@ -11,6 +11,7 @@ use actix::prelude::*;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::actors::collector::LeaseCollector;
+use crate::actors::governor::ResourceGovernor;
 use crate::actors::guest_reports::GuestReports;
 use crate::actors::supervisor::{Shutdown, Supervisor};
 use crate::actors::{Clock, Hub, Services};
@@ -87,8 +88,13 @@ pub enum BuiltBackend {
 fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
         BackendKind::Fake => {
-            tracing::warn!("running on the fake backend: no VMs are created (tests and benchmarks only)");
-            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(config.fake.clone(), sink)?)))
+            tracing::warn!(
+                "running on the fake backend: no VMs are created (tests and benchmarks only)"
+            );
+            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(
+                config.fake.clone(),
+                sink,
+            )?)))
         }
         other => Err(DaemonError::Unsupported(format!(
             "backend `{}` is not available in this build",
@@ -122,6 +128,7 @@ fn notify_systemd(state: sd_notify::NotifyState<'_>) {
 pub struct Started {
     pub svc: Arc<Services>,
     pub supervisor: Addr<Supervisor>,
+    pub governor: Addr<ResourceGovernor>,
     pub backend: BuiltBackend,
     servers: crate::http::Servers,
     shutting_down: Arc<AtomicBool>,
@@ -134,8 +141,14 @@ impl Started {
         notify_systemd(sd_notify::NotifyState::Stopping);
         self.shutting_down.store(true, Ordering::SeqCst);
         let grace = self.svc.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.supervisor.send(Shutdown)).await.is_err() {
-            tracing::warn!(?grace, "some jobs did not reach a resumable point in time; they resume at the next start");
+        if tokio::time::timeout(grace, self.supervisor.send(Shutdown))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "some jobs did not reach a resumable point in time; they resume at the next start"
+            );
         }
         self.servers.stop().await;
         tracing::info!("agentlabd stopped");
@@ -177,12 +190,17 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         guest_url,
         clock: Clock::new(),
     });
-    let supervisor = Supervisor::new(Arc::clone(&svc)).start();
+    let sampler = tokio::task::spawn_blocking(crate::governor::sampler::HostSampler::new)
+        .await
+        .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
+    let (supervisor, governor) =
+        crate::actors::start_supervisor(Arc::clone(&svc), Box::new(sampler));
     LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = actix_web::web::Data::new(ApiState {
         svc: Arc::clone(&svc),
         supervisor: supervisor.clone(),
+        governor: governor.clone(),
         reports,
         started,
         shutting_down: Arc::clone(&shutting_down),
@@ -196,7 +214,14 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         "agentlabd ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
-    Ok(Started { svc, supervisor, backend: built, servers, shutting_down })
+    Ok(Started {
+        svc,
+        supervisor,
+        governor,
+        backend: built,
+        servers,
+        shutting_down,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

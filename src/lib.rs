@@ -9,6 +9,7 @@ pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod governor;
 pub mod http;
 pub mod metrics;
 pub mod model;

@@ -1,9 +1,10 @@
-//! Prometheus metrics, with the performance document's names. Gauges of jobs and sandboxes are
-//! read from the store at scrape time, so they are right after a restart too.
+//! Prometheus metrics, with the performance document's names. Gauges of jobs and sandboxes (and
+//! the queue's length) are read from the store at scrape time, so they are right after a restart
+//! too. The ResourceGovernor's metrics are `agentlab_governor_*`.
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec,
-    Opts, Registry, TextEncoder,
+    exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::store::{Store, StoreError};
@@ -27,6 +28,128 @@ pub struct Metrics {
     pub phase_duration: HistogramVec,
     pub phase_transitions: IntCounterVec,
     pub actor_restarts: IntCounterVec,
+    pub governor: GovernorMetrics,
+}
+
+/// The ResourceGovernor's metrics: admissions, the queue, why its head waits, the boot cap, the
+/// current host readings, and what a sample costs.
+#[derive(Debug, Clone)]
+pub struct GovernorMetrics {
+    pub admitted: IntCounter,
+    pub queue_length: IntGauge,
+    /// 1 for the reason the queue's head waits for now, 0 for the others.
+    pub throttled: IntGaugeVec,
+    pub signal_tripped: IntGaugeVec,
+    pub boot_cap: Gauge,
+    pub booting: IntGauge,
+    pub boot_seconds: HistogramVec,
+    pub cpu_usage_percent: Gauge,
+    pub load_average: GaugeVec,
+    pub memory_available_bytes: Gauge,
+    pub swap_used_bytes: Gauge,
+    pub iowait_percent: Gauge,
+    pub pressure_avg10_percent: GaugeVec,
+    pub disk_available_bytes: Gauge,
+    pub sample_cpu_seconds: Histogram,
+}
+
+impl GovernorMetrics {
+    fn new() -> Result<GovernorMetrics, prometheus::Error> {
+        let gauge = |name: &str, help: &str| Gauge::with_opts(Opts::new(name, help));
+        Ok(GovernorMetrics {
+            admitted: IntCounter::new(
+                "agentlab_governor_admitted_total",
+                "Queued jobs admitted to start",
+            )?,
+            queue_length: IntGauge::new(
+                "agentlab_governor_queue_length",
+                "Jobs waiting in the queue",
+            )?,
+            throttled: IntGaugeVec::new(
+                Opts::new(
+                    "agentlab_governor_throttled",
+                    "1 while the queue's head waits for this reason",
+                ),
+                &["reason"],
+            )?,
+            signal_tripped: IntGaugeVec::new(
+                Opts::new(
+                    "agentlab_governor_signal_tripped",
+                    "1 while a dynamic signal is past its threshold (hysteresis applied)",
+                ),
+                &["signal"],
+            )?,
+            boot_cap: gauge(
+                "agentlab_governor_boot_cap",
+                "The adaptive cap on sandboxes in their boot phases",
+            )?,
+            booting: IntGauge::new(
+                "agentlab_governor_booting",
+                "Sandboxes in their boot phases",
+            )?,
+            boot_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "agentlab_governor_boot_seconds",
+                    "Boot time (clone until the guest agent answers) as the governor judged it",
+                )
+                .buckets(vec![
+                    1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                ]),
+                &["verdict"],
+            )?,
+            cpu_usage_percent: gauge("agentlab_governor_cpu_usage_percent", "Host CPU use")?,
+            load_average: GaugeVec::new(
+                Opts::new("agentlab_governor_load_average", "Host load average"),
+                &["window"],
+            )?,
+            memory_available_bytes: gauge(
+                "agentlab_governor_memory_available_bytes",
+                "Host MemAvailable",
+            )?,
+            swap_used_bytes: gauge("agentlab_governor_swap_used_bytes", "Host swap in use")?,
+            iowait_percent: gauge(
+                "agentlab_governor_iowait_percent",
+                "Share of CPU time in iowait over the last sample",
+            )?,
+            pressure_avg10_percent: GaugeVec::new(
+                Opts::new(
+                    "agentlab_governor_pressure_avg10_percent",
+                    "PSI avg10 from /proc/pressure",
+                ),
+                &["resource", "kind"],
+            )?,
+            disk_available_bytes: gauge(
+                "agentlab_governor_disk_available_bytes",
+                "Free space on the storage path",
+            )?,
+            sample_cpu_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "agentlab_governor_sample_cpu_seconds",
+                    "CPU time one host sample takes",
+                )
+                .buckets(exponential_buckets(0.00005, 2.0, 12)?),
+            )?,
+        })
+    }
+
+    fn register(&self, registry: &Registry) -> Result<(), prometheus::Error> {
+        registry.register(Box::new(self.admitted.clone()))?;
+        registry.register(Box::new(self.queue_length.clone()))?;
+        registry.register(Box::new(self.throttled.clone()))?;
+        registry.register(Box::new(self.signal_tripped.clone()))?;
+        registry.register(Box::new(self.boot_cap.clone()))?;
+        registry.register(Box::new(self.booting.clone()))?;
+        registry.register(Box::new(self.boot_seconds.clone()))?;
+        registry.register(Box::new(self.cpu_usage_percent.clone()))?;
+        registry.register(Box::new(self.load_average.clone()))?;
+        registry.register(Box::new(self.memory_available_bytes.clone()))?;
+        registry.register(Box::new(self.swap_used_bytes.clone()))?;
+        registry.register(Box::new(self.iowait_percent.clone()))?;
+        registry.register(Box::new(self.pressure_avg10_percent.clone()))?;
+        registry.register(Box::new(self.disk_available_bytes.clone()))?;
+        registry.register(Box::new(self.sample_cpu_seconds.clone()))?;
+        Ok(())
+    }
 }
 
 impl Metrics {
@@ -91,6 +214,7 @@ impl Metrics {
                 ),
                 &["outcome"],
             )?,
+            governor: GovernorMetrics::new()?,
             registry,
         };
         metrics
@@ -117,6 +241,14 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.actor_restarts.clone()))?;
+        metrics.governor.register(&metrics.registry)?;
+        for reason in crate::governor::policy::Throttle::ALL {
+            metrics
+                .governor
+                .throttled
+                .with_label_values(&[reason.as_str()])
+                .set(0);
+        }
         Ok(metrics)
     }
 
@@ -141,6 +273,9 @@ impl Metrics {
                 .with_label_values(&[state.as_str()])
                 .set(count as f64);
         }
+        self.governor
+            .queue_length
+            .set(i64::try_from(store.queue_length()?).unwrap_or(i64::MAX));
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(String::from_utf8_lossy(&buffer).into_owned())
@@ -169,6 +304,13 @@ mod tests {
             "agentlab_api_duration_seconds_bucket",
             "agentlab_lease_gc_duration_seconds_bucket",
             "agentlab_phase_duration_seconds_bucket{phase=\"clone\",result=\"ok\"",
+            "agentlab_governor_admitted_total 0",
+            "agentlab_governor_queue_length 0",
+            "agentlab_governor_throttled{reason=\"boot_cap\"} 0",
+            "agentlab_governor_throttled{reason=\"cpu\"} 0",
+            "agentlab_governor_throttled{reason=\"disk\"} 0",
+            "agentlab_governor_throttled{reason=\"io\"} 0",
+            "agentlab_governor_throttled{reason=\"memory\"} 0",
         ] {
             assert!(text.contains(name), "missing {name}");
         }

@@ -1,24 +1,37 @@
 //! In-process fan-out of what the store records: a broadcast of every event (for followers of a
-//! job's event stream) and a wake-up per job (for the actor waiting on its guest).
+//! job's event stream), a broadcast of phase changes (for the ResourceGovernor, which times boots),
+//! and a wake-up per job (for the actor waiting on its guest).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{broadcast, Notify};
 
-use crate::model::Event;
+use crate::model::{Event, Phase};
+
+/// A lifecycle phase began (`result` None) or ended (`ok`, `failed`, `timeout`, `cancelled`),
+/// published once the store has recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PhaseChange {
+    pub job_id: String,
+    pub phase: Phase,
+    pub result: Option<&'static str>,
+}
 
 #[derive(Debug)]
 pub struct Hub {
     events: broadcast::Sender<Event>,
+    phases: broadcast::Sender<PhaseChange>,
     wakers: Mutex<HashMap<String, Arc<Notify>>>,
 }
 
 impl Default for Hub {
     fn default() -> Self {
         let (events, _) = broadcast::channel(4096);
+        let (phases, _) = broadcast::channel(1024);
         Hub {
             events,
+            phases,
             wakers: Mutex::new(HashMap::new()),
         }
     }
@@ -38,6 +51,19 @@ impl Hub {
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
+    }
+
+    pub fn phase_changed(&self, job_id: &str, phase: Phase, result: Option<&'static str>) {
+        // No receivers is normal: no governor in some tests.
+        let _ = self.phases.send(PhaseChange {
+            job_id: job_id.to_owned(),
+            phase,
+            result,
+        });
+    }
+
+    pub fn watch_phases(&self) -> broadcast::Receiver<PhaseChange> {
+        self.phases.subscribe()
     }
 
     /// The wake-up a job's lifecycle waits on. `notify_one` keeps a permit, so a report that

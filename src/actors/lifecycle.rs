@@ -333,6 +333,7 @@ impl Lifecycle {
             .call(move |s| s.begin_phase(&job, &sandbox, phase))
             .await?;
         self.svc.hub.publish(event);
+        self.svc.hub.phase_changed(&self.job.id, phase, None);
         Ok(())
     }
 
@@ -352,6 +353,9 @@ impl Lifecycle {
             .metrics
             .observe_phase(phase.as_str(), result, seconds);
         self.svc.hub.publish(event);
+        self.svc
+            .hub
+            .phase_changed(&self.job.id, phase, Some(result));
         Ok(())
     }
 

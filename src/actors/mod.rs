@@ -1,8 +1,10 @@
 //! The actor runtime: a Supervisor spawns one SandboxActor per job's VM, whose lifecycle drives
-//! the VM through its phases; a collector ends expired leases; a reconciler repairs the difference
-//! between the store and the backend after a crash.
+//! the VM through its phases; the ResourceGovernor decides when a queued job may start; a collector
+//! ends expired leases; a reconciler repairs the difference between the store and the backend
+//! after a crash.
 
 pub mod collector;
+pub mod governor;
 pub mod guest_reports;
 pub mod hub;
 pub mod lifecycle;
@@ -20,6 +22,25 @@ use crate::metrics::Metrics;
 use crate::store::Store;
 
 pub use hub::Hub;
+
+use actix::{Actor, Addr, AsyncContext, Context};
+
+use crate::governor::sampler::Sampler;
+use governor::ResourceGovernor;
+use supervisor::Supervisor;
+
+/// Starts the Supervisor and the ResourceGovernor it asks, each knowing the other. Call inside an
+/// actix system.
+pub fn start_supervisor(
+    svc: Arc<Services>,
+    sampler: Box<dyn Sampler>,
+) -> (Addr<Supervisor>, Addr<ResourceGovernor>) {
+    let context = Context::<Supervisor>::new();
+    let governor =
+        ResourceGovernor::new(Arc::clone(&svc), sampler, context.address().recipient()).start();
+    let supervisor = context.run(Supervisor::new(svc).with_governor(governor.clone()));
+    (supervisor, governor)
+}
 
 /// What every actor and request handler shares.
 #[derive(Debug)]

@@ -2,6 +2,11 @@
 //! that crashed (at most N times in T, with exponential backoff; past that the job fails and its VM
 //! is destroyed), routes cancels, runs the reconciler, and on shutdown suspends every actor at a
 //! point it can resume from.
+//!
+//! Admission, one round at a time: queued jobs whose deadline has passed time out; then the
+//! ResourceGovernor is asked which of the queue's first jobs may start (FIFO: once the head waits,
+//! nothing overtakes it), and those start, up to `admission.max_concurrent`. A round runs when a
+//! job is submitted, an actor exits, the reconciler ran, or the governor says conditions changed.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -9,12 +14,17 @@ use std::time::Instant;
 
 use actix::prelude::*;
 
+use super::governor::{self, Ask, Candidate, QueuedDeadline, ResourceGovernor};
 use super::lifecycle::{self, Signals};
 use super::reconciler;
 use super::sandbox::{Exit, SandboxActor, SandboxExited};
 use super::Services;
+use crate::governor::policy::Demand;
 use crate::model::{sandbox_name_for, JobStatus};
 use crate::store::StoreError;
+
+/// How many of the queue's first jobs one admission round considers at most.
+const HEAD_MAX: usize = 64;
 
 #[derive(Debug)]
 struct Running {
@@ -28,6 +38,7 @@ struct Running {
 #[derive(Debug)]
 pub struct Supervisor {
     svc: Arc<Services>,
+    governor: Option<Addr<ResourceGovernor>>,
     running: HashMap<String, Running>,
     admitting: bool,
     admit_again: bool,
@@ -68,12 +79,19 @@ impl Supervisor {
     pub fn new(svc: Arc<Services>) -> Self {
         Supervisor {
             svc,
+            governor: None,
             running: HashMap::new(),
             admitting: false,
             admit_again: false,
             shutting_down: false,
             drained: Vec::new(),
         }
+    }
+
+    /// Admission asks this governor; without one, jobs start up to `max_concurrent`.
+    pub fn with_governor(mut self, governor: Addr<ResourceGovernor>) -> Self {
+        self.governor = Some(governor);
+        self
     }
 
     fn spawn_actor(&mut self, job_id: String, ctx: &mut Context<Self>) {
@@ -115,55 +133,19 @@ impl Supervisor {
             self.admit_again = true;
             return;
         }
+        self.admitting = true;
         let limit = self.svc.tuning.get().admission.max_concurrent as usize;
         let free = limit.saturating_sub(self.running.len());
-        if free == 0 {
-            return;
-        }
-        self.admitting = true;
-        let svc = Arc::clone(&self.svc);
-        let now = svc.clock.now_ms();
-        let pick = async move {
-            svc.store
-                .call(move |s| {
-                    let mut started = Vec::new();
-                    let mut events = Vec::new();
-                    // Look further than `free` so expired jobs do not hold the queue's head.
-                    for job in s.queued_jobs(u32::try_from(free * 4).unwrap_or(u32::MAX))? {
-                        if started.len() == free {
-                            break;
-                        }
-                        if job.deadline_at_ms.is_some_and(|deadline| deadline <= now) {
-                            let reason = "deadline passed while queued";
-                            events.extend(s.finish_job(
-                                &job.id,
-                                JobStatus::Timeout,
-                                None,
-                                Some(reason),
-                            )?);
-                            continue;
-                        }
-                        if let Some(event) = s.start_job(&job.id, &sandbox_name_for(&job.id))? {
-                            events.push(event);
-                            started.push(job.id);
-                        }
-                    }
-                    Ok((started, events))
-                })
-                .await
-                .map(|(started, events)| {
-                    svc.hub.publish_all(events);
-                    started
-                })
-        };
-        ctx.spawn(pick.into_actor(self).map(|result, supervisor, ctx| {
+        let round = admission_round(Arc::clone(&self.svc), self.governor.clone(), free);
+        ctx.spawn(round.into_actor(self).map(|result, supervisor, ctx| {
             supervisor.admitting = false;
             match result {
-                Ok(started) => {
-                    for job_id in started {
+                Ok(round) => {
+                    for job_id in round.started {
                         tracing::info!(job = %job_id, "admitted");
                         supervisor.spawn_actor(job_id, ctx);
                     }
+                    supervisor.admit_again |= round.again;
                 }
                 Err(err) => tracing::error!(%err, "admission failed on the store"),
             }
@@ -269,6 +251,108 @@ impl Actor for Supervisor {
         ctx.notify(Reconcile);
         self.schedule_reconcile(ctx);
     }
+}
+
+/// What one admission round did.
+#[derive(Debug, Default)]
+struct Round {
+    started: Vec<String>,
+    /// The head was failed (it can never fit): look at the queue again at once.
+    again: bool,
+}
+
+/// Expires overdue queued jobs, asks the governor about the queue's head, and starts what it
+/// admits; fails a head that can never fit and jobs whose deadline predictably passes.
+async fn admission_round(
+    svc: Arc<Services>,
+    governor: Option<Addr<ResourceGovernor>>,
+    free: usize,
+) -> Result<Round, StoreError> {
+    let now = svc.clock.now_ms();
+    // At least the head, so the governor can say why it waits even with no slot free.
+    let head_len = u32::try_from(free.clamp(1, HEAD_MAX)).unwrap_or(1);
+    let (expired, view) = svc
+        .store
+        .call(move |s| Ok((s.expire_queued(now)?, s.admission_view(head_len)?)))
+        .await?;
+    if !expired.is_empty() {
+        tracing::info!(
+            jobs = expired.len(),
+            "queued jobs timed out: deadline passed"
+        );
+    }
+    svc.hub.publish_all(expired);
+    let profiles = svc.profiles();
+    let head: Vec<Candidate> = view
+        .head
+        .iter()
+        .map(|job| Candidate {
+            job_id: job.id.clone(),
+            demand: profiles.get(&job.profile).map(Demand::of),
+        })
+        .collect();
+    let answer = match governor {
+        Some(governor) => {
+            let ask = Ask {
+                committed: crate::governor::tally(&view.holdings, &profiles),
+                head: head.clone(),
+                free,
+                queue_length: view.queue_length,
+                deadlines: view
+                    .deadlines
+                    .iter()
+                    .filter_map(|job| {
+                        Some(QueuedDeadline {
+                            job_id: job.id.clone(),
+                            position: job.position,
+                            deadline_ms: job.deadline_ms?,
+                        })
+                    })
+                    .collect(),
+                now_ms: now,
+            };
+            match governor.send(ask).await {
+                Ok(answer) => answer,
+                Err(err) => {
+                    tracing::error!(%err, "the governor did not answer; admitting by max_concurrent alone");
+                    governor::ungoverned(&head, free)
+                }
+            }
+        }
+        None => governor::ungoverned(&head, free),
+    };
+    if answer.admit.is_empty() && answer.never.is_none() && answer.doomed.is_empty() {
+        return Ok(Round::default());
+    }
+    let (round, events) = svc
+        .store
+        .call(move |s| {
+            let mut round = Round::default();
+            let mut events = Vec::new();
+            for id in answer.admit {
+                if let Some(event) = s.start_job(&id, &sandbox_name_for(&id))? {
+                    events.push(event);
+                    round.started.push(id);
+                }
+            }
+            if let Some((id, reason)) = answer.never {
+                tracing::warn!(job = %id, %reason, "failing a queued job");
+                events.extend(s.finish_job(&id, JobStatus::Failed, None, Some(&reason))?);
+                round.again = true;
+            }
+            for (id, reason) in answer.doomed {
+                tracing::info!(job = %id, %reason, "failing a queued job early");
+                events.extend(s.finish_job(&id, JobStatus::Timeout, None, Some(&reason))?);
+            }
+            Ok((round, events))
+        })
+        .await?;
+    svc.hub.publish_all(events);
+    svc.metrics
+        .governor
+        .admitted
+        .inc_by(round.started.len() as u64);
+    Ok(round)
 }
 
 impl Handler<Admit> for Supervisor {

@@ -1,6 +1,7 @@
 //! The daemon's configuration: the YAML file given by `--config`, its defaults, and the loading of
 //! every file the daemon reads at start-up (profiles and tuning live in their own modules).
 
+pub mod governor;
 pub mod profile;
 pub mod tuning;
 

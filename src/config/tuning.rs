@@ -1,5 +1,6 @@
-//! Operator tuning (`tuning/*.yaml`): per-phase timeouts, the restart policy, admission limits and
-//! loop intervals. Reloaded on SIGHUP; an invalid file keeps the values in force.
+//! Operator tuning (`tuning/*.yaml`): per-phase timeouts, the restart policy, admission limits,
+//! loop intervals and the ResourceGovernor (`governor:`, see [`super::governor`]). Reloaded on
+//! SIGHUP; an invalid file keeps the values in force.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -7,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::governor::GovernorSection;
 use super::{read_yaml, ConfigError};
 use crate::model::Phase;
 
@@ -100,6 +102,12 @@ pub struct Admission {
     pub max_concurrent: u32,
     /// Queued jobs beyond this are refused with 429.
     pub queue_max: u32,
+    /// Fail a queued job as soon as its deadline predictably passes before it would start (from
+    /// the recent admission rate), not only once it has passed.
+    pub predict_deadlines: bool,
+    /// A job fails early only when its predicted wait is at least this many times the time it
+    /// has left.
+    pub deadline_margin: f64,
 }
 
 impl Default for Admission {
@@ -107,6 +115,8 @@ impl Default for Admission {
         Admission {
             max_concurrent: 4,
             queue_max: 1000,
+            predict_deadlines: true,
+            deadline_margin: 1.5,
         }
     }
 }
@@ -140,6 +150,7 @@ pub struct Tuning {
     pub restart: RestartPolicy,
     pub admission: Admission,
     pub intervals: Intervals,
+    pub governor: GovernorSection,
 }
 
 impl Tuning {
@@ -173,6 +184,14 @@ impl Tuning {
                 "must be above 0",
             ));
         }
+        if !(self.admission.deadline_margin.is_finite() && self.admission.deadline_margin >= 1.0) {
+            return Err(ConfigError::invalid(
+                path,
+                "admission.deadline_margin",
+                "must be at least 1",
+            ));
+        }
+        self.governor.validate(path)?;
         for (key, value) in [
             ("intervals.guest_poll", self.intervals.guest_poll),
             ("intervals.lease_gc", self.intervals.lease_gc),
@@ -225,6 +244,106 @@ mod tests {
         assert!(!files.is_empty());
         for file in files {
             Tuning::load(&file).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_host_presets_follow_the_sizing_table() {
+        let load = |name: &str| Tuning::load(&Path::new(SHIPPED).join(name)).unwrap();
+        let (small, medium, large) = (
+            load("small-host.yaml"),
+            load("medium-host.yaml"),
+            load("large-host.yaml"),
+        );
+        assert_eq!(
+            [
+                small.admission.max_concurrent,
+                medium.admission.max_concurrent,
+                large.admission.max_concurrent
+            ],
+            [3, 5, 10]
+        );
+        for preset in [&small, &medium, &large, &load("default.yaml")] {
+            assert!(preset.governor.enabled);
+            assert_eq!(
+                preset.governor.budget,
+                super::super::governor::Budget::default()
+            );
+        }
+        assert!(small.governor.boot_cap.max < large.governor.boot_cap.max);
+    }
+
+    fn parse(text: &str) -> Result<Tuning, ConfigError> {
+        let path = Path::new("/etc/agentlab/tuning/t.yaml");
+        let tuning: Tuning = super::super::parse_yaml(path, text)?;
+        tuning.validate(path)?;
+        Ok(tuning)
+    }
+
+    #[test]
+    fn governor_off_and_on_are_switches_and_a_mapping_sets_keys() {
+        for (text, enabled) in [
+            ("governor: off\n", false),
+            ("governor: false\n", false),
+            ("governor: on\n", true),
+            ("{}\n", true),
+            ("governor: {enabled: false}\n", false),
+        ] {
+            let tuning = parse(text).unwrap();
+            assert_eq!(tuning.governor.enabled, enabled, "{text}");
+            assert_eq!(tuning.governor.budget.memory_reserve_mb, 4096, "{text}");
+        }
+        let tuning = parse(
+            "governor:\n  sample_interval: 500ms\n  signals: {cpu_pressure: null, iowait: {trip: 50, clear: 25}}\n  boot_cap: {initial: 1, max: 2}\n",
+        )
+        .unwrap();
+        let g = &tuning.governor;
+        assert_eq!(g.sample_interval, Duration::from_millis(500));
+        assert_eq!(g.signals.cpu_pressure, None);
+        assert_eq!(g.signals.iowait.map(|t| t.trip), Some(50.0));
+        assert!(
+            g.signals.io_pressure.is_some(),
+            "unset keys keep their defaults"
+        );
+        assert_eq!((g.boot_cap.min, g.boot_cap.max), (1, 2));
+    }
+
+    #[test]
+    fn a_bad_governor_value_names_its_key() {
+        for (text, key) in [
+            ("governor: maybe\n", "governor"),
+            ("governor: {budget: {typo: 1}}\n", "governor.budget"),
+            (
+                "governor: {signals: {cpu_pressure: {trip: 10, clear: 20}}}\n",
+                "governor.signals.cpu_pressure",
+            ),
+            (
+                "governor: {signals: {memory_available_mb: {trip: 4096, clear: 2048}}}\n",
+                "governor.signals.memory_available_mb",
+            ),
+            (
+                "governor: {signals: {io_stall: {trip: 5, clear: 5}}}\n",
+                "governor.signals.io_stall",
+            ),
+            (
+                "governor: {boot_cap: {min: 3, max: 2, initial: 2}}\n",
+                "governor.boot_cap.max",
+            ),
+            (
+                "governor: {boot_cap: {decrease: 1.5}}\n",
+                "governor.boot_cap.decrease",
+            ),
+            (
+                "governor: {sample_interval: 1ms}\n",
+                "governor.sample_interval",
+            ),
+            (
+                "admission: {deadline_margin: 0.5}\n",
+                "admission.deadline_margin",
+            ),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
         }
     }
 

@@ -20,6 +20,7 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
 
+use crate::actors::governor::ResourceGovernor;
 use crate::actors::supervisor::Supervisor;
 use crate::actors::Services;
 use error::{json_error, path_error, query_error, ApiError};
@@ -58,6 +59,7 @@ pub enum HttpError {
 pub struct ApiState {
     pub svc: Arc<Services>,
     pub supervisor: Addr<Supervisor>,
+    pub governor: Addr<ResourceGovernor>,
     pub reports: guest::Reports,
     pub started: Instant,
     pub shutting_down: Arc<AtomicBool>,

@@ -1,15 +1,35 @@
-//! Control API routes about the daemon itself: health, status, profiles.
+//! Control API routes about the daemon itself: health, status, the governor, profiles.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::error::ApiError;
 use super::ApiState;
+use crate::actors::governor::GetStatus;
+use crate::governor::status::GovernorStatus;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/v1/status", web::get().to(status))
+        .route("/v1/governor", web::get().to(governor))
         .route("/v1/profiles", web::get().to(profiles));
+}
+
+/// The governor's state, with what live sandboxes hold tallied afresh from the store.
+async fn governor_status(state: &ApiState) -> Result<GovernorStatus, ApiError> {
+    let holdings = state.svc.store.call(|s| s.holdings()).await?;
+    let committed = crate::governor::tally(&holdings, &state.svc.profiles());
+    state
+        .governor
+        .send(GetStatus {
+            committed: Some(committed),
+        })
+        .await
+        .map_err(ApiError::internal)
+}
+
+async fn governor(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(governor_status(&state).await?))
 }
 
 async fn health() -> HttpResponse {
@@ -37,6 +57,7 @@ async fn status(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
         "queue_length": queue_length,
         "max_concurrent": state.svc.tuning.get().admission.max_concurrent,
         "shutting_down": state.is_shutting_down(),
+        "governor": governor_status(&state).await?,
     })))
 }
 

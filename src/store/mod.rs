@@ -5,6 +5,7 @@
 //! The `Store` methods are blocking. Async code reaches them through [`Store::call`], which runs the
 //! closure on tokio's blocking pool, never on an executor thread.
 
+mod admission;
 mod artifacts;
 mod events;
 mod jobs;
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
+pub use admission::{AdmissionView, Holding, QueuedJob};
 pub use jobs::{GuestProgress, NewJob};
 pub use tokens::TokenKind;
 

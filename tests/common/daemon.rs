@@ -19,6 +19,15 @@ pub fn repo_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The shipped default tuning, except for the governor's disk rule: the fake backend makes no
+/// disks, and the machine running the tests may have less than 20% of its disk free.
+pub fn test_tuning() -> String {
+    use agentlab::config::tuning::Tuning;
+    let mut tuning = Tuning::load(&repo_dir().join("tuning/default.yaml")).unwrap();
+    tuning.governor.budget.disk_min_free_percent = 0.0;
+    yaml_serde::to_string(&tuning).unwrap()
+}
+
 impl Daemon {
     /// Writes a config for `backend` plus `extra` YAML lines into `dir` and starts the daemon.
     pub fn start(dir: &Path, backend: &str, extra: &str) -> Daemon {
@@ -36,11 +45,7 @@ impl Daemon {
         let tuning = dir.join("tuning");
         if !tuning.exists() {
             std::fs::create_dir_all(&tuning).unwrap();
-            std::fs::copy(
-                repo_dir().join("tuning/default.yaml"),
-                tuning.join("default.yaml"),
-            )
-            .unwrap();
+            std::fs::write(tuning.join("default.yaml"), test_tuning()).unwrap();
         }
         let mut daemon = Daemon {
             dir: dir.to_owned(),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use agentlab::actors::collector::LeaseCollector;
+use agentlab::actors::governor::ResourceGovernor;
 use agentlab::actors::guest_reports::GuestReports;
 use agentlab::actors::supervisor::{Admit, Supervisor};
 use agentlab::actors::{Clock, Hub, Services};
@@ -15,6 +16,10 @@ use agentlab::backend::fake::{FakeBackend, FakeConfig, SharedFake};
 use agentlab::config::profile::Profiles;
 use agentlab::config::tuning::{Tuning, TuningHandle};
 use agentlab::config::Config;
+use agentlab::governor::readings::{
+    CpuReadings, DiskReadings, HostReadings, MemoryReadings, Pressure,
+};
+use agentlab::governor::sampler::ManualSampler;
 use agentlab::metrics::Metrics;
 use agentlab::model::{new_id, Job, JobRequest};
 use agentlab::store::{NewJob, Store};
@@ -38,6 +43,39 @@ pub struct Harness {
     pub svc: Arc<Services>,
     pub fake: Arc<FakeBackend>,
     pub supervisor: Addr<Supervisor>,
+    pub governor: Addr<ResourceGovernor>,
+    /// The host readings the governor sees; change them to change the host.
+    pub host: ManualSampler,
+}
+
+const GIB: u64 = 1024 * 1024 * 1024;
+
+/// A host with `cores` physical cores, `memory_gb` of RAM (nearly all available), 1 TB of storage
+/// (80% free) and no pressure at all.
+pub fn host(cores: u32, memory_gb: u64) -> HostReadings {
+    HostReadings {
+        cpu: CpuReadings {
+            physical_cores: cores,
+            logical_cpus: cores,
+            per_core_percent: vec![5.0; cores as usize],
+            usage_percent: 5.0,
+            ..CpuReadings::default()
+        },
+        memory: MemoryReadings {
+            total_bytes: memory_gb * GIB,
+            available_bytes: memory_gb * GIB - GIB,
+            swap_total_bytes: 0,
+            swap_used_bytes: 0,
+        },
+        iowait_percent: Some(0.0),
+        pressure: Some(Pressure::default()),
+        disk: Some(DiskReadings {
+            path: "/var/lib/agentlab".into(),
+            total_bytes: 1024 * GIB,
+            available_bytes: 800 * GIB,
+        }),
+        notes: Vec::new(),
+    }
 }
 
 pub fn short_tuning() -> Tuning {
@@ -57,7 +95,17 @@ pub fn short_tuning() -> Tuning {
 }
 
 impl Harness {
+    /// On a host big enough that the governor never holds anything back.
     pub fn start(fake: FakeConfig, tuning: Tuning, db: Option<&Path>) -> Harness {
+        Harness::start_on(host(256, 1024), fake, tuning, db)
+    }
+
+    pub fn start_on(
+        readings: HostReadings,
+        fake: FakeConfig,
+        tuning: Tuning,
+        db: Option<&Path>,
+    ) -> Harness {
         let store = match db {
             Some(path) => Store::open(path).unwrap(),
             None => Store::open_in_memory().unwrap(),
@@ -83,21 +131,31 @@ impl Harness {
             guest_url: "http://10.0.2.100".into(),
             clock: Clock::new(),
         });
-        let supervisor = Supervisor::new(Arc::clone(&svc)).start();
+        let host = ManualSampler::new(readings);
+        let (supervisor, governor) =
+            agentlab::actors::start_supervisor(Arc::clone(&svc), Box::new(host.clone()));
         LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
         Harness {
             svc,
             fake,
             supervisor,
+            governor,
+            host,
         }
     }
 
     pub async fn submit(&self, request: JobRequest) -> String {
+        let deadline_ms = request.deadline_seconds.map(|s| {
+            self.svc
+                .clock
+                .now_ms()
+                .saturating_add(i64::try_from(s * 1000).unwrap())
+        });
         let id = new_id();
         let new = NewJob {
             id: id.clone(),
             request,
-            deadline_ms: None,
+            deadline_ms,
         };
         self.svc
             .store

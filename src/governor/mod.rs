@@ -1,0 +1,34 @@
+//! The ResourceGovernor's pure parts: host readings, the sampler that takes them, the admission
+//! policy (static budget, dynamic signals with hysteresis, the adaptive boot cap), and the status
+//! it shows. The actor that runs them is `actors::governor`.
+
+pub mod boot_cap;
+pub mod policy;
+pub mod readings;
+pub mod sampler;
+pub mod status;
+
+use crate::config::profile::Profiles;
+use crate::store::Holding;
+use policy::{Committed, Demand};
+
+/// Adds up what live sandboxes (and admitted jobs not holding one yet) hold. A sandbox row carries
+/// its own resources; an admitted job without one is counted at its profile's size.
+pub fn tally(holdings: &[Holding], profiles: &Profiles) -> Committed {
+    let mut committed = Committed::default();
+    for holding in holdings {
+        let demand = match holding.resources {
+            Some((vcpus, memory_mb, disk_gb)) => Demand {
+                vcpus,
+                memory_mb,
+                disk_gb,
+            },
+            None => profiles
+                .get(&holding.profile)
+                .map(Demand::of)
+                .unwrap_or_default(),
+        };
+        committed.add(&demand, holding.booting);
+    }
+    committed
+}
