@@ -84,11 +84,21 @@ pub enum BuiltBackend {
     Other(SharedBackend),
 }
 
-fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
+fn build_backend(
+    config: &Config,
+    guest_addr: std::net::SocketAddr,
+    sink: Arc<dyn GuestSink>,
+) -> Result<BuiltBackend, DaemonError> {
+    let _ = guest_addr;
     match config.backend {
         BackendKind::Fake => {
-            tracing::warn!("running on the fake backend: no VMs are created (tests and benchmarks only)");
-            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(config.fake.clone(), sink)?)))
+            tracing::warn!(
+                "running on the fake backend: no VMs are created (tests and benchmarks only)"
+            );
+            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(
+                config.fake.clone(),
+                sink,
+            )?)))
         }
         other => Err(DaemonError::Unsupported(format!(
             "backend `{}` is not available in this build",
@@ -134,8 +144,14 @@ impl Started {
         notify_systemd(sd_notify::NotifyState::Stopping);
         self.shutting_down.store(true, Ordering::SeqCst);
         let grace = self.svc.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.supervisor.send(Shutdown)).await.is_err() {
-            tracing::warn!(?grace, "some jobs did not reach a resumable point in time; they resume at the next start");
+        if tokio::time::timeout(grace, self.supervisor.send(Shutdown))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "some jobs did not reach a resumable point in time; they resume at the next start"
+            );
         }
         self.servers.stop().await;
         tracing::info!("agentlabd stopped");
@@ -159,12 +175,19 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         store: store.clone(),
         hub: Arc::clone(&hub),
     });
-    let built = build_backend(&config, Arc::clone(&reports))?;
+    let guest_listener = crate::http::bind_guest(config.guest_listen)?;
+    let guest_addr = guest_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Io {
+            context: "reading the guest API's address".into(),
+            source,
+        })?;
+    let built = build_backend(&config, guest_addr, Arc::clone(&reports))?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
     };
-    let guest_url = config.resolved_guest_url();
+    let guest_url = config.resolved_guest_url(guest_addr);
     let config = Arc::new(config);
     let svc = Arc::new(Services {
         config: Arc::clone(&config),
@@ -187,16 +210,22 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         started,
         shutting_down: Arc::clone(&shutting_down),
     });
-    let servers = crate::http::start(&state)?;
+    let servers = crate::http::start(&state, guest_listener)?;
     tracing::info!(
         socket = %config.socket_path.display(),
-        guest = %config.guest_listen,
+        guest = %guest_addr,
         backend = svc.backend.kind().as_str(),
         startup_ms = started.elapsed().as_millis() as u64,
         "agentlabd ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
-    Ok(Started { svc, supervisor, backend: built, servers, shutting_down })
+    Ok(Started {
+        svc,
+        supervisor,
+        backend: built,
+        servers,
+        shutting_down,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

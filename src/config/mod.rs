@@ -245,11 +245,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn resolved_guest_url(&self) -> String {
+    /// `bound` is where the guest API actually listens (`guest_listen` may ask for port 0).
+    pub fn resolved_guest_url(&self, bound: SocketAddr) -> String {
         match (&self.guest_url, self.backend) {
             (Some(url), _) => url.trim_end_matches('/').to_owned(),
             (None, BackendKind::Qemu) => "http://10.0.2.100".to_owned(),
-            (None, _) => format!("http://{}", self.guest_listen),
+            (None, _) => format!("http://{bound}"),
         }
     }
 
