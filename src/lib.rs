@@ -6,3 +6,4 @@
 
 pub mod backend;
 pub mod model;
+pub mod qemu;
