@@ -45,8 +45,9 @@ pub struct QemuConfig {
     pub memory_mb_cap: Option<u64>,
     /// Clamp on a guest's vCPUs. None: no clamp.
     pub cores_cap: Option<u32>,
-    /// The guest kernel's command line (the template supplies kernel and initrd).
-    pub kernel_cmdline: String,
+    /// The guest kernel's command line. None: the template's `manifest.json` says, else a
+    /// built-in default for the test image.
+    pub kernel_cmdline: Option<String>,
     /// Cap on one host tool run (qemu-img, mkfs.vfat, mcopy, the qemu launch itself).
     #[serde(with = "humantime_serde")]
     pub tool_timeout: Duration,
@@ -73,7 +74,7 @@ impl Default for QemuConfig {
             stop_grace: Duration::from_secs(3),
             memory_mb_cap: None,
             cores_cap: None,
-            kernel_cmdline: "console=ttyS0 panic=-1".to_owned(),
+            kernel_cmdline: None,
             tool_timeout: Duration::from_secs(60),
             agent_ping_timeout: Duration::from_millis(1500),
             agent_call_timeout: Duration::from_secs(10),
