@@ -86,7 +86,7 @@ impl QemuBackend {
     ) -> Result<QemuBackend, BackendError> {
         layout::validate_dir("qemu.images_dir", &dirs.images)?;
         layout::validate_dir("qemu.sandboxes_dir", &dirs.sandboxes)?;
-        layout::validate_socket_room(&dirs.sandboxes)?;
+        layout::validate_sandboxes_dir_room(&dirs.sandboxes)?;
         if !guest_endpoint.ip().is_loopback() {
             return Err(BackendError::InvalidInput(format!(
                 "the guest endpoint {guest_endpoint} must be a loopback address"
@@ -169,6 +169,7 @@ impl QemuBackend {
 
     fn paths_for_name(&self, name: &str) -> Result<SandboxPaths, BackendError> {
         layout::validate_name(name)?;
+        layout::validate_socket_room(&self.dirs.sandboxes, name)?;
         Ok(SandboxPaths::new(&self.dirs.sandboxes, name))
     }
 

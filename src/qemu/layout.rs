@@ -225,18 +225,26 @@ pub fn validate_dir(key: &str, dir: &Path) -> Result<(), BackendError> {
     Ok(())
 }
 
-/// Checks that the longest socket path of any sandbox fits.
-pub fn validate_socket_room(sandboxes_dir: &Path) -> Result<(), BackendError> {
-    let longest = SandboxPaths::new(sandboxes_dir, &"x".repeat(MAX_NAME_LEN)).qmp_socket();
-    let len = longest.as_os_str().len();
+/// Length of the names the daemon gives its VMs (`model::sandbox_name_for`: prefix + 12).
+const USUAL_NAME_LEN: usize = VM_NAME_PREFIX.len() + 12;
+
+/// Checks that the sockets of a VM named `name` fit `sun_path`.
+pub fn validate_socket_room(sandboxes_dir: &Path, name: &str) -> Result<(), BackendError> {
+    let socket = SandboxPaths::new(sandboxes_dir, name).qmp_socket();
+    let len = socket.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(BackendError::InvalidInput(format!(
-            "sandboxes_dir {} is too long: socket paths inside it would take {len} bytes, more \
-             than the {MAX_SOCKET_PATH} a unix socket allows",
+            "sandboxes_dir {} is too long for VM {name}: its socket paths would take {len} \
+             bytes, more than the {MAX_SOCKET_PATH} a unix socket allows",
             sandboxes_dir.display()
         )));
     }
     Ok(())
+}
+
+/// Checks that the sockets of VMs with the daemon's usual names fit `sun_path`.
+pub fn validate_sandboxes_dir_room(sandboxes_dir: &Path) -> Result<(), BackendError> {
+    validate_socket_room(sandboxes_dir, &"x".repeat(USUAL_NAME_LEN))
 }
 
 #[cfg(test)]
@@ -264,8 +272,10 @@ mod tests {
         validate_dir("sandboxes_dir", Path::new("/var/lib/agentlab/sandboxes")).unwrap();
         assert!(validate_dir("x", Path::new("relative")).is_err());
         assert!(validate_dir("x", Path::new("/a,b")).is_err());
-        validate_socket_room(Path::new("/var/lib/agentlab/sandboxes")).unwrap();
-        assert!(validate_socket_room(&Path::new("/").join("d".repeat(60))).is_err());
+        validate_sandboxes_dir_room(Path::new("/var/lib/agentlab/sandboxes")).unwrap();
+        assert!(validate_sandboxes_dir_room(&Path::new("/").join("d".repeat(80))).is_err());
+        let long_name = format!("sandbox-{}", "a".repeat(55));
+        assert!(validate_socket_room(&Path::new("/").join("d".repeat(50)), &long_name).is_err());
     }
 
     #[test]
