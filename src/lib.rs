@@ -4,6 +4,13 @@
 //! the VM through clone → start → cloud-init → guest agent → run → upload → destroy on a `Backend`.
 //! State lives in SQLite (`store`), so a restart loses nothing.
 
+pub mod actors;
 pub mod backend;
+pub mod config;
+pub mod daemon;
+pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod paths;
 pub mod qemu;
+pub mod store;

@@ -86,6 +86,8 @@ pub struct FakeBackend {
     counters: HashMap<FakeOp, FaultCounters>,
     creations: Mutex<HashMap<String, u32>>,
     calls: Mutex<HashMap<FakeOp, u32>>,
+    /// When clone was first called for each name: benchmarks time submit → clone with it.
+    clone_called: Mutex<HashMap<String, std::time::Instant>>,
     next_pid: AtomicI64,
 }
 
@@ -139,6 +141,7 @@ impl FakeBackend {
                 .collect(),
             creations: Mutex::new(HashMap::new()),
             calls: Mutex::new(HashMap::new()),
+            clone_called: Mutex::new(HashMap::new()),
             next_pid: AtomicI64::new(1000),
         })
     }
@@ -146,6 +149,10 @@ impl FakeBackend {
     /// How many VMs were actually created under this name (not counting idempotent re-clones).
     pub fn creations(&self, name: &str) -> u32 {
         lock(&self.creations).get(name).copied().unwrap_or(0)
+    }
+
+    pub fn clone_called_at(&self, name: &str) -> Option<std::time::Instant> {
+        lock(&self.clone_called).get(name).copied()
     }
 
     pub fn calls(&self, op: FakeOp) -> u32 {
@@ -324,7 +331,8 @@ impl Backend for SharedFake {
         }
         match fake.step(FakeOp::AgentPing).await {
             Verdict::Proceed => Ok(()),
-            Verdict::Fail => Err(BackendError::AgentUnavailable("injected failure".into())),
+            // A hard protocol error, unlike "not up yet", which the lifecycle keeps retrying.
+            Verdict::Fail => Err(BackendError::operation("guest agent", "injected failure")),
         }
     }
 

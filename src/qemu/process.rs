@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rustix::process::{kill_process, Pid, Signal};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 use super::layout::SandboxPaths;
 use crate::backend::BackendError;
@@ -100,10 +101,8 @@ pub async fn signal(
             if !is_ours_blocking(pid, &marker) {
                 continue;
             }
-            if let Some(target) = Pid::from_raw(pid) {
-                // ESRCH: it exited in between, which is what we want anyway.
-                let _ = kill_process(target, signal);
-            }
+            // ESRCH: it exited in between, which is what we want anyway.
+            let _ = kill(Pid::from_raw(pid), signal);
         }
     })
     .await
@@ -143,7 +142,7 @@ pub async fn terminate(
     kill_wait: Duration,
 ) -> Result<(), BackendError> {
     let mut remaining = pids.to_vec();
-    for (sig, wait) in [(Signal::TERM, term_grace), (Signal::KILL, kill_wait)] {
+    for (sig, wait) in [(Signal::SIGTERM, term_grace), (Signal::SIGKILL, kill_wait)] {
         if remaining.is_empty() {
             return Ok(());
         }

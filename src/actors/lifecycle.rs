@@ -1,0 +1,665 @@
+//! One job's sandbox lifecycle: clone → start → cloud-init → guest agent → run → upload → destroy.
+//!
+//! Each phase runs under its own timeout (from tuning). Every transition is written to the store
+//! before and after it happens, so an actor restarted after a crash re-enters the phase it was in,
+//! and every phase is idempotent for that reason. Whatever ends the job (success, failure, timeout,
+//! cancel), the VM is destroyed, except a kept sandbox, which its lease ends later.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::Services;
+use crate::backend::{
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+};
+use crate::config::profile::Profile;
+use crate::model::{
+    now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
+};
+use crate::store::{GuestProgress, StoreError, TokenKind};
+
+/// Where the runner lives in every guest image, and how it finds its bootstrap token.
+pub const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
+pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PhaseError {
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Guest(String),
+}
+
+/// How a lifecycle run ended, as the supervisor needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The job is terminal (or was already).
+    Finished,
+    /// Shutdown asked it to stop at a resumable point; the job stays RUNNING for the next start.
+    Suspended,
+}
+
+/// What can stop a lifecycle from outside: a cancel (with the status and reason the job should
+/// end with) or a shutdown's suspend.
+#[derive(Debug, Default)]
+pub struct Signals {
+    cancel: CancellationToken,
+    suspend: CancellationToken,
+    reason: Mutex<Option<(JobStatus, String)>>,
+}
+
+impl Signals {
+    pub fn cancel(&self, status: JobStatus, reason: impl Into<String>) {
+        let mut slot = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert((status, reason.into()));
+        self.cancel.cancel();
+    }
+
+    pub fn suspend(&self) {
+        self.suspend.cancel();
+    }
+
+    fn cancel_reason(&self) -> Option<(JobStatus, String)> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// The status, exit code and reason a job ends with.
+#[derive(Debug, Clone, PartialEq)]
+struct Verdict {
+    status: JobStatus,
+    exit_code: Option<i32>,
+    error: Option<String>,
+    /// The command ran to an exit code (as opposed to an error ending the job).
+    command_finished: bool,
+}
+
+impl Verdict {
+    fn error(status: JobStatus, error: String) -> Self {
+        Verdict {
+            status,
+            exit_code: None,
+            error: Some(error),
+            command_finished: false,
+        }
+    }
+}
+
+enum Interrupt {
+    Cancel,
+    Suspend,
+    Failed(PhaseError),
+    Timeout(Duration),
+}
+
+struct Lifecycle {
+    svc: Arc<Services>,
+    job: Job,
+    request: JobRequest,
+    profile: Profile,
+    sandbox: Sandbox,
+    signals: Arc<Signals>,
+}
+
+/// Drives a job's sandbox from wherever the store says it is to the end.
+pub async fn drive(
+    svc: Arc<Services>,
+    job_id: String,
+    signals: Arc<Signals>,
+) -> Result<Outcome, StoreError> {
+    let id = job_id.clone();
+    let loaded = svc
+        .store
+        .call(move |s| Ok((s.get_job(&id)?, s.job_request(&id)?)))
+        .await?;
+    let (Some(job), Some(request)) = loaded else {
+        return Ok(Outcome::Finished);
+    };
+    if job.status.is_terminal() {
+        return Ok(Outcome::Finished);
+    }
+    let Some(profile) = svc.profiles().get(&job.profile).cloned() else {
+        let reason = format!("profile `{}` no longer exists", job.profile);
+        finish(&svc, &job.id, &Verdict::error(JobStatus::Failed, reason)).await?;
+        return Ok(Outcome::Finished);
+    };
+    let sandbox = new_sandbox(&svc, &job, &request, &profile);
+    let sandbox = svc.store.call(move |s| s.insert_sandbox(&sandbox)).await?;
+    let lifecycle = Lifecycle {
+        svc,
+        job,
+        request,
+        profile,
+        sandbox,
+        signals,
+    };
+    let outcome = lifecycle.run().await;
+    lifecycle.svc.hub.forget(&job_id);
+    outcome
+}
+
+fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profile) -> Sandbox {
+    let now = now_ms();
+    let ttl_minutes = request.ttl_minutes.unwrap_or(profile.ttl_minutes);
+    let lease_from = svc.clock.now_ms();
+    Sandbox {
+        id: sandbox_name_for(&job.id),
+        job_id: job.id.clone(),
+        backend: svc.backend.kind().as_str().to_owned(),
+        vm_ref: None,
+        state: SandboxState::Provisioning,
+        phase: None,
+        profile: profile.name.clone(),
+        cores: profile.resources.cores,
+        memory_mb: profile.resources.memory_mb,
+        disk_gb: profile.storage.root_size_gb,
+        keepalive: profile.keepalive,
+        lease_expires_at_ms: lease_from.saturating_add(i64::from(ttl_minutes) * 60_000),
+        created_at_ms: now,
+        updated_at_ms: now,
+        destroyed_at_ms: None,
+        error: None,
+    }
+}
+
+impl Lifecycle {
+    async fn run(&self) -> Result<Outcome, StoreError> {
+        let resume_at = self.sandbox.phase.unwrap_or(Phase::Clone);
+        let verdict = if resume_at == Phase::Destroy {
+            let id = self.job.id.clone();
+            let pending = self.svc.store.call(move |s| s.pending_outcome(&id)).await?;
+            pending.map_or_else(
+                || Verdict::error(JobStatus::Failed, "interrupted during destroy".into()),
+                |(status, exit_code, error)| Verdict {
+                    status,
+                    exit_code,
+                    error,
+                    command_finished: status == JobStatus::Completed,
+                },
+            )
+        } else {
+            match self.run_phases(resume_at).await? {
+                Some(verdict) => verdict,
+                None => return Ok(Outcome::Suspended),
+            }
+        };
+        let id = self.job.id.clone();
+        let pending = verdict.clone();
+        self.svc
+            .store
+            .call(move |s| {
+                s.set_pending_outcome(
+                    &id,
+                    pending.status,
+                    pending.exit_code,
+                    pending.error.as_deref(),
+                )
+            })
+            .await?;
+        if self.profile.keepalive && verdict.command_finished {
+            let id = self.sandbox.id.clone();
+            self.svc
+                .store
+                .call(move |s| s.set_sandbox_state(&id, SandboxState::Kept, None))
+                .await?;
+        } else {
+            self.destroy_phase().await?;
+        }
+        finish(&self.svc, &self.job.id, &verdict).await?;
+        Ok(Outcome::Finished)
+    }
+
+    /// Runs the phases from `first` through upload. None means suspended.
+    async fn run_phases(&self, first: Phase) -> Result<Option<Verdict>, StoreError> {
+        let phases = Phase::ALL
+            .iter()
+            .copied()
+            .skip_while(|p| *p != first)
+            .take_while(|p| *p != Phase::Destroy);
+        for phase in phases {
+            if let Some((status, reason)) = self.signals.cancel_reason() {
+                return Ok(Some(Verdict::error(
+                    status,
+                    format!("{reason} (before phase {phase})"),
+                )));
+            }
+            if self.signals.suspend.is_cancelled() {
+                return Ok(None);
+            }
+            self.begin(phase).await?;
+            let limit = self.timeout_for(phase);
+            let waiting = !matches!(phase, Phase::Clone | Phase::Start);
+            let result = tokio::select! {
+                biased;
+                () = self.signals.cancel.cancelled() => Err(Interrupt::Cancel),
+                () = self.signals.suspend.cancelled(), if waiting => Err(Interrupt::Suspend),
+                result = tokio::time::timeout(limit, self.run_phase(phase)) => match result {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(err)) => Err(Interrupt::Failed(err)),
+                    Err(_) => Err(Interrupt::Timeout(limit)),
+                },
+            };
+            let verdict = match result {
+                Ok(()) => {
+                    self.end(phase, "ok", "done").await?;
+                    if phase == Phase::GuestAgent {
+                        let since = self.job.started_at_ms.unwrap_or(self.job.created_at_ms);
+                        let seconds = (now_ms() - since).max(0) as f64 / 1000.0;
+                        self.svc.metrics.provisioning_duration.observe(seconds);
+                    }
+                    continue;
+                }
+                Err(Interrupt::Suspend) => return Ok(None),
+                Err(Interrupt::Cancel) => {
+                    let (status, reason) = self
+                        .signals
+                        .cancel_reason()
+                        .unwrap_or((JobStatus::Cancelled, "cancelled".into()));
+                    let reason = format!("{reason} (during phase {phase})");
+                    self.end(phase, "cancelled", &reason).await?;
+                    Verdict::error(status, reason)
+                }
+                Err(Interrupt::Failed(err)) => {
+                    let reason = format!("phase {phase} failed: {err}");
+                    self.end(phase, "failed", &reason).await?;
+                    Verdict::error(JobStatus::Failed, reason)
+                }
+                Err(Interrupt::Timeout(limit)) => {
+                    let reason = format!(
+                        "phase {phase} timed out after {}",
+                        humantime::format_duration(Duration::from_secs(limit.as_secs().max(1)))
+                    );
+                    self.end(phase, "timeout", &reason).await?;
+                    Verdict::error(JobStatus::Timeout, reason)
+                }
+            };
+            return Ok(Some(verdict));
+        }
+        let id = self.job.id.clone();
+        let progress = self.svc.store.call(move |s| s.guest_progress(&id)).await?;
+        Ok(Some(match progress.exit_code {
+            Some(0) => Verdict {
+                status: JobStatus::Completed,
+                exit_code: Some(0),
+                error: None,
+                command_finished: true,
+            },
+            Some(code) => Verdict {
+                status: JobStatus::Failed,
+                exit_code: Some(code),
+                error: Some(format!("command exited with code {code}")),
+                command_finished: true,
+            },
+            None => Verdict::error(
+                JobStatus::Failed,
+                "the guest never reported an exit code".into(),
+            ),
+        }))
+    }
+
+    fn timeout_for(&self, phase: Phase) -> Duration {
+        let tuning = self.svc.tuning.get();
+        let mut limit = tuning.phase_timeouts.get(phase);
+        if phase == Phase::Run {
+            if let Some(seconds) = self.request.run_timeout_seconds {
+                limit = limit.min(Duration::from_secs(seconds));
+            }
+        }
+        if phase.is_provisioning() {
+            let started = self.job.started_at_ms.unwrap_or_else(now_ms);
+            let budget_ms =
+                i64::try_from(self.svc.config.provisioning_timeout.as_millis()).unwrap_or(i64::MAX);
+            let left_ms = started
+                .saturating_add(budget_ms)
+                .saturating_sub(now_ms())
+                .max(0);
+            limit = limit.min(Duration::from_millis(left_ms.unsigned_abs()));
+        }
+        limit
+    }
+
+    async fn begin(&self, phase: Phase) -> Result<(), StoreError> {
+        let (job, sandbox) = (self.job.id.clone(), self.sandbox.id.clone());
+        let event = self
+            .svc
+            .store
+            .call(move |s| s.begin_phase(&job, &sandbox, phase))
+            .await?;
+        self.svc.hub.publish(event);
+        Ok(())
+    }
+
+    async fn end(
+        &self,
+        phase: Phase,
+        result: &'static str,
+        message: &str,
+    ) -> Result<(), StoreError> {
+        let (job, message) = (self.job.id.clone(), message.to_owned());
+        let (event, seconds) = self
+            .svc
+            .store
+            .call(move |s| s.end_phase(&job, phase, result, &message))
+            .await?;
+        self.svc
+            .metrics
+            .observe_phase(phase.as_str(), result, seconds);
+        self.svc.hub.publish(event);
+        Ok(())
+    }
+
+    /// The VM as recorded; a restarted actor finds it in the store.
+    async fn vm(&self) -> Result<VmHandle, PhaseError> {
+        let id = self.sandbox.id.clone();
+        let sandbox = self.svc.store.call(move |s| s.get_sandbox(&id)).await?;
+        match sandbox.and_then(|s| s.vm_ref) {
+            Some(vm_ref) => Ok(VmHandle {
+                name: self.sandbox.id.clone(),
+                vm_ref,
+            }),
+            None => Err(PhaseError::Guest(
+                "the sandbox has no VM (clone never finished)".into(),
+            )),
+        }
+    }
+
+    async fn run_phase(&self, phase: Phase) -> Result<(), PhaseError> {
+        match phase {
+            Phase::Clone => self.clone_vm().await,
+            Phase::Start => Ok(self.svc.backend.start_vm(&self.vm().await?).await?),
+            Phase::CloudInit => {
+                let vm = self.vm().await?;
+                self.wait_for_guest(
+                    &vm,
+                    |p| p.phoned_home,
+                    None,
+                    "the VM stopped before it phoned home",
+                )
+                .await
+            }
+            Phase::GuestAgent => self.wait_for_agent().await,
+            Phase::Run => {
+                let vm = self.vm().await?;
+                let pid = self.start_runner(&vm).await?;
+                self.wait_for_guest(
+                    &vm,
+                    |p| p.exit_code.is_some(),
+                    Some(pid),
+                    "the runner exited before reporting the command's exit",
+                )
+                .await
+            }
+            Phase::Upload => {
+                let vm = self.vm().await?;
+                let id = self.sandbox.id.clone();
+                let pid = self.svc.store.call(move |s| s.exec_pid(&id)).await?;
+                let pid =
+                    pid.ok_or_else(|| PhaseError::Guest("the runner was never started".into()))?;
+                self.wait_for_guest(
+                    &vm,
+                    |p| p.done,
+                    Some(pid),
+                    "the runner exited before finishing uploads",
+                )
+                .await
+            }
+            Phase::Destroy => Ok(()),
+        }
+    }
+
+    async fn clone_vm(&self) -> Result<(), PhaseError> {
+        let (job, ttl) = (self.job.id.clone(), self.svc.config.token_ttl());
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        // Fresh tokens per attempt: a VM cloned before a crash keeps the (still valid) old ones.
+        let (phone_home, bootstrap) = self
+            .svc
+            .store
+            .call(move |s| {
+                Ok((
+                    s.issue_token(&job, TokenKind::PhoneHome, ttl_ms)?,
+                    s.issue_token(&job, TokenKind::Bootstrap, ttl_ms)?,
+                ))
+            })
+            .await?;
+        let guest_url = self.svc.guest_url.trim_end_matches('/').to_owned();
+        let template = match self.svc.backend.kind() {
+            crate::backend::BackendKind::Pve => self
+                .profile
+                .template_vmid
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            _ => self.profile.image.clone(),
+        };
+        let spec = SandboxSpec {
+            job_id: self.job.id.clone(),
+            name: self.sandbox.id.clone(),
+            template,
+            cores: self.profile.resources.cores,
+            memory_mb: self.profile.resources.memory_mb,
+            disk_gb: self.profile.storage.root_size_gb,
+            network: self.profile.network.mode,
+            cloud_init: CloudInitSpec {
+                hostname: self.sandbox.id.clone(),
+                phone_home_url: format!("{guest_url}/guest/v1/phone-home/{phone_home}"),
+                guest_url,
+                bootstrap_token: bootstrap,
+            },
+        };
+        let vm = self.svc.backend.clone_vm(&spec).await?;
+        let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());
+        self.svc
+            .store
+            .call(move |s| s.set_vm_ref(&id, &vm_ref))
+            .await?;
+        Ok(())
+    }
+
+    async fn wait_for_agent(&self) -> Result<(), PhaseError> {
+        let vm = self.vm().await?;
+        let mut attempt: u32 = 0;
+        loop {
+            let ping =
+                tokio::time::timeout(Duration::from_secs(5), self.svc.backend.agent_ping(&vm))
+                    .await;
+            match ping {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(BackendError::AgentUnavailable(_))) | Err(_) => {}
+                Ok(Err(err)) => return Err(err.into()),
+            }
+            attempt += 1;
+            if attempt % 10 == 0 && self.svc.backend.vm_state(&vm).await? != VmState::Running {
+                return Err(PhaseError::Guest(
+                    "the VM stopped before its guest agent answered".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Starts the guest runner once; a restarted actor finds its pid in the store.
+    async fn start_runner(&self, vm: &VmHandle) -> Result<i64, PhaseError> {
+        let id = self.sandbox.id.clone();
+        if let Some(pid) = self.svc.store.call(move |s| s.exec_pid(&id)).await? {
+            return Ok(pid);
+        }
+        let command = GuestCommand {
+            path: RUNNER_PATH.to_owned(),
+            args: vec!["--bootstrap".to_owned(), BOOTSTRAP_PATH.to_owned()],
+            env: Default::default(),
+        };
+        let pid = self.svc.backend.exec(vm, &command).await?;
+        let id = self.sandbox.id.clone();
+        self.svc
+            .store
+            .call(move |s| s.set_exec_pid(&id, pid))
+            .await?;
+        Ok(pid)
+    }
+
+    /// Waits until the guest's reports satisfy `reached`, checking between wake-ups that the
+    /// runner (or, without one, the VM) is still alive.
+    async fn wait_for_guest(
+        &self,
+        vm: &VmHandle,
+        reached: fn(&GuestProgress) -> bool,
+        runner_pid: Option<i64>,
+        lost: &str,
+    ) -> Result<(), PhaseError> {
+        let waker = self.svc.hub.waker(&self.job.id);
+        loop {
+            if reached(&self.progress().await?) {
+                return Ok(());
+            }
+            match runner_pid {
+                Some(pid) => {
+                    let status = self.svc.backend.exec_status(vm, pid).await?;
+                    if status != ExecStatus::Running {
+                        // The runner reports before it exits; look once more to close the race.
+                        if reached(&self.progress().await?) {
+                            return Ok(());
+                        }
+                        return Err(PhaseError::Guest(format!("{lost} ({})", describe(status))));
+                    }
+                }
+                None => {
+                    if self.svc.backend.vm_state(vm).await? != VmState::Running {
+                        return Err(PhaseError::Guest(lost.to_owned()));
+                    }
+                }
+            }
+            let poll = self.svc.tuning.get().intervals.guest_poll;
+            tokio::select! {
+                () = waker.notified() => {}
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+    }
+
+    async fn progress(&self) -> Result<GuestProgress, StoreError> {
+        let id = self.job.id.clone();
+        self.svc.store.call(move |s| s.guest_progress(&id)).await
+    }
+
+    async fn destroy_phase(&self) -> Result<(), StoreError> {
+        self.begin(Phase::Destroy).await?;
+        let id = self.sandbox.id.clone();
+        let sandbox = self.svc.store.call(move |s| s.get_sandbox(&id)).await?;
+        let result = match sandbox {
+            Some(sandbox) => destroy_sandbox(&self.svc, &sandbox).await,
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => self.end(Phase::Destroy, "ok", "destroyed").await,
+            Err(err) => {
+                // The job still ends; the reconciler retries the destroy until the VM is gone.
+                tracing::warn!(job = %self.job.id, %err, "destroy failed; the reconciler will retry");
+                self.end(
+                    Phase::Destroy,
+                    "failed",
+                    &format!("destroy failed, will retry: {err}"),
+                )
+                .await
+            }
+        }
+    }
+}
+
+fn describe(status: ExecStatus) -> String {
+    match status {
+        ExecStatus::Running => "still running".into(),
+        ExecStatus::Exited { code } => format!("exit code {code}"),
+        ExecStatus::Signalled { signal } => format!("killed by signal {signal}"),
+    }
+}
+
+async fn finish(svc: &Services, job_id: &str, verdict: &Verdict) -> Result<(), StoreError> {
+    let (id, v) = (job_id.to_owned(), verdict.clone());
+    let event = svc
+        .store
+        .call(move |s| s.finish_job(&id, v.status, v.exit_code, v.error.as_deref()))
+        .await?;
+    if let Some(event) = event {
+        tracing::info!(job = job_id, status = %verdict.status, error = ?verdict.error, "job finished");
+        svc.hub.publish(event);
+    }
+    Ok(())
+}
+
+/// Destroys a sandbox's VM (under the destroy timeout) and marks it DESTROYED; on failure it stays
+/// DESTROYING with the error, for the reconciler to retry.
+pub async fn destroy_sandbox(svc: &Services, sandbox: &Sandbox) -> Result<(), PhaseError> {
+    let id = sandbox.id.clone();
+    svc.store
+        .call(move |s| s.set_sandbox_state(&id, SandboxState::Destroying, None))
+        .await?;
+    let limit = svc.tuning.get().phase_timeouts.destroy;
+    let result = match tokio::time::timeout(limit, destroy_vm_named(svc, sandbox)).await {
+        Ok(result) => result,
+        Err(_) => Err(PhaseError::Backend(BackendError::Timeout {
+            operation: "destroy",
+            seconds: limit.as_secs_f64(),
+        })),
+    };
+    let id = sandbox.id.clone();
+    match &result {
+        Ok(()) => {
+            svc.store
+                .call(move |s| s.set_sandbox_state(&id, SandboxState::Destroyed, None))
+                .await?
+        }
+        Err(err) => {
+            let message = err.to_string();
+            svc.store
+                .call(move |s| s.set_sandbox_state(&id, SandboxState::Destroying, Some(&message)))
+                .await?
+        }
+    }
+    result
+}
+
+/// A crash between clone and recording the VM leaves no vm_ref; the name still finds the VM.
+async fn destroy_vm_named(svc: &Services, sandbox: &Sandbox) -> Result<(), PhaseError> {
+    let vm = match &sandbox.vm_ref {
+        Some(vm_ref) => Some(VmHandle {
+            name: sandbox.id.clone(),
+            vm_ref: vm_ref.clone(),
+        }),
+        None => svc
+            .backend
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|vm| vm.name == sandbox.id),
+    };
+    if let Some(vm) = vm {
+        svc.backend.destroy_vm(&vm).await?;
+    }
+    Ok(())
+}
+
+/// Ends a job that has no running actor (its actor crashed past the restart limit, or a lease
+/// ran out while it waited to resume): destroy its VM, then record the verdict.
+pub async fn teardown(
+    svc: &Services,
+    job_id: &str,
+    status: JobStatus,
+    reason: &str,
+) -> Result<(), PhaseError> {
+    let id = job_id.to_owned();
+    let destroyed = match svc.store.call(move |s| s.sandbox_for_job(&id)).await? {
+        Some(sandbox) if sandbox.state != SandboxState::Destroyed => {
+            destroy_sandbox(svc, &sandbox).await
+        }
+        _ => Ok(()),
+    };
+    // The job ends either way; a failed destroy stays DESTROYING for the reconciler.
+    finish(svc, job_id, &Verdict::error(status, reason.to_owned())).await?;
+    destroyed
+}

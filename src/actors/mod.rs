@@ -1,0 +1,83 @@
+//! The actor runtime: a Supervisor spawns one SandboxActor per job's VM, whose lifecycle drives
+//! the VM through its phases; a collector ends expired leases; a reconciler repairs the difference
+//! between the store and the backend after a crash.
+
+pub mod collector;
+pub mod guest_reports;
+pub mod hub;
+pub mod lifecycle;
+pub mod reconciler;
+pub mod sandbox;
+pub mod supervisor;
+
+use std::sync::{Arc, RwLock};
+
+use crate::backend::SharedBackend;
+use crate::config::profile::Profiles;
+use crate::config::tuning::TuningHandle;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+pub use hub::Hub;
+
+/// What every actor and request handler shares.
+#[derive(Debug)]
+pub struct Services {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub backend: SharedBackend,
+    pub tuning: TuningHandle,
+    pub profiles: RwLock<Arc<Profiles>>,
+    pub hub: Arc<Hub>,
+    pub metrics: Metrics,
+    /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
+    pub guest_url: String,
+    pub clock: Clock,
+}
+
+/// Wall-clock milliseconds for leases and deadlines, advanced by tokio's monotonic clock from an
+/// anchor: immune to wall-clock jumps, and moved by tests that pause and advance time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    wall_ms: i64,
+    at: tokio::time::Instant,
+}
+
+impl Clock {
+    pub fn new() -> Clock {
+        Clock {
+            wall_ms: crate::model::now_ms(),
+            at: tokio::time::Instant::now(),
+        }
+    }
+
+    pub fn now_ms(&self) -> i64 {
+        let elapsed = tokio::time::Instant::now().saturating_duration_since(self.at);
+        self.wall_ms
+            .saturating_add(i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::new()
+    }
+}
+
+impl Services {
+    pub fn profiles(&self) -> Arc<Profiles> {
+        match self.profiles.read() {
+            Ok(guard) => Arc::clone(&guard),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    pub fn set_profiles(&self, profiles: Profiles) {
+        let fresh = Arc::new(profiles);
+        match self.profiles.write() {
+            Ok(mut guard) => *guard = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! Reconciliation of the store with the backend, at start-up and periodically:
+//! - a RUNNING job with no actor is resumed from its persisted phase;
+//! - a sandbox whose job is over but whose VM may remain (a failed or interrupted destroy) is
+//!   destroyed, unless it is KEPT (its lease decides);
+//! - a VM the backend lists under our name prefix that the store does not hold live is destroyed.
+
+use std::collections::HashSet;
+
+use super::lifecycle::{destroy_sandbox, PhaseError};
+use super::Services;
+use crate::backend::BackendError;
+use crate::model::SandboxState;
+use crate::store::StoreError;
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// RUNNING jobs that have no actor: the supervisor resumes them.
+    pub resume: Vec<String>,
+    /// Sandboxes destroyed because their job is over.
+    pub destroyed_sandboxes: Vec<String>,
+    /// VMs destroyed because the store did not know them.
+    pub destroyed_orphans: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("listing the backend's VMs: {0}")]
+    Backend(#[from] BackendError),
+}
+
+/// `active` holds the jobs that have an actor now; they are left alone.
+pub async fn reconcile(
+    svc: &Services,
+    active: &HashSet<String>,
+) -> Result<ReconcileReport, ReconcileError> {
+    let mut report = ReconcileReport::default();
+    // List the backend before reading the store: a sandbox row is written before its VM is
+    // cloned, so any VM in this listing already has its row by the time the store is read.
+    let vms = svc.backend.list_vms().await?;
+    let (running_jobs, live) = svc
+        .store
+        .call(|s| Ok((s.running_jobs()?, s.live_sandboxes()?)))
+        .await?;
+
+    report.resume = running_jobs
+        .iter()
+        .map(|j| j.id.clone())
+        .filter(|id| !active.contains(id))
+        .collect();
+    let running: HashSet<&str> = running_jobs.iter().map(|j| j.id.as_str()).collect();
+
+    for sandbox in &live {
+        if running.contains(sandbox.job_id.as_str()) || sandbox.state == SandboxState::Kept {
+            continue;
+        }
+        match destroy_sandbox(svc, sandbox).await {
+            Ok(()) => report.destroyed_sandboxes.push(sandbox.id.clone()),
+            Err(err) => {
+                tracing::warn!(sandbox = %sandbox.id, %err, "destroying a leftover sandbox failed")
+            }
+        }
+    }
+
+    let known: HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
+    for vm in vms {
+        if known.contains(vm.name.as_str()) {
+            continue;
+        }
+        tracing::warn!(vm = %vm.name, "destroying a VM the store does not know");
+        match svc.backend.destroy_vm(&vm).await {
+            Ok(()) => report.destroyed_orphans.push(vm.name),
+            Err(err) => {
+                tracing::warn!(vm = %vm.name, error = %PhaseError::from(err), "destroying an orphan VM failed")
+            }
+        }
+    }
+    if report != ReconcileReport::default() {
+        tracing::info!(?report, "reconciled");
+    }
+    Ok(report)
+}

@@ -1,0 +1,347 @@
+//! The daemon's configuration: the YAML file given by `--config`, its defaults, and the loading of
+//! every file the daemon reads at start-up (profiles and tuning live in their own modules).
+
+pub mod profile;
+pub mod tuning;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+use crate::backend::fake::FakeConfig;
+use crate::backend::BackendKind;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A key that does not exist or a value of the wrong shape; `key` is the dotted path to it.
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: {message}")]
+    Other { path: PathBuf, message: String },
+}
+
+impl ConfigError {
+    fn invalid(path: &Path, key: &str, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Parses one YAML document into `T`, turning serde's error into one that names the file and the
+/// dotted key at fault.
+pub fn parse_yaml<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    text: &str,
+) -> Result<T, ConfigError> {
+    let deserializer = yaml_serde::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let key = err.path().to_string();
+        let message = err.into_inner().to_string();
+        if key == "." || key.is_empty() {
+            ConfigError::Other {
+                path: path.to_owned(),
+                message,
+            }
+        } else {
+            ConfigError::Invalid {
+                path: path.to_owned(),
+                key,
+                message,
+            }
+        }
+    })
+}
+
+pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse_yaml(path, &text)
+}
+
+/// Log output format: text for terminals, JSON for journald and log shippers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub socket_path: PathBuf,
+    /// Group that owns the socket (mode 0660), so its members may use the CLI without root.
+    pub socket_group: Option<String>,
+    /// Prometheus endpoint; an empty string turns it off.
+    #[serde(deserialize_with = "optional_addr")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Optional TCP listener for the control API; needs `control_token_file`.
+    #[serde(deserialize_with = "optional_addr")]
+    pub control_listen: Option<SocketAddr>,
+    pub control_token_file: Option<PathBuf>,
+    /// Where the daemon serves the guest API.
+    pub guest_listen: SocketAddr,
+    /// The guest API's URL as guests see it. Default: `http://10.0.2.100` (the local backend's
+    /// forward) for qemu, the `guest_listen` address otherwise.
+    pub guest_url: Option<String>,
+    pub profiles_dir: PathBuf,
+    pub tuning_dir: PathBuf,
+    /// Which tuning file of `tuning_dir` is in force (`NAME.yaml`).
+    pub tuning: String,
+    pub backend: BackendKind,
+    #[serde(with = "humantime_serde")]
+    pub proxmox_command_timeout: Duration,
+    /// Cap on clone → guest agent ready, on top of each phase's own timeout.
+    #[serde(with = "humantime_serde")]
+    pub provisioning_timeout: Duration,
+    pub artifact_token_ttl_minutes: u64,
+    pub artifact_max_bytes: u64,
+    /// Cap on a job's stored stdout/stderr.
+    pub log_max_bytes: u64,
+    /// Cap on control API request bodies.
+    pub request_max_bytes: usize,
+    pub log_format: LogFormat,
+    /// How long SIGTERM waits for in-flight backend calls to reach a resumable point.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    pub fake: FakeConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/agentlab"),
+            socket_path: PathBuf::from("/run/agentlab/agentlabd.sock"),
+            socket_group: None,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 8847))),
+            control_listen: None,
+            control_token_file: None,
+            guest_listen: SocketAddr::from(([127, 0, 0, 1], 8848)),
+            guest_url: None,
+            profiles_dir: PathBuf::from("/etc/agentlab/profiles"),
+            tuning_dir: PathBuf::from("/etc/agentlab/tuning"),
+            tuning: "default".to_owned(),
+            backend: BackendKind::Qemu,
+            proxmox_command_timeout: Duration::from_secs(120),
+            provisioning_timeout: Duration::from_secs(600),
+            artifact_token_ttl_minutes: 1440,
+            artifact_max_bytes: 256 * 1024 * 1024,
+            log_max_bytes: 64 * 1024 * 1024,
+            request_max_bytes: 1024 * 1024,
+            log_format: LogFormat::Text,
+            shutdown_grace: Duration::from_secs(20),
+            fake: FakeConfig::default(),
+        }
+    }
+}
+
+fn optional_addr<'de, D: Deserializer<'de>>(de: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = Option::<String>::deserialize(de)?.unwrap_or_default();
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    text.trim().parse().map(Some).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "`{text}` is not an address like 127.0.0.1:8847 ({e})"
+        ))
+    })
+}
+
+impl Config {
+    /// Reads and validates the config file. Relative paths in it are taken from the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config = read_yaml(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for dir in [
+            &mut config.data_dir,
+            &mut config.socket_path,
+            &mut config.profiles_dir,
+            &mut config.tuning_dir,
+        ] {
+            if dir.is_relative() {
+                *dir = base.join(&*dir);
+            }
+        }
+        if let Some(state) = config.fake.state_file.as_mut() {
+            if state.is_relative() {
+                *state = base.join(&*state);
+            }
+        }
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        if self.control_listen.is_some() && self.control_token_file.is_none() {
+            return Err(ConfigError::invalid(
+                path,
+                "control_token_file",
+                "is required when control_listen is set (the TCP API needs a bearer token)",
+            ));
+        }
+        if self.artifact_max_bytes == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "artifact_max_bytes",
+                "must be above 0",
+            ));
+        }
+        if self.artifact_token_ttl_minutes == 0 {
+            return Err(ConfigError::invalid(
+                path,
+                "artifact_token_ttl_minutes",
+                "must be above 0",
+            ));
+        }
+        if self.provisioning_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                path,
+                "provisioning_timeout",
+                "must be above 0",
+            ));
+        }
+        if self.request_max_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                path,
+                "request_max_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.tuning.is_empty() || self.tuning.contains('/') {
+            return Err(ConfigError::invalid(
+                path,
+                "tuning",
+                "must be a file name in tuning_dir, without .yaml",
+            ));
+        }
+        for (op, fault) in &self.fake.faults {
+            if !(0.0..=1.0).contains(&fault.fail_rate) {
+                return Err(ConfigError::invalid(
+                    path,
+                    &format!("fake.faults.{op:?}.fail_rate"),
+                    "must be between 0 and 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn resolved_guest_url(&self) -> String {
+        match (&self.guest_url, self.backend) {
+            (Some(url), _) => url.trim_end_matches('/').to_owned(),
+            (None, BackendKind::Qemu) => "http://10.0.2.100".to_owned(),
+            (None, _) => format!("http://{}", self.guest_listen),
+        }
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("agentlab.db")
+    }
+
+    pub fn artifacts_dir(&self) -> PathBuf {
+        self.data_dir.join("artifacts")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+
+    pub fn tuning_path(&self) -> PathBuf {
+        self.tuning_dir.join(format!("{}.yaml", self.tuning))
+    }
+
+    pub fn token_ttl(&self) -> Duration {
+        Duration::from_secs(self.artifact_token_ttl_minutes.saturating_mul(60))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = parse_yaml(Path::new("/etc/agentlab/config.yaml"), text)?;
+        config.validate(Path::new("/etc/agentlab/config.yaml"))?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_follow_the_performance_document() {
+        let config = parse("{}").unwrap();
+        assert_eq!(config.proxmox_command_timeout, Duration::from_secs(120));
+        assert_eq!(config.provisioning_timeout, Duration::from_secs(600));
+        assert_eq!(config.artifact_token_ttl_minutes, 1440);
+        assert_eq!(config.artifact_max_bytes, 268_435_456);
+        assert_eq!(
+            config.metrics_listen,
+            Some("127.0.0.1:8847".parse().unwrap())
+        );
+        assert_eq!(
+            config.db_path(),
+            PathBuf::from("/var/lib/agentlab/agentlab.db")
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = parse("data_dir: /tmp\nbogus_key: 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/agentlab/config.yaml"), "{err}");
+        assert!(err.contains("bogus_key"), "{err}");
+    }
+
+    #[test]
+    fn bad_value_names_the_key_and_problem() {
+        let err = parse("provisioning_timeout: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `provisioning_timeout`"), "{err}");
+        let err = parse("metrics_listen: nowhere\n").unwrap_err().to_string();
+        assert!(
+            err.contains("key `metrics_listen`") && err.contains("nowhere"),
+            "{err}"
+        );
+        let err = parse("backend: vmware\n").unwrap_err().to_string();
+        assert!(err.contains("key `backend`"), "{err}");
+        let err = parse("fake:\n  faults:\n    clone: {fail_rate: 2}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fail_rate"), "{err}");
+    }
+
+    #[test]
+    fn empty_metrics_listen_turns_metrics_off() {
+        assert_eq!(
+            parse("metrics_listen: \"\"\n").unwrap().metrics_listen,
+            None
+        );
+    }
+
+    #[test]
+    fn control_listen_requires_a_token() {
+        let err = parse("control_listen: 127.0.0.1:9000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("control_token_file"), "{err}");
+    }
+}

@@ -1,0 +1,239 @@
+//! agentlabd's start and stop: opens the store, loads profiles and tuning, builds the backend,
+//! starts the actors and servers, reloads tuning and profiles on SIGHUP, and on SIGTERM stops
+//! admitting work and suspends in-flight jobs at points they resume from.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use actix::prelude::*;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::actors::collector::LeaseCollector;
+use crate::actors::guest_reports::GuestReports;
+use crate::actors::supervisor::{Shutdown, Supervisor};
+use crate::actors::{Clock, Hub, Services};
+use crate::backend::fake::{FakeBackend, SharedFake};
+use crate::backend::{BackendError, BackendKind, GuestSink, SharedBackend};
+use crate::config::profile::{yaml_files, Profiles};
+use crate::config::tuning::{Tuning, TuningHandle};
+use crate::config::{Config, ConfigError};
+use crate::http::{ApiState, HttpError};
+use crate::metrics::{Metrics, MetricsError};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Http(#[from] HttpError),
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+/// What `--check-config` validated.
+#[derive(Debug)]
+pub struct CheckReport {
+    pub profiles: Vec<String>,
+    pub tuning_files: Vec<PathBuf>,
+}
+
+/// Validates the config file, every profile and every tuning file, without starting anything.
+pub fn check(config_path: &Path) -> Result<CheckReport, DaemonError> {
+    let config = Config::load(config_path)?;
+    let profiles = Profiles::load_dir(&config.profiles_dir)?;
+    let tuning_files = yaml_files(&config.tuning_dir)?;
+    for file in &tuning_files {
+        Tuning::load(file)?;
+    }
+    if !tuning_files.contains(&config.tuning_path()) {
+        return Err(ConfigError::Other {
+            path: config_path.to_owned(),
+            message: format!(
+                "tuning `{}` is not in {}",
+                config.tuning,
+                config.tuning_dir.display()
+            ),
+        }
+        .into());
+    }
+    Ok(CheckReport {
+        profiles: profiles.names().iter().map(|n| (*n).to_owned()).collect(),
+        tuning_files,
+    })
+}
+
+/// The backend a daemon runs on; the fake stays reachable for benchmarks.
+#[derive(Debug, Clone)]
+pub enum BuiltBackend {
+    Fake(Arc<FakeBackend>),
+    Other(SharedBackend),
+}
+
+fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
+    match config.backend {
+        BackendKind::Fake => {
+            tracing::warn!("running on the fake backend: no VMs are created (tests and benchmarks only)");
+            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(config.fake.clone(), sink)?)))
+        }
+        other => Err(DaemonError::Unsupported(format!(
+            "backend `{}` is not available in this build",
+            other.as_str()
+        ))),
+    }
+}
+
+fn create_dirs(config: &Config) -> Result<(), DaemonError> {
+    for dir in [
+        config.data_dir.clone(),
+        config.artifacts_dir(),
+        config.logs_dir(),
+    ] {
+        std::fs::create_dir_all(&dir).map_err(|source| DaemonError::Io {
+            context: format!("creating {}", dir.display()),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn notify_systemd(state: sd_notify::NotifyState<'_>) {
+    if let Err(err) = sd_notify::notify(&[state]) {
+        tracing::warn!(%err, "telling systemd our state failed");
+    }
+}
+
+/// A daemon whose actors and servers run; `run` drives one until a signal.
+#[derive(Debug)]
+pub struct Started {
+    pub svc: Arc<Services>,
+    pub supervisor: Addr<Supervisor>,
+    pub backend: BuiltBackend,
+    servers: crate::http::Servers,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl Started {
+    /// Stops admitting, suspends in-flight jobs (up to `shutdown_grace`), stops the servers.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down: no new work; suspending in-flight jobs");
+        notify_systemd(sd_notify::NotifyState::Stopping);
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let grace = self.svc.config.shutdown_grace;
+        if tokio::time::timeout(grace, self.supervisor.send(Shutdown)).await.is_err() {
+            tracing::warn!(?grace, "some jobs did not reach a resumable point in time; they resume at the next start");
+        }
+        self.servers.stop().await;
+        tracing::info!("agentlabd stopped");
+    }
+}
+
+/// Starts the store, actors and servers. Must be called inside an actix system.
+pub async fn start(config: Config) -> Result<Started, DaemonError> {
+    let started = Instant::now();
+    create_dirs(&config)?;
+    let store = {
+        let path = config.db_path();
+        tokio::task::spawn_blocking(move || Store::open(&path))
+            .await
+            .map_err(|e| DaemonError::Unsupported(e.to_string()))??
+    };
+    let profiles = Profiles::load_dir(&config.profiles_dir)?;
+    let tuning = TuningHandle::new(Tuning::load(&config.tuning_path())?);
+    let hub = Arc::new(Hub::default());
+    let reports: Arc<dyn GuestSink> = Arc::new(GuestReports {
+        store: store.clone(),
+        hub: Arc::clone(&hub),
+    });
+    let built = build_backend(&config, Arc::clone(&reports))?;
+    let backend: SharedBackend = match &built {
+        BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
+        BuiltBackend::Other(backend) => Arc::clone(backend),
+    };
+    let guest_url = config.resolved_guest_url();
+    let config = Arc::new(config);
+    let svc = Arc::new(Services {
+        config: Arc::clone(&config),
+        store,
+        backend,
+        tuning,
+        profiles: RwLock::new(Arc::new(profiles)),
+        hub,
+        metrics: Metrics::new()?,
+        guest_url,
+        clock: Clock::new(),
+    });
+    let supervisor = Supervisor::new(Arc::clone(&svc)).start();
+    LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = actix_web::web::Data::new(ApiState {
+        svc: Arc::clone(&svc),
+        supervisor: supervisor.clone(),
+        reports,
+        started,
+        shutting_down: Arc::clone(&shutting_down),
+    });
+    let servers = crate::http::start(&state)?;
+    tracing::info!(
+        socket = %config.socket_path.display(),
+        guest = %config.guest_listen,
+        backend = svc.backend.kind().as_str(),
+        startup_ms = started.elapsed().as_millis() as u64,
+        "agentlabd ready"
+    );
+    notify_systemd(sd_notify::NotifyState::Ready);
+    Ok(Started { svc, supervisor, backend: built, servers, shutting_down })
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError> {
+    let daemon = start(config).await?;
+    let signal_error = |source| DaemonError::Io {
+        context: "installing signal handlers".into(),
+        source,
+    };
+    let mut hangup = signal(SignalKind::hangup()).map_err(signal_error)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(signal_error)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => reload(&daemon.svc, &config_path),
+            _ = terminate.recv() => break,
+            _ = interrupt.recv() => break,
+        }
+    }
+
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// SIGHUP: puts new tuning and profiles in force; an invalid file keeps the old values.
+fn reload(svc: &Services, config_path: &Path) {
+    let tuning_path = svc.config.tuning_path();
+    match svc.tuning.reload(&tuning_path) {
+        Ok(_) => tracing::info!(file = %tuning_path.display(), "tuning reloaded"),
+        Err(err) => tracing::error!(%err, "tuning not reloaded; the old values stay in force"),
+    }
+    match Profiles::load_dir(&svc.config.profiles_dir) {
+        Ok(profiles) => {
+            svc.set_profiles(profiles);
+            tracing::info!("profiles reloaded");
+        }
+        Err(err) => tracing::error!(%err, "profiles not reloaded; the old ones stay in force"),
+    }
+    tracing::debug!(config = %config_path.display(), "the config file itself is read at start-up only");
+}

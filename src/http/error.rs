@@ -1,0 +1,111 @@
+//! The API's error type: every failure leaves as `{"error": {"code", "message"}}` with the matching
+//! status code, whatever the route.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    InvalidJson(String),
+    #[error("{0}")]
+    UnknownProfile(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    QueueFull(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    ShuttingDown(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::UnknownProfile(_) => "unknown_profile",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::QueueFull(_) => "queue_full",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::ShuttingDown(_) => "shutting_down",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    pub fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(%err, "internal error serving a request");
+        ApiError::Internal(err.to_string())
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) | ApiError::InvalidJson(_) | ApiError::UnknownProfile(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code())
+            .json(json!({"error": {"code": self.code(), "message": self.to_string()}}))
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::QueueFull(n) => ApiError::QueueFull(format!(
+                "the queue is full ({n} jobs waiting); retry later or raise admission.queue_max"
+            )),
+            other => ApiError::internal(other),
+        }
+    }
+}
+
+/// Turns actix's body and JSON errors into API errors with a clear message.
+pub fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {
+    use actix_web::error::JsonPayloadError as E;
+    match err {
+        E::OverflowKnownLength { length, limit } => ApiError::PayloadTooLarge(format!(
+            "request body of {length} bytes is over the {limit}-byte limit"
+        )),
+        E::Overflow { limit } => {
+            ApiError::PayloadTooLarge(format!("request body is over the {limit}-byte limit"))
+        }
+        E::ContentType => ApiError::BadRequest("send the body as application/json".into()),
+        E::Deserialize(e) => ApiError::InvalidJson(format!("invalid JSON body: {e}")),
+        other => ApiError::BadRequest(other.to_string()),
+    }
+}
+
+pub fn query_error(err: actix_web::error::QueryPayloadError) -> ApiError {
+    ApiError::BadRequest(format!("invalid query: {err}"))
+}
+
+pub fn path_error(err: actix_web::error::PathError) -> ApiError {
+    ApiError::BadRequest(format!("invalid path: {err}"))
+}

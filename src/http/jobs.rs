@@ -1,0 +1,309 @@
+//! Control API routes for jobs: submit (with validation), list, show, cancel.
+
+use std::path::Path;
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::ApiState;
+use crate::actors::supervisor::{Admit, CancelJob};
+use crate::model::{new_id, Job, JobRequest, JobStatus};
+use crate::paths::is_safe_relative;
+use crate::store::NewJob;
+
+/// Caps on what one job request may carry, beyond the body size limit.
+const MAX_ENV_VARS: usize = 256;
+const MAX_ARTIFACT_GLOBS: usize = 64;
+
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/v1/jobs", web::post().to(submit))
+        .route("/v1/jobs", web::get().to(list))
+        .route("/v1/jobs/{id}", web::get().to(show))
+        .route("/v1/jobs/{id}/cancel", web::post().to(cancel));
+}
+
+/// True for a repo that a guest clones itself rather than the daemon bundling it.
+pub fn is_remote_repo(repo: &str) -> bool {
+    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !repo.starts_with('/'))
+}
+
+fn valid_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && !key.starts_with("AGENTLAB_")
+}
+
+/// Checks what a request can be checked for without the disk.
+pub fn validate(
+    request: &JobRequest,
+    profiles: &crate::config::profile::Profiles,
+) -> Result<(), ApiError> {
+    if profiles.get(&request.profile).is_none() {
+        return Err(ApiError::UnknownProfile(format!(
+            "unknown profile `{}`; known profiles: {}",
+            request.profile,
+            profiles.names().join(", ")
+        )));
+    }
+    if request.task.trim().is_empty() {
+        return Err(ApiError::BadRequest("`task` must not be empty".into()));
+    }
+    if request
+        .command
+        .as_deref()
+        .is_some_and(|c| c.trim().is_empty())
+    {
+        return Err(ApiError::BadRequest(
+            "`command` must not be empty when given".into(),
+        ));
+    }
+    if request.env.len() > MAX_ENV_VARS {
+        return Err(ApiError::BadRequest(format!(
+            "at most {MAX_ENV_VARS} env variables"
+        )));
+    }
+    if let Some(key) = request.env.keys().find(|k| !valid_env_key(k)) {
+        return Err(ApiError::BadRequest(format!(
+            "env key `{key}` must be letters, digits and _, not start with a digit, and not use the AGENTLAB_ prefix"
+        )));
+    }
+    if request.env.values().any(|v| v.contains('\0')) {
+        return Err(ApiError::BadRequest(
+            "env values must not contain NUL".into(),
+        ));
+    }
+    if let Some(globs) = &request.artifacts {
+        if globs.len() > MAX_ARTIFACT_GLOBS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_ARTIFACT_GLOBS} artifact paths"
+            )));
+        }
+        if let Some(glob) = globs.iter().find(|g| !is_safe_relative(g)) {
+            return Err(ApiError::BadRequest(format!(
+                "artifact path `{glob}` must be relative to the checkout, without `..`"
+            )));
+        }
+    }
+    if request
+        .git_ref
+        .as_deref()
+        .is_some_and(|r| r.is_empty() || r.starts_with('-') || r.chars().any(char::is_control))
+    {
+        return Err(ApiError::BadRequest(
+            "`ref` must be a branch, tag or commit name".into(),
+        ));
+    }
+    if request.git_ref.is_some() && request.repo.is_none() {
+        return Err(ApiError::BadRequest("`ref` needs a `repo`".into()));
+    }
+    for (field, value) in [
+        ("ttl_minutes", request.ttl_minutes.map(u64::from)),
+        ("run_timeout_seconds", request.run_timeout_seconds),
+        ("deadline_seconds", request.deadline_seconds),
+    ] {
+        if value == Some(0) {
+            return Err(ApiError::BadRequest(format!("`{field}` must be above 0")));
+        }
+    }
+    Ok(())
+}
+
+/// A repo on this host must be an absolute path to a git repository (the daemon bundles it).
+fn check_local_repo(repo: &str) -> Result<(), ApiError> {
+    let path = Path::new(repo);
+    if !path.is_absolute() {
+        return Err(ApiError::BadRequest(format!(
+            "repo `{repo}` must be a URL or an absolute path"
+        )));
+    }
+    let is_repo = path.join(".git").exists()
+        || (path.join("HEAD").is_file() && path.join("objects").is_dir());
+    if !is_repo {
+        return Err(ApiError::BadRequest(format!(
+            "repo `{repo}` is not a git repository on this host"
+        )));
+    }
+    Ok(())
+}
+
+async fn submit(
+    state: web::Data<ApiState>,
+    body: web::Json<JobRequest>,
+) -> Result<HttpResponse, ApiError> {
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown(
+            "the daemon is shutting down; submit again shortly".into(),
+        ));
+    }
+    let request = body.into_inner();
+    validate(&request, &state.svc.profiles())?;
+    if let Some(repo) = request.repo.clone().filter(|r| !is_remote_repo(r)) {
+        web::block(move || check_local_repo(&repo))
+            .await
+            .map_err(ApiError::internal)??;
+    }
+    let deadline_ms = request.deadline_seconds.map(|s| {
+        state
+            .svc
+            .clock
+            .now_ms()
+            .saturating_add(i64::try_from(s.saturating_mul(1000)).unwrap_or(i64::MAX))
+    });
+    let new = NewJob {
+        id: new_id(),
+        request,
+        deadline_ms,
+    };
+    let queue_max = u64::from(state.svc.tuning.get().admission.queue_max);
+    let (job, event) = state
+        .svc
+        .store
+        .call(move |s| s.insert_job(&new, queue_max))
+        .await?;
+    state.svc.hub.publish(event);
+    state.supervisor.do_send(Admit);
+    tracing::info!(job = %job.id, profile = %job.profile, "job submitted");
+    Ok(HttpResponse::Created().json(json!({"id": job.id, "status": job.status})))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    status: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn list(
+    state: web::Data<ApiState>,
+    query: web::Query<ListQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let status = query
+        .status
+        .as_deref()
+        .map(|s| s.to_ascii_uppercase().parse::<JobStatus>())
+        .transpose()
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let jobs = state
+        .svc
+        .store
+        .call(move |s| s.list_jobs(status, limit))
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
+}
+
+pub async fn load_job(state: &ApiState, id: String) -> Result<Job, ApiError> {
+    let shown = id.clone();
+    state
+        .svc
+        .store
+        .call(move |s| s.get_job(&id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {shown} does not exist")))
+}
+
+async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(load_job(&state, id.into_inner()).await?))
+}
+
+async fn cancel(
+    state: web::Data<ApiState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let job = load_job(&state, id.clone()).await?;
+    if job.status.is_terminal() {
+        return Err(ApiError::Conflict(format!(
+            "job {id} already ended ({})",
+            job.status
+        )));
+    }
+    let cancel = CancelJob {
+        job_id: id.clone(),
+        status: JobStatus::Cancelled,
+        reason: "cancelled by request".into(),
+    };
+    state
+        .supervisor
+        .send(cancel)
+        .await
+        .map_err(ApiError::internal)??;
+    Ok(HttpResponse::Accepted().json(load_job(&state, id).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn profiles() -> crate::config::profile::Profiles {
+        crate::config::profile::Profiles::load_dir(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/profiles"
+        )))
+        .unwrap()
+    }
+
+    fn ok_request() -> JobRequest {
+        JobRequest {
+            profile: "balanced".into(),
+            task: "t".into(),
+            ..JobRequest::default()
+        }
+    }
+
+    #[test]
+    fn rejects_what_a_guest_or_shell_could_abuse() {
+        let p = profiles();
+        assert!(validate(&ok_request(), &p).is_ok());
+        let cases = [
+            JobRequest {
+                profile: "nope".into(),
+                ..ok_request()
+            },
+            JobRequest {
+                task: " ".into(),
+                ..ok_request()
+            },
+            JobRequest {
+                env: [("1BAD".to_owned(), "x".to_owned())].into(),
+                ..ok_request()
+            },
+            JobRequest {
+                env: [("AGENTLAB_TOKEN".to_owned(), "x".to_owned())].into(),
+                ..ok_request()
+            },
+            JobRequest {
+                artifacts: Some(vec!["../etc".into()]),
+                ..ok_request()
+            },
+            JobRequest {
+                artifacts: Some(vec!["/etc/passwd".into()]),
+                ..ok_request()
+            },
+            JobRequest {
+                repo: Some("/r".into()),
+                git_ref: Some("--upload-pack=x".into()),
+                ..ok_request()
+            },
+            JobRequest {
+                run_timeout_seconds: Some(0),
+                ..ok_request()
+            },
+        ];
+        for case in cases {
+            assert!(validate(&case, &p).is_err(), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn tells_remote_repos_from_local_paths() {
+        assert!(is_remote_repo("https://example.com/r.git"));
+        assert!(is_remote_repo("git@example.com:org/r.git"));
+        assert!(!is_remote_repo("/srv/repos/r"));
+    }
+}

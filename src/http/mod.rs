@@ -1,0 +1,324 @@
+//! The daemon's HTTP servers: the control API on the Unix socket (mode 0660) and optionally on TCP
+//! behind a bearer token, the guest API on its own listener, and Prometheus metrics.
+
+pub mod error;
+pub mod guest;
+mod jobs;
+mod sandboxes;
+mod stream;
+mod system;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Addr;
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
+use actix_web::middleware::{from_fn, Next};
+use actix_web::{web, App, HttpResponse, HttpServer};
+
+use crate::actors::supervisor::Supervisor;
+use crate::actors::Services;
+use error::{json_error, path_error, query_error, ApiError};
+
+pub use jobs::{is_remote_repo, validate as validate_job_request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another agentlabd is already serving {0}")]
+    SocketInUse(PathBuf),
+    #[error("preparing the socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket group `{0}` does not exist")]
+    UnknownGroup(String),
+    #[error("reading the control token {path}: {source}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What every handler shares.
+#[derive(Debug)]
+pub struct ApiState {
+    pub svc: Arc<Services>,
+    pub supervisor: Addr<Supervisor>,
+    pub reports: guest::Reports,
+    pub started: Instant,
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+impl ApiState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
+    }
+}
+
+/// The bearer token the TCP control listener requires.
+#[derive(Debug, Clone)]
+struct ControlToken(Option<Arc<String>>);
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn require_token(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    if let Some(ControlToken(Some(expected))) = req.app_data::<ControlToken>() {
+        let given = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+            return Err(ApiError::Unauthorized("a valid bearer token is required".into()).into());
+        }
+    }
+    next.call(req).await
+}
+
+async fn time_request(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let method = req.method().to_string();
+    let metrics = req
+        .app_data::<web::Data<ApiState>>()
+        .map(|s| s.svc.metrics.clone());
+    let response = next.call(req).await?;
+    if let Some(metrics) = metrics {
+        // The route pattern, never the path itself: paths can carry tokens and unbounded ids.
+        let route = response
+            .request()
+            .match_pattern()
+            .unwrap_or_else(|| "unmatched".into());
+        let status = response.status().as_u16().to_string();
+        metrics
+            .api_duration
+            .with_label_values(&[&method, &route, &status])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    Ok(response)
+}
+
+fn extractor_config(cfg: &mut web::ServiceConfig, body_limit: usize) {
+    cfg.app_data(
+        web::JsonConfig::default()
+            .limit(body_limit)
+            .error_handler(|err, _| json_error(err).into()),
+    )
+    .app_data(web::QueryConfig::default().error_handler(|err, _| query_error(err).into()))
+    .app_data(web::PathConfig::default().error_handler(|err, _| path_error(err).into()));
+}
+
+async fn no_route() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".into()))
+}
+
+/// The running servers, to stop on shutdown.
+#[derive(Debug, Default)]
+pub struct Servers {
+    handles: Vec<ServerHandle>,
+}
+
+impl Servers {
+    pub async fn stop(&self) {
+        for handle in &self.handles {
+            handle.stop(true).await;
+        }
+    }
+}
+
+/// Where a server listens.
+#[derive(Debug, Clone)]
+enum Listen {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Listen {
+    fn describe(&self) -> String {
+        match self {
+            Listen::Unix(path) => path.display().to_string(),
+            Listen::Tcp(addr) => addr.to_string(),
+        }
+    }
+}
+
+fn bind_error(what: &'static str, listen: &Listen) -> impl FnOnce(std::io::Error) -> HttpError {
+    let addr = listen.describe();
+    move |source| HttpError::Bind { what, addr, source }
+}
+
+fn spawn(running: actix_web::dev::Server) -> ServerHandle {
+    let handle = running.handle();
+    actix_web::rt::spawn(running);
+    handle
+}
+
+fn serve_control(
+    state: &web::Data<ApiState>,
+    token: ControlToken,
+    listen: &Listen,
+) -> Result<ServerHandle, HttpError> {
+    let state = state.clone();
+    let body_limit = state.svc.config.request_max_bytes;
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .app_data(token.clone())
+            .configure(|cfg| extractor_config(cfg, body_limit))
+            .configure(system::routes)
+            .configure(jobs::routes)
+            .configure(sandboxes::routes)
+            .configure(stream::routes)
+            .default_service(web::to(no_route))
+            .wrap(from_fn(require_token))
+            .wrap(from_fn(time_request))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(5);
+    let bound = match listen {
+        Listen::Unix(path) => server.bind_uds(path),
+        Listen::Tcp(addr) => server.bind(addr),
+    };
+    Ok(spawn(
+        bound.map_err(bind_error("the control API", listen))?.run(),
+    ))
+}
+
+fn serve_guest(state: &web::Data<ApiState>, addr: SocketAddr) -> Result<ServerHandle, HttpError> {
+    let state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .configure(|cfg| extractor_config(cfg, 64 * 1024))
+            .configure(guest::routes)
+            .default_service(web::to(no_route))
+            .wrap(from_fn(time_request))
+    })
+    .workers(2)
+    .disable_signals()
+    .shutdown_timeout(5);
+    Ok(spawn(
+        server
+            .bind(addr)
+            .map_err(bind_error("the guest API", &Listen::Tcp(addr)))?
+            .run(),
+    ))
+}
+
+async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let svc = Arc::clone(&state.svc);
+    let text = state
+        .svc
+        .store
+        .call(move |s| Ok(svc.metrics.render(s)))
+        .await?
+        .map_err(ApiError::internal)?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text))
+}
+
+fn serve_metrics(state: &web::Data<ApiState>, addr: SocketAddr) -> Result<ServerHandle, HttpError> {
+    let state = state.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(state.clone())
+            .route("/metrics", web::get().to(metrics))
+            .default_service(web::to(no_route))
+    })
+    .workers(1)
+    .disable_signals()
+    .shutdown_timeout(1);
+    Ok(spawn(
+        server
+            .bind(addr)
+            .map_err(bind_error("metrics", &Listen::Tcp(addr)))?
+            .run(),
+    ))
+}
+
+/// Clears a stale socket file left by a crash, refusing if a live daemon still answers on it.
+fn prepare_socket(path: &Path) -> Result<(), HttpError> {
+    let fail = |source| HttpError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(fail)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(HttpError::SocketInUse(path.to_owned()));
+        }
+        std::fs::remove_file(path).map_err(fail)?;
+    }
+    Ok(())
+}
+
+fn secure_socket(path: &Path, group: Option<&str>) -> Result<(), HttpError> {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = |source| HttpError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(name) = group {
+        let group = nix::unistd::Group::from_name(name)
+            .map_err(|e| fail(std::io::Error::from(e)))?
+            .ok_or_else(|| HttpError::UnknownGroup(name.to_owned()))?;
+        std::os::unix::fs::chown(path, None, Some(group.gid.as_raw())).map_err(fail)?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)
+}
+
+/// Starts every configured server.
+pub fn start(state: &web::Data<ApiState>) -> Result<Servers, HttpError> {
+    let config = Arc::clone(&state.svc.config);
+    let mut servers = Servers::default();
+    prepare_socket(&config.socket_path)?;
+    servers.handles.push(serve_control(
+        state,
+        ControlToken(None),
+        &Listen::Unix(config.socket_path.clone()),
+    )?);
+    secure_socket(&config.socket_path, config.socket_group.as_deref())?;
+    if let (Some(addr), Some(token_file)) = (config.control_listen, &config.control_token_file) {
+        let token = std::fs::read_to_string(token_file).map_err(|source| HttpError::Token {
+            path: token_file.clone(),
+            source,
+        })?;
+        let token = ControlToken(Some(Arc::new(token.trim().to_owned())));
+        servers
+            .handles
+            .push(serve_control(state, token, &Listen::Tcp(addr))?);
+    }
+    servers
+        .handles
+        .push(serve_guest(state, config.guest_listen)?);
+    if let Some(addr) = config.metrics_listen {
+        servers.handles.push(serve_metrics(state, addr)?);
+    }
+    Ok(servers)
+}

@@ -1,0 +1,135 @@
+//! Versioned schema migrations. Each entry runs once, in order, inside a transaction; the schema
+//! version is SQLite's `user_version`.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+const MIGRATIONS: &[&str] = &[
+    // 1: the initial schema.
+    r#"
+    CREATE TABLE jobs (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        profile TEXT NOT NULL,
+        request_json TEXT NOT NULL,
+        status TEXT NOT NULL,
+        phase TEXT,
+        sandbox_id TEXT,
+        exit_code INTEGER,
+        error TEXT,
+        restarts INTEGER NOT NULL DEFAULT 0,
+        created_ms INTEGER NOT NULL,
+        started_ms INTEGER,
+        finished_ms INTEGER,
+        deadline_ms INTEGER,
+        guest_phoned_home_ms INTEGER,
+        guest_exit_code INTEGER,
+        guest_done_ms INTEGER,
+        -- The outcome decided before teardown, so a crash during destroy keeps the reason.
+        pending_status TEXT,
+        pending_error TEXT
+    );
+    CREATE INDEX jobs_by_status ON jobs (status, seq);
+
+    CREATE TABLE sandboxes (
+        id TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL UNIQUE REFERENCES jobs (id),
+        backend TEXT NOT NULL,
+        vm_ref TEXT,
+        state TEXT NOT NULL,
+        phase TEXT,
+        profile TEXT NOT NULL,
+        cores INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_gb INTEGER NOT NULL,
+        keepalive INTEGER NOT NULL,
+        exec_pid INTEGER,
+        lease_expires_ms INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        updated_ms INTEGER NOT NULL,
+        destroyed_ms INTEGER,
+        error TEXT
+    );
+    CREATE INDEX sandboxes_by_state ON sandboxes (state);
+
+    CREATE TABLE phase_runs (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        phase TEXT NOT NULL,
+        started_ms INTEGER NOT NULL,
+        ended_ms INTEGER,
+        result TEXT
+    );
+    CREATE INDEX phase_runs_by_job ON phase_runs (job_id, id);
+
+    CREATE TABLE events (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at_ms INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        phase TEXT,
+        message TEXT NOT NULL
+    );
+    CREATE INDEX events_by_job ON events (job_id, id);
+
+    CREATE TABLE artifacts (
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        path TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (job_id, path)
+    );
+
+    CREATE TABLE tokens (
+        hash TEXT PRIMARY KEY,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        kind TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        used_ms INTEGER
+    );
+    CREATE INDEX tokens_by_job ON tokens (job_id);
+    "#,
+];
+
+pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::TooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = index + 1;
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .map_err(|source| StoreError::Migration { version, source })?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(|source| StoreError::Migration { version, source })?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_once_and_refuse_a_newer_schema() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        apply(&mut conn).unwrap();
+        apply(&mut conn).unwrap();
+        let version: usize = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, MIGRATIONS.len());
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(
+            apply(&mut conn),
+            Err(StoreError::TooNew { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,217 @@
+//! Runs the real `agentlabd` binary against a temporary data dir, and talks to it over its socket.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Daemon {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub socket: PathBuf,
+    child: Option<Child>,
+    client: reqwest::blocking::Client,
+}
+
+pub fn repo_dir() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+impl Daemon {
+    /// Writes a config for `backend` plus `extra` YAML lines into `dir` and starts the daemon.
+    pub fn start(dir: &Path, backend: &str, extra: &str) -> Daemon {
+        let config = dir.join("config.yaml");
+        let socket = dir.join("agentlabd.sock");
+        let text = format!(
+            "data_dir: {data}\nsocket_path: {socket}\nmetrics_listen: \"\"\nguest_listen: 127.0.0.1:0\n\
+             profiles_dir: {repo}/profiles\ntuning_dir: {tuning}\nbackend: {backend}\n{extra}\n",
+            data = dir.join("data").display(),
+            socket = socket.display(),
+            repo = repo_dir().display(),
+            tuning = dir.join("tuning").display(),
+        );
+        std::fs::write(&config, text).unwrap();
+        let tuning = dir.join("tuning");
+        if !tuning.exists() {
+            std::fs::create_dir_all(&tuning).unwrap();
+            std::fs::copy(
+                repo_dir().join("tuning/default.yaml"),
+                tuning.join("default.yaml"),
+            )
+            .unwrap();
+        }
+        let mut daemon = Daemon {
+            dir: dir.to_owned(),
+            config,
+            socket: socket.clone(),
+            child: None,
+            client: reqwest::blocking::Client::builder()
+                .unix_socket(socket)
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("daemon.log"))
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_agentlabd"))
+            .arg("--config")
+            .arg(&self.config)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if self.try_get("/health").is_some() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agentlabd exited at start ({status}): {}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("agentlabd did not answer: {}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agentlabd did not stop: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(path: &str) -> String {
+        format!("http://agentlabd{path}")
+    }
+
+    pub fn try_get(&self, path: &str) -> Option<Value> {
+        self.client.get(Self::url(path)).send().ok()?.json().ok()
+    }
+
+    pub fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(Self::url(path)).send().unwrap();
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn post_json(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self.client.post(Self::url(path)).json(body).send().unwrap();
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn post_raw(&self, path: &str, body: Vec<u8>) -> (u16, Value) {
+        let response = self
+            .client
+            .post(Self::url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .unwrap();
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
+    }
+
+    pub fn submit(&self, body: &Value) -> String {
+        let (status, answer) = self.post_json("/v1/jobs", body);
+        assert_eq!(status, 201, "{answer}");
+        answer["id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn job(&self, id: &str) -> Value {
+        self.get(&format!("/v1/jobs/{id}")).1
+    }
+
+    /// Polls until the job is terminal or `limit` passes.
+    pub fn wait_terminal(&self, id: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job(id);
+            let status = job["status"].as_str().unwrap_or("");
+            if !["QUEUED", "RUNNING", ""].contains(&status) {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} still {status}: {job}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn wait_phase(&self, id: &str, phase: &str, limit: Duration) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let job = self.job(id);
+            if job["phase"] == phase {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never reached {phase}: {job}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

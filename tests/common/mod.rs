@@ -1,0 +1,159 @@
+//! Shared set-up for tests that run the actor runtime on the fake backend.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use actix::prelude::*;
+use agentlab::actors::collector::LeaseCollector;
+use agentlab::actors::guest_reports::GuestReports;
+use agentlab::actors::supervisor::{Admit, Supervisor};
+use agentlab::actors::{Clock, Hub, Services};
+use agentlab::backend::fake::{FakeBackend, FakeConfig, SharedFake};
+use agentlab::config::profile::Profiles;
+use agentlab::config::tuning::{Tuning, TuningHandle};
+use agentlab::config::Config;
+use agentlab::metrics::Metrics;
+use agentlab::model::{new_id, Job, JobRequest};
+use agentlab::store::{NewJob, Store};
+
+pub const PROFILES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
+
+/// Runs a test body in an actix system whose clock is paused: timers fire as soon as nothing else
+/// can run, so minute-long timeouts take no real time.
+pub fn run_paused<F: Future>(body: F) -> F::Output {
+    let system = actix::System::with_tokio_rt(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap()
+    });
+    system.block_on(body)
+}
+
+pub struct Harness {
+    pub svc: Arc<Services>,
+    pub fake: Arc<FakeBackend>,
+    pub supervisor: Addr<Supervisor>,
+}
+
+pub fn short_tuning() -> Tuning {
+    let mut tuning = Tuning::default();
+    let t = &mut tuning.phase_timeouts;
+    t.clone = Duration::from_secs(60);
+    t.start = Duration::from_secs(60);
+    t.cloud_init = Duration::from_secs(120);
+    t.guest_agent = Duration::from_secs(60);
+    t.run = Duration::from_secs(600);
+    t.upload = Duration::from_secs(120);
+    t.destroy = Duration::from_secs(60);
+    tuning.restart.backoff_initial = Duration::from_millis(100);
+    tuning.restart.backoff_max = Duration::from_secs(1);
+    tuning.admission.max_concurrent = 8;
+    tuning
+}
+
+impl Harness {
+    pub fn start(fake: FakeConfig, tuning: Tuning, db: Option<&Path>) -> Harness {
+        let store = match db {
+            Some(path) => Store::open(path).unwrap(),
+            None => Store::open_in_memory().unwrap(),
+        };
+        let hub = Arc::new(Hub::default());
+        let sink = Arc::new(GuestReports {
+            store: store.clone(),
+            hub: Arc::clone(&hub),
+        });
+        let fake = Arc::new(FakeBackend::new(fake, sink).unwrap());
+        let config = Config {
+            provisioning_timeout: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        let svc = Arc::new(Services {
+            config: Arc::new(config),
+            store,
+            backend: Arc::new(SharedFake(Arc::clone(&fake))),
+            tuning: TuningHandle::new(tuning),
+            profiles: RwLock::new(Arc::new(Profiles::load_dir(Path::new(PROFILES)).unwrap())),
+            hub,
+            metrics: Metrics::new().unwrap(),
+            guest_url: "http://10.0.2.100".into(),
+            clock: Clock::new(),
+        });
+        let supervisor = Supervisor::new(Arc::clone(&svc)).start();
+        LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+        Harness {
+            svc,
+            fake,
+            supervisor,
+        }
+    }
+
+    pub async fn submit(&self, request: JobRequest) -> String {
+        let id = new_id();
+        let new = NewJob {
+            id: id.clone(),
+            request,
+            deadline_ms: None,
+        };
+        self.svc
+            .store
+            .call(move |s| s.insert_job(&new, 1000))
+            .await
+            .unwrap();
+        self.supervisor.do_send(Admit);
+        id
+    }
+
+    pub async fn job(&self, id: &str) -> Job {
+        let id = id.to_owned();
+        self.svc
+            .store
+            .call(move |s| s.get_job(&id))
+            .await
+            .unwrap()
+            .unwrap()
+    }
+
+    /// Waits (in virtual time, woken by the job's events) until the job is terminal.
+    pub async fn wait_terminal(&self, id: &str) -> Job {
+        let mut events = self.svc.hub.subscribe();
+        for _ in 0..10_000 {
+            let job = self.job(id).await;
+            if job.status.is_terminal() {
+                return job;
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(10), events.recv()).await;
+        }
+        panic!("job {id} never ended: {:?}", self.job(id).await);
+    }
+
+    /// Polls until the job has begun `phase`.
+    pub async fn wait_phase(&self, id: &str, phase: agentlab::model::Phase) -> Job {
+        for _ in 0..100_000 {
+            let job = self.job(id).await;
+            if job.phase == Some(phase) || job.status.is_terminal() {
+                return job;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("job {id} never reached {phase}");
+    }
+}
+
+pub fn request() -> JobRequest {
+    JobRequest {
+        profile: "balanced".into(),
+        task: "do the thing".into(),
+        ..JobRequest::default()
+    }
+}
+
+pub mod daemon;
+
+pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    dir.path().join(name)
+}

@@ -1,0 +1,217 @@
+//! The real agentlabd binary on the fake backend: API input handling, config errors, SIGHUP
+//! reload, and recovery after SIGKILL.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use serde_json::{json, Value};
+
+fn error_code(answer: &Value) -> &str {
+    answer["error"]["code"].as_str().unwrap_or("")
+}
+
+#[test]
+fn bad_api_input_gets_a_clear_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+
+    let (status, answer) = daemon.post_raw("/v1/jobs", b"{\"profile\": ".to_vec());
+    assert_eq!(
+        (status, error_code(&answer)),
+        (400, "invalid_json"),
+        "{answer}"
+    );
+
+    let (status, answer) = daemon.post_json("/v1/jobs", &json!({"profile": "nope", "task": "x"}));
+    assert_eq!((status, error_code(&answer)), (400, "unknown_profile"));
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("balanced"),
+        "lists the known profiles"
+    );
+
+    let (status, answer) = daemon.post_json(
+        "/v1/jobs",
+        &json!({"profile": "balanced", "task": "x", "colour": 1}),
+    );
+    assert_eq!((status, error_code(&answer)), (400, "invalid_json"));
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("colour"));
+
+    let huge = json!({"profile": "balanced", "task": "x".repeat(2 * 1024 * 1024)});
+    let (status, answer) = daemon.post_raw("/v1/jobs", serde_json::to_vec(&huge).unwrap());
+    assert_eq!((status, error_code(&answer)), (413, "payload_too_large"));
+
+    let (status, answer) = daemon.post_json(
+        "/v1/jobs",
+        &json!({"profile": "balanced", "task": "x", "repo": "/no/such/repo"}),
+    );
+    assert_eq!(
+        (status, error_code(&answer)),
+        (400, "bad_request"),
+        "{answer}"
+    );
+
+    for path in [
+        "/v1/jobs/0000",
+        "/v1/jobs/0000/events",
+        "/v1/jobs/0000/logs",
+        "/v1/sandboxes/sandbox-x",
+        "/v1/nothing",
+    ] {
+        let (status, answer) = daemon.get(path);
+        assert_eq!(
+            (status, error_code(&answer)),
+            (404, "not_found"),
+            "{path}: {answer}"
+        );
+    }
+    let (status, _) = daemon.post_json("/v1/jobs/0000/cancel", &json!({}));
+    assert_eq!(status, 404);
+    let (status, answer) = daemon.get("/v1/jobs?status=SLEEPING");
+    assert_eq!((status, error_code(&answer)), (400, "bad_request"));
+}
+
+#[test]
+fn a_job_runs_to_completion_and_its_history_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    let id = daemon
+        .submit(&json!({"profile": "balanced", "task": "x", "env": {"TOKEN": "hunter2-secret"}}));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert_eq!(job["phases"].as_array().unwrap().len(), 7);
+    assert!(
+        !job.to_string().contains("hunter2-secret"),
+        "env values must never be served"
+    );
+    let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
+    let kinds: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"status"));
+    assert_eq!(kinds.last(), Some(&"finished"));
+    let (status, cancel) = daemon.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({}));
+    assert_eq!((status, error_code(&cancel)), (409, "conflict"));
+    let (_, sandboxes) = daemon.get("/v1/sandboxes?state=DESTROYED");
+    assert_eq!(sandboxes["sandboxes"].as_array().unwrap().len(), 1);
+    assert!(
+        !daemon.log().contains("hunter2-secret"),
+        "env values must never be logged"
+    );
+}
+
+#[test]
+fn a_bad_config_stops_start_up_naming_the_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, "backend: fake\nprovisioning_timeout: whenever\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_agentlabd"))
+        .args(["--check-config", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr.contains(&config.display().to_string()) && stderr.contains("provisioning_timeout"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sighup_reloads_tuning_and_an_invalid_file_keeps_the_old_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    let tuning = dir.path().join("tuning/default.yaml");
+    let max = |d: &Daemon| d.get("/v1/status").1["max_concurrent"].as_u64().unwrap();
+    assert_eq!(max(&daemon), 4);
+    std::fs::write(&tuning, "admission: {max_concurrent: 7}\n").unwrap();
+    daemon.signal("HUP");
+    let wait_for = |want: u64| {
+        for _ in 0..100 {
+            if max(&daemon) == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("max_concurrent never became {want}");
+    };
+    wait_for(7);
+    std::fs::write(&tuning, "admission: {max_concurrent: 0}\n").unwrap();
+    daemon.signal("HUP");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(max(&daemon), 7, "an invalid file must keep the old values");
+    assert!(
+        daemon.log().contains("admission.max_concurrent"),
+        "the error names the key"
+    );
+}
+
+#[test]
+fn killed_mid_job_and_restarted_nothing_leaks_and_nothing_stays_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fake-vms.json");
+    let slow = format!(
+        "fake:\n  state_file: {}\n  latency:\n    run: {{min_ms: 600000, max_ms: 600000}}\n",
+        state.display()
+    );
+    let mut daemon = Daemon::start(dir.path(), "fake", &slow);
+    let running = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_phase(&running, "run", Duration::from_secs(30));
+    let vms: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(vms.as_object().unwrap().len(), 1, "one VM exists mid-run");
+    daemon.kill9();
+
+    // Restart without the slow run; the reconciler must resume or clean up.
+    let fast = format!("fake:\n  state_file: {}\n", state.display());
+    let daemon = Daemon::start(dir.path(), "fake", &fast);
+    let job = daemon.wait_terminal(&running, Duration::from_secs(30));
+    assert!(
+        ["FAILED", "COMPLETED"].contains(&job["status"].as_str().unwrap()),
+        "{job}"
+    );
+    let vms: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(vms.as_object().unwrap().is_empty(), "leaked VMs: {vms}");
+    let (_, open) = daemon.get("/v1/jobs?status=RUNNING");
+    assert!(open["jobs"].as_array().unwrap().is_empty());
+    let (_, sandboxes) = daemon.get("/v1/sandboxes");
+    assert!(sandboxes["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["state"] == "DESTROYED"));
+}
+
+#[test]
+fn sigterm_suspends_a_running_job_and_the_next_start_takes_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fake-vms.json");
+    let slow = format!(
+        "fake:\n  state_file: {}\n  latency:\n    run: {{min_ms: 600000, max_ms: 600000}}\n",
+        state.display()
+    );
+    let mut daemon = Daemon::start(dir.path(), "fake", &slow);
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_phase(&id, "run", Duration::from_secs(30));
+    assert!(daemon.stop().success(), "{}", daemon.log());
+    let daemon = Daemon::start(
+        dir.path(),
+        "fake",
+        &format!("fake:\n  state_file: {}\n", state.display()),
+    );
+    let job = daemon.wait_terminal(&id, Duration::from_secs(30));
+    assert!(job["restarts"] == 0 && job["status"] != "RUNNING", "{job}");
+    let vms: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert!(vms.as_object().unwrap().is_empty());
+}
