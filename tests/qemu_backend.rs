@@ -119,6 +119,26 @@ async fn wait_for_agent(backend: &QemuBackend, vm: &VmHandle) -> Duration {
     }
 }
 
+/// Runs `script` with the guest's `/bin/sh` and waits for it to finish.
+async fn run_in_guest(backend: &QemuBackend, vm: &VmHandle, script: &str) -> ExecStatus {
+    let command = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: Default::default(),
+    };
+    let pid = backend.exec(vm, &command).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match backend.exec_status(vm, pid).await.unwrap() {
+            ExecStatus::Running => {
+                assert!(Instant::now() < deadline, "`{script}` still running");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
 /// A stand-in for the daemon's guest endpoint: answers every request with 200 and reports each
 /// request's head and body.
 async fn guest_endpoint() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
@@ -207,6 +227,25 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
         }
     };
     assert_eq!(status, ExecStatus::Exited { code: 3 });
+    // An environment of our own replaces the agent's; PATH is still there for `wget`.
+    let with_env = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            "test \"$GREETING\" = hello && command -v wget".into(),
+        ],
+        env: [("GREETING".to_owned(), "hello".to_owned())].into(),
+    };
+    let env_pid = backend.exec(&vm, &with_env).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend.exec_status(&vm, env_pid).await.unwrap() == ExecStatus::Running {
+        assert!(Instant::now() < deadline, "env command still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backend.exec_status(&vm, env_pid).await.unwrap(),
+        ExecStatus::Exited { code: 0 }
+    );
     // The agent forgets a reaped command; the backend remembers for a restarted caller.
     assert_eq!(
         backend.exec_status(&vm, pid).await.unwrap(),
@@ -225,6 +264,35 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     assert!(request.contains("instance_id=sandbox-full01"), "{request}");
     assert!(request.contains("hostname=sandbox-full01"), "{request}");
 
+    // guestfwd's cmd: form serves one connection after another, not just the first.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "for i in 1 2 3; do wget -q -O /dev/null http://10.0.2.100/seq/$i || exit 1; done",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    for i in 1..=3 {
+        let request = tokio::time::timeout(Duration::from_secs(10), requests.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(request.starts_with(&format!("GET /seq/{i} ")), "{request}");
+    }
+    // Restricted: the host's loopback (10.0.2.2 in user-mode networking) is out of reach, even
+    // the port the guest endpoint listens on.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "timeout 10 wget -q -O /dev/null http://10.0.2.2:{}/escape",
+            endpoint.port()
+        ),
+    )
+    .await;
+    assert_ne!(status, ExecStatus::Exited { code: 0 });
+    assert!(requests.try_recv().is_err(), "the guest reached the host");
+
     let started = Instant::now();
     backend.destroy_vm(&vm).await.unwrap();
     let destroy_time = started.elapsed();
@@ -237,6 +305,39 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     eprintln!(
         "timings: clone {clone_time:?}, start to agent ready {agent_time:?}, destroy {destroy_time:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_mode_lifts_the_restriction() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, mut requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let mut spec = spec("sandbox-egress", "job-egress");
+    spec.network = NetworkMode::Egress;
+    let vm = backend.clone_vm(&spec).await.unwrap();
+    backend.start_vm(&vm).await.unwrap();
+    wait_for_agent(&backend, &vm).await;
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "timeout 20 wget -q -O /dev/null http://10.0.2.2:{}/outside",
+            endpoint.port()
+        ),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    let mut seen = Vec::new();
+    while let Ok(request) = requests.try_recv() {
+        seen.push(request);
+    }
+    assert!(
+        seen.iter().any(|r| r.starts_with("GET /outside ")),
+        "{seen:?}"
+    );
+    backend.destroy_vm(&vm).await.unwrap();
+    assert!(processes_naming(Path::new(&vm.vm_ref)).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

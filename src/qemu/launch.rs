@@ -62,11 +62,12 @@ impl LaunchPlan<'_> {
                 display(&paths.seed_image())
             ),
         ]);
+        // No option ROM: the kernel boots directly, and the PXE ROM file may not be installed.
         push(&[
             "-netdev",
             &self.netdev(),
             "-device",
-            "virtio-net-pci,netdev=net0",
+            "virtio-net-pci,netdev=net0,romfile=",
         ]);
         push(&[
             "-chardev",
