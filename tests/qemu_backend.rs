@@ -308,7 +308,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn egress_mode_lifts_the_restriction() {
+async fn egress_vm_reaches_the_host_and_outlives_its_backend() {
     let images = template_dir();
     let root = scratch();
     let (endpoint, mut requests) = guest_endpoint().await;
@@ -336,8 +336,19 @@ async fn egress_mode_lifts_the_restriction() {
         seen.iter().any(|r| r.starts_with("GET /outside ")),
         "{seen:?}"
     );
-    backend.destroy_vm(&vm).await.unwrap();
+
+    // A restarted daemon (a new backend on the same folders) finds the VM still running and can
+    // drive and destroy it.
+    drop(backend);
+    let restarted = self::backend(root.path(), &images, endpoint);
+    assert_eq!(restarted.list_vms().await.unwrap(), [vm.clone()]);
+    assert_eq!(restarted.vm_state(&vm).await.unwrap(), VmState::Running);
+    restarted.agent_ping(&vm).await.unwrap();
+    restarted.start_vm(&vm).await.unwrap();
+    assert_eq!(processes_naming(Path::new(&vm.vm_ref)).len(), 1);
+    restarted.destroy_vm(&vm).await.unwrap();
     assert!(processes_naming(Path::new(&vm.vm_ref)).is_empty());
+    assert!(restarted.list_vms().await.unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! command line.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -27,6 +27,11 @@ use crate::backend::{
     Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
 use crate::model::{now_ms, VM_NAME_PREFIX};
+
+/// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the
+/// daemon's `guest_listen`. The daemon builds `CloudInitSpec::guest_url` and the phone-home URL
+/// from it.
+pub const GUEST_URL: &str = "http://10.0.2.100";
 
 /// The PATH a guest command gets when the caller sets an environment without one: `guest-exec`
 /// replaces the agent's environment entirely, and the runner needs `git` on PATH.
@@ -77,8 +82,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl QemuBackend {
-    /// `guest_endpoint` is the daemon's guest listener; it must be on loopback, where the
-    /// per-connection socat that `guestfwd` runs reaches it.
+    /// `guest_endpoint` is the daemon's guest listener (`guest_listen`) as the host reaches it:
+    /// `guestfwd` connects a socat on the host to it for every guest connection to
+    /// `GUEST_URL`. An unspecified address (0.0.0.0, ::) stands for the host's loopback.
     pub fn new(
         config: QemuConfig,
         dirs: QemuDirs,
@@ -87,11 +93,20 @@ impl QemuBackend {
         layout::validate_dir("qemu.images_dir", &dirs.images)?;
         layout::validate_dir("qemu.sandboxes_dir", &dirs.sandboxes)?;
         layout::validate_sandboxes_dir_room(&dirs.sandboxes)?;
-        if !guest_endpoint.ip().is_loopback() {
-            return Err(BackendError::InvalidInput(format!(
-                "the guest endpoint {guest_endpoint} must be a loopback address"
-            )));
+        if guest_endpoint.port() == 0 {
+            return Err(BackendError::InvalidInput(
+                "the guest endpoint needs a port".to_owned(),
+            ));
         }
+        let guest_endpoint = match guest_endpoint.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), guest_endpoint.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), guest_endpoint.port())
+            }
+            _ => guest_endpoint,
+        };
         let socat = config.socat_binary.to_string_lossy();
         if socat.is_empty() || socat.contains([' ', ',', '\'', '"', '\\']) {
             return Err(BackendError::InvalidInput(format!(
@@ -676,8 +691,14 @@ mod tests {
         };
         let endpoint: SocketAddr = "127.0.0.1:8848".parse().unwrap();
         assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), endpoint).is_ok());
-        let public: SocketAddr = "0.0.0.0:8848".parse().unwrap();
-        assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), public).is_err());
+        let any: SocketAddr = "0.0.0.0:8848".parse().unwrap();
+        let backend = QemuBackend::new(QemuConfig::default(), dirs.clone(), any).unwrap();
+        assert_eq!(
+            backend.guest_endpoint, endpoint,
+            "0.0.0.0 is reached on loopback"
+        );
+        let no_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), no_port).is_err());
         let relative = QemuDirs {
             sandboxes: "s".into(),
             ..dirs.clone()
@@ -688,6 +709,12 @@ mod tests {
             ..QemuConfig::default()
         };
         assert!(QemuBackend::new(config, dirs, endpoint).is_err());
+    }
+
+    #[test]
+    fn guest_url_is_where_guestfwd_listens() {
+        let forwarded = launch::GUEST_ENDPOINT_IN_GUEST.strip_suffix(":80").unwrap();
+        assert_eq!(GUEST_URL, format!("http://{forwarded}"));
     }
 
     #[test]

@@ -13,5 +13,5 @@ pub mod seed;
 pub mod tool;
 mod wire;
 
-pub use backend::{QemuBackend, QemuDirs};
+pub use backend::{QemuBackend, QemuDirs, GUEST_URL};
 pub use config::{Accel, QemuConfig};
