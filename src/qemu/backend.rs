@@ -73,6 +73,10 @@ pub struct QemuBackend {
     /// Exit statuses already collected: the guest agent reports an exit only once, and a
     /// restarted actor may ask again.
     finished: Mutex<HashMap<(String, i64), ExecStatus>>,
+    /// Guest-agent connections kept between calls. A request left unanswered while the guest
+    /// boots stays queued on the connection, so the agent answers the moment it starts instead
+    /// of at the next poll; the client resynchronises past the stale replies.
+    agents: Mutex<HashMap<String, QgaClient>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -126,6 +130,7 @@ impl QemuBackend {
             accel,
             vm_locks: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
         })
     }
 
@@ -176,10 +181,23 @@ impl QemuBackend {
     /// holds or awaits it.
     fn forget(&self, name: &str) {
         lock(&self.finished).retain(|(vm, _), _| vm != name);
+        lock(&self.agents).remove(name);
         let mut locks = lock(&self.vm_locks);
         if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
             locks.remove(name);
         }
+    }
+
+    /// The VM's kept guest-agent client, or a new one. Callers hold the VM lock and hand the
+    /// client back with `keep_agent`; a cancelled call simply drops it.
+    fn take_agent(&self, name: &str, paths: &SandboxPaths) -> QgaClient {
+        lock(&self.agents)
+            .remove(name)
+            .unwrap_or_else(|| QgaClient::new(paths.qga_socket()))
+    }
+
+    fn keep_agent(&self, name: &str, agent: QgaClient) {
+        lock(&self.agents).insert(name.to_owned(), agent);
     }
 
     fn paths_for_name(&self, name: &str) -> Result<SandboxPaths, BackendError> {
@@ -423,6 +441,8 @@ impl Backend for QemuBackend {
                 missing.display()
             )));
         }
+        // A connection to a previous QEMU's agent socket is of no use to the new one.
+        lock(&self.agents).remove(&vm.name);
         let accel = self.accel.choose(&record.template.kernel).await;
         for stale in [paths.qmp_socket(), paths.qga_socket(), paths.pidfile()] {
             remove_file_if_present(&stale).await?;
@@ -451,8 +471,10 @@ impl Backend for QemuBackend {
         let paths = self.paths(vm)?;
         Self::require_dir(&paths, &vm.name).await?;
         let _guard = self.lock_vm(&vm.name).await;
-        let mut agent = QgaClient::new(paths.qga_socket());
-        match agent.ping(self.config.agent_ping_timeout).await {
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.ping(self.config.agent_ping_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        match result {
             Ok(()) => Ok(()),
             Err(e) => Err(self.agent_error("guest ping", &vm.name, &paths, e).await),
         }
@@ -469,8 +491,10 @@ impl Backend for QemuBackend {
             capture_output: false,
         };
         let _guard = self.lock_vm(&vm.name).await;
-        let mut agent = QgaClient::new(paths.qga_socket());
-        match agent.exec(&request, self.config.agent_call_timeout).await {
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.exec(&request, self.config.agent_call_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        match result {
             Ok(pid) => Ok(pid),
             Err(e) => Err(self.agent_error("guest exec", &vm.name, &paths, e).await),
         }
@@ -484,8 +508,10 @@ impl Backend for QemuBackend {
         let paths = self.paths(vm)?;
         Self::require_dir(&paths, &vm.name).await?;
         let _guard = self.lock_vm(&vm.name).await;
-        let mut agent = QgaClient::new(paths.qga_socket());
-        let reply = match agent.exec_status(pid, self.config.agent_call_timeout).await {
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.exec_status(pid, self.config.agent_call_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        let reply = match result {
             Ok(reply) => reply,
             Err(e) => {
                 return Err(self
