@@ -6,6 +6,7 @@
 
 pub mod actors;
 pub mod backend;
+pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod http;
@@ -13,4 +14,6 @@ pub mod metrics;
 pub mod model;
 pub mod paths;
 pub mod qemu;
+pub mod runner;
 pub mod store;
+pub mod urlpath;

@@ -153,6 +153,7 @@ pub fn request() -> JobRequest {
 }
 
 pub mod daemon;
+pub mod mock;
 
 pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)

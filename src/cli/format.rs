@@ -1,0 +1,508 @@
+//! How things look on a terminal: tables, times, durations, and the detail views of a job and a
+//! sandbox. Pure functions from model types to text, so they are easy to test.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::model::{Artifact, Job, PhaseRun, Sandbox};
+
+/// `1.2s`, `2m03s`, `1h02m`.
+pub fn duration(seconds: f64) -> String {
+    if !seconds.is_finite() || seconds < 0.0 {
+        return "-".into();
+    }
+    if seconds < 60.0 {
+        return format!("{seconds:.1}s");
+    }
+    let total = seconds.round() as u64;
+    let (h, m, s) = (total / 3600, (total % 3600) / 60, total % 60);
+    if h > 0 {
+        format!("{h}h{m:02}m")
+    } else {
+        format!("{m}m{s:02}s")
+    }
+}
+
+/// A timestamp in ms since the epoch, as RFC 3339 UTC to the second.
+pub fn timestamp(ms: i64) -> String {
+    let Ok(ms) = u64::try_from(ms) else {
+        return "-".into();
+    };
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+/// How long ago `ms` was, relative to `now_ms`: `5s ago`, `3m ago`, `2h ago`, `4d ago`.
+pub fn age(ms: i64, now_ms: i64) -> String {
+    let secs = (now_ms - ms).max(0) / 1000;
+    match secs {
+        0..60 => format!("{secs}s ago"),
+        60..3600 => format!("{}m ago", secs / 60),
+        3600..86400 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// `text` cut to `max` characters, with an ellipsis, on one line.
+pub fn clip(text: &str, max: usize) -> String {
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if one_line.chars().count() <= max {
+        return one_line;
+    }
+    let mut cut: String = one_line.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
+    cut
+}
+
+/// Left-aligned columns separated by two spaces; the last column is not padded.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            if let Some(w) = widths.get_mut(i) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let cells: Vec<&str> = cells.collect();
+        let last = cells.len().saturating_sub(1);
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i == last {
+                text.push_str(cell);
+            } else {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                text.push_str(cell);
+                text.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        out.push_str(text.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+fn opt<T: ToString>(value: &Option<T>) -> String {
+    value.as_ref().map_or_else(|| "-".into(), T::to_string)
+}
+
+pub fn job_list(jobs: &[Job], now_ms: i64) -> String {
+    if jobs.is_empty() {
+        return "no jobs\n".into();
+    }
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.status.to_string(),
+                opt(&j.phase),
+                j.profile.clone(),
+                age(j.created_at_ms, now_ms),
+                opt(&j.exit_code),
+                clip(&j.task, 50),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "STATUS", "PHASE", "PROFILE", "CREATED", "EXIT", "TASK",
+        ],
+        &rows,
+    )
+}
+
+/// The phases a job went through, one row per run (a restarted phase appears again).
+pub fn phase_table(phases: &[PhaseRun]) -> String {
+    let rows: Vec<Vec<String>> = phases
+        .iter()
+        .map(|p| {
+            vec![
+                p.phase.to_string(),
+                p.duration_seconds.map_or_else(
+                    || match p.ended_at_ms {
+                        Some(end) => duration((end - p.started_at_ms) as f64 / 1000.0),
+                        None => "running".into(),
+                    },
+                    duration,
+                ),
+                opt(&p.result),
+            ]
+        })
+        .collect();
+    table(&["PHASE", "DURATION", "RESULT"], &rows)
+}
+
+pub fn job_detail(job: &Job) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
+    };
+    field("id", job.id.clone());
+    field("status", job.status.to_string());
+    if let Some(phase) = job.phase {
+        field("phase", phase.to_string());
+    }
+    if let Some(position) = job.queue_position {
+        field("queue position", position.to_string());
+    }
+    field("profile", job.profile.clone());
+    field("task", clip(&job.task, 200));
+    if let Some(command) = &job.command {
+        field("command", clip(command, 200));
+    }
+    if let Some(repo) = &job.repo {
+        let at = job
+            .git_ref
+            .as_ref()
+            .map_or_else(String::new, |r| format!(" @ {r}"));
+        field("repo", format!("{repo}{at}"));
+    }
+    if !job.env_keys.is_empty() {
+        field("env", job.env_keys.join(", "));
+    }
+    if !job.artifacts.is_empty() {
+        field("artifacts", job.artifacts.join(" "));
+    }
+    if let Some(sandbox) = &job.sandbox_id {
+        field("sandbox", sandbox.clone());
+    }
+    if let Some(code) = job.exit_code {
+        field("exit code", code.to_string());
+    }
+    if let Some(error) = &job.error {
+        field("error", error.clone());
+    }
+    if job.restarts > 0 {
+        field("restarts", job.restarts.to_string());
+    }
+    field("created", timestamp(job.created_at_ms));
+    if let Some(at) = job.started_at_ms {
+        field("started", timestamp(at));
+    }
+    if let Some(at) = job.finished_at_ms {
+        field("finished", timestamp(at));
+        field("took", duration((at - job.created_at_ms) as f64 / 1000.0));
+    }
+    if let Some(at) = job.deadline_at_ms {
+        field("deadline", timestamp(at));
+    }
+    if !job.phases.is_empty() {
+        out.push('\n');
+        out.push_str(&phase_table(&job.phases));
+    }
+    out
+}
+
+/// The last lines of `job run --wait`: the outcome, then each phase's duration.
+pub fn job_summary(job: &Job) -> String {
+    let mut out = format!("job {} {}", job.id, job.status);
+    if let Some(code) = job.exit_code {
+        let _ = write!(out, ", exit code {code}");
+    }
+    if let Some(end) = job.finished_at_ms {
+        let _ = write!(
+            out,
+            ", {} in all",
+            duration((end - job.created_at_ms) as f64 / 1000.0)
+        );
+    }
+    out.push('\n');
+    if let Some(error) = &job.error {
+        let _ = writeln!(out, "error: {error}");
+    }
+    if !job.phases.is_empty() {
+        out.push_str(&phase_table(&job.phases));
+    }
+    out
+}
+
+pub fn sandbox_list(sandboxes: &[Sandbox], now_ms: i64) -> String {
+    if sandboxes.is_empty() {
+        return "no sandboxes\n".into();
+    }
+    let rows: Vec<Vec<String>> = sandboxes
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.job_id.clone(),
+                s.state.to_string(),
+                opt(&s.phase),
+                s.backend.clone(),
+                s.profile.clone(),
+                format!("{}c/{}M/{}G", s.cores, s.memory_mb, s.disk_gb),
+                age(s.created_at_ms, now_ms),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID", "JOB", "STATE", "PHASE", "BACKEND", "PROFILE", "SIZE", "CREATED",
+        ],
+        &rows,
+    )
+}
+
+pub fn sandbox_detail(s: &Sandbox) -> String {
+    let mut out = String::new();
+    let mut field = |name: &str, value: String| {
+        let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
+    };
+    field("id", s.id.clone());
+    field("job", s.job_id.clone());
+    field("state", s.state.to_string());
+    if let Some(phase) = s.phase {
+        field("phase", phase.to_string());
+    }
+    field("backend", s.backend.clone());
+    if let Some(vm) = &s.vm_ref {
+        field("vm", vm.clone());
+    }
+    field("profile", s.profile.clone());
+    field(
+        "size",
+        format!(
+            "{} cores, {} MiB memory, {} GiB disk",
+            s.cores, s.memory_mb, s.disk_gb
+        ),
+    );
+    field("keepalive", s.keepalive.to_string());
+    field("lease until", timestamp(s.lease_expires_at_ms));
+    field("created", timestamp(s.created_at_ms));
+    field("updated", timestamp(s.updated_at_ms));
+    if let Some(at) = s.destroyed_at_ms {
+        field("destroyed", timestamp(at));
+    }
+    if let Some(error) = &s.error {
+        field("error", error.clone());
+    }
+    out
+}
+
+pub fn artifact_list(artifacts: &[Artifact]) -> String {
+    if artifacts.is_empty() {
+        return "no artifacts\n".into();
+    }
+    let rows: Vec<Vec<String>> = artifacts
+        .iter()
+        .map(|a| vec![a.path.clone(), a.size.to_string(), a.sha256.clone()])
+        .collect();
+    table(&["PATH", "SIZE", "SHA256"], &rows)
+}
+
+/// `GET /v1/status`; fields are optional so an older or newer daemon still prints.
+#[derive(Debug, Default, Deserialize)]
+pub struct DaemonStatus {
+    pub version: Option<String>,
+    pub backend: Option<String>,
+    pub uptime_seconds: Option<f64>,
+    #[serde(default)]
+    pub jobs: std::collections::BTreeMap<String, u64>,
+    #[serde(default)]
+    pub sandboxes: std::collections::BTreeMap<String, u64>,
+    pub queue_length: Option<u64>,
+    pub shutting_down: Option<bool>,
+}
+
+pub fn status(s: &DaemonStatus) -> String {
+    let counts = |m: &std::collections::BTreeMap<String, u64>| {
+        if m.is_empty() {
+            "none".to_owned()
+        } else {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let mut out = String::new();
+    let _ = writeln!(out, "version:      {}", opt(&s.version));
+    let _ = writeln!(out, "backend:      {}", opt(&s.backend));
+    let _ = writeln!(
+        out,
+        "uptime:       {}",
+        s.uptime_seconds.map_or_else(|| "-".into(), duration)
+    );
+    let _ = writeln!(out, "queue:        {}", opt(&s.queue_length));
+    let _ = writeln!(out, "jobs:         {}", counts(&s.jobs));
+    let _ = writeln!(out, "sandboxes:    {}", counts(&s.sandboxes));
+    if s.shutting_down == Some(true) {
+        let _ = writeln!(out, "shutting down: yes");
+    }
+    out
+}
+
+/// Profiles have no fixed schema in the API, so show `name` first and then every scalar field
+/// any profile has, in the order first seen.
+pub fn profiles(profiles: &[Value]) -> String {
+    if profiles.is_empty() {
+        return "no profiles\n".into();
+    }
+    let mut columns: Vec<String> = vec!["name".into()];
+    for p in profiles {
+        if let Some(obj) = p.as_object() {
+            for (k, v) in obj {
+                let scalar = !(v.is_object() || v.is_array());
+                if scalar && !columns.contains(k) {
+                    columns.push(k.clone());
+                }
+            }
+        }
+    }
+    let rows: Vec<Vec<String>> = profiles
+        .iter()
+        .map(|p| {
+            columns
+                .iter()
+                .map(|c| match p.get(c) {
+                    None | Some(Value::Null) => "-".into(),
+                    Some(Value::String(s)) => clip(s, 60),
+                    Some(v) => v.to_string(),
+                })
+                .collect()
+        })
+        .collect();
+    let header: Vec<String> = columns.iter().map(|c| c.to_uppercase()).collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    table(&header, &rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{JobStatus, Phase};
+
+    fn job() -> Job {
+        Job {
+            id: "0199aa".into(),
+            profile: "small".into(),
+            task: "fix the\nbug".into(),
+            command: None,
+            repo: Some("/srv/repo".into()),
+            git_ref: Some("main".into()),
+            env_keys: vec!["API_KEY".into()],
+            artifacts: vec!["out/**".into()],
+            status: JobStatus::Failed,
+            phase: None,
+            sandbox_id: None,
+            exit_code: Some(2),
+            error: Some("command exited with 2".into()),
+            restarts: 0,
+            created_at_ms: 1_700_000_000_000,
+            started_at_ms: Some(1_700_000_001_000),
+            finished_at_ms: Some(1_700_000_075_000),
+            deadline_at_ms: None,
+            queue_position: None,
+            phases: vec![
+                PhaseRun {
+                    phase: Phase::Clone,
+                    started_at_ms: 1_700_000_001_000,
+                    ended_at_ms: Some(1_700_000_002_200),
+                    duration_seconds: Some(1.2),
+                    result: Some("ok".into()),
+                },
+                PhaseRun {
+                    phase: Phase::Run,
+                    started_at_ms: 1_700_000_002_200,
+                    ended_at_ms: None,
+                    duration_seconds: None,
+                    result: None,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn durations_read_naturally() {
+        assert_eq!(duration(0.04), "0.0s");
+        assert_eq!(duration(1.25), "1.2s");
+        assert_eq!(duration(59.94), "59.9s");
+        assert_eq!(duration(123.0), "2m03s");
+        assert_eq!(duration(3720.0), "1h02m");
+        assert_eq!(duration(-1.0), "-");
+        assert_eq!(age(0, 90_000), "1m ago");
+        assert_eq!(timestamp(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let t = table(
+            &["A", "BB", "C"],
+            &[vec!["long-cell".into(), "x".into(), "last".into()]],
+        );
+        assert_eq!(t, "A          BB  C\nlong-cell  x   last\n");
+    }
+
+    #[test]
+    fn job_views_show_what_matters() {
+        let list = job_list(&[job()], 1_700_000_100_000);
+        assert!(list.starts_with("ID"), "{list}");
+        assert!(list.contains("0199aa  FAILED"), "{list}");
+        assert!(list.contains("fix the bug"), "{list}");
+
+        let detail = job_detail(&job());
+        assert!(detail.contains("status:       FAILED"), "{detail}");
+        assert!(
+            detail.contains("repo:         /srv/repo @ main"),
+            "{detail}"
+        );
+        assert!(detail.contains("exit code:    2"), "{detail}");
+        assert!(detail.contains("took:         1m15s"), "{detail}");
+        assert!(detail.contains("clone  1.2s      ok"), "{detail}");
+        assert!(detail.contains("run    running"), "{detail}");
+
+        let summary = job_summary(&job());
+        assert!(
+            summary.starts_with(
+                "job 0199aa FAILED, exit code 2, 1m15s in all\nerror: command exited with 2\n"
+            ),
+            "{summary}"
+        );
+    }
+
+    #[test]
+    fn profiles_show_scalar_fields() {
+        let p = vec![
+            serde_json::json!({"name": "small", "cores": 2, "image": "ubuntu"}),
+            serde_json::json!({"name": "big", "cores": 8, "tags": ["x"]}),
+        ];
+        let t = profiles(&p);
+        assert_eq!(
+            t,
+            "NAME   CORES  IMAGE\nsmall  2      ubuntu\nbig    8      -\n"
+        );
+    }
+
+    #[test]
+    fn status_lists_counts() {
+        let s: DaemonStatus = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "backend": "qemu", "uptime_seconds": 75,
+            "jobs": {"RUNNING": 2, "QUEUED": 1}, "sandboxes": {}, "queue_length": 1,
+            "shutting_down": false
+        }))
+        .unwrap();
+        let text = status(&s);
+        assert!(text.contains("jobs:         QUEUED 1, RUNNING 2"), "{text}");
+        assert!(text.contains("uptime:       1m15s"), "{text}");
+        assert!(!text.contains("shutting"), "{text}");
+    }
+}
