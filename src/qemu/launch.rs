@@ -96,7 +96,9 @@ impl LaunchPlan<'_> {
 
     /// User-mode networking. The guest endpoint is a `guestfwd` whose `cmd:` form starts one
     /// socat per guest connection; the `tcp:` form connects once at start-up and serves a single
-    /// connection, which is not enough for a runner making many HTTP requests.
+    /// connection, which is not enough for a runner making many HTTP requests. socat's stderr is
+    /// the guest connection too, so `-lf /dev/null` keeps its error messages (listener down, say)
+    /// from reaching the guest as if they were the HTTP reply.
     fn netdev(&self) -> String {
         let target = match self.guest_endpoint {
             SocketAddr::V4(addr) => format!("TCP4:{}:{}", addr.ip(), addr.port()),
@@ -107,7 +109,8 @@ impl LaunchPlan<'_> {
             NetworkMode::Egress => "",
         };
         format!(
-            "user,id=net0{restrict},guestfwd=tcp:{GUEST_ENDPOINT_IN_GUEST}-cmd:{} STDIO {target}",
+            "user,id=net0{restrict},guestfwd=tcp:{GUEST_ENDPOINT_IN_GUEST}-cmd:{} -lf /dev/null \
+             STDIO {target}",
             display(self.socat_binary)
         )
     }
@@ -214,7 +217,7 @@ mod tests {
         let args = args(NetworkMode::Restricted, "127.0.0.1:8848");
         assert_eq!(
             after(&args, "-netdev"),
-            ["user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP4:127.0.0.1:8848"]
+            ["user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat -lf /dev/null STDIO TCP4:127.0.0.1:8848"]
         );
     }
 
@@ -223,7 +226,7 @@ mod tests {
         let args = args(NetworkMode::Egress, "[::1]:8848");
         assert_eq!(
             after(&args, "-netdev"),
-            ["user,id=net0,guestfwd=tcp:10.0.2.100:80-cmd:socat STDIO TCP6:[::1]:8848"]
+            ["user,id=net0,guestfwd=tcp:10.0.2.100:80-cmd:socat -lf /dev/null STDIO TCP6:[::1]:8848"]
         );
     }
 

@@ -359,6 +359,59 @@ phone_home:
         assert!(render("Sandbox_1", &spec()).is_err());
     }
 
+    /// The guest image's own YAML reader (guest-image/, busybox awk) reads what we write.
+    #[test]
+    fn the_guest_image_parser_reads_the_user_data() {
+        let parser = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("guest-image/rootfs/usr/libexec/agentlab/yaml2tree.awk");
+        let dir = tempfile::tempdir().unwrap();
+        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        for (name, text) in [
+            ("user-data", &files.user_data),
+            ("meta-data", &files.meta_data),
+        ] {
+            let input = dir.path().join(name);
+            std::fs::write(&input, text).unwrap();
+            let out = dir.path().join(format!("{name}.tree"));
+            let run = std::process::Command::new("busybox")
+                .arg("awk")
+                .arg("-v")
+                .arg(format!("out={}", out.display()))
+                .arg("-f")
+                .arg(&parser)
+                .arg(&input)
+                .output()
+                .expect("busybox (busybox-static, see scripts/install-deps.sh) runs the parser");
+            assert!(
+                run.status.success() && run.stderr.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+        let read = |path: &str| {
+            std::fs::read_to_string(dir.path().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        assert_eq!(read("user-data.tree/hostname"), "sandbox-0123456789ab");
+        assert_eq!(read("user-data.tree/write_files/0000/path"), BOOTSTRAP_PATH);
+        assert_eq!(read("user-data.tree/write_files/0000/permissions"), "0600");
+        assert_eq!(
+            read("user-data.tree/write_files/0000/content"),
+            "{\"url\":\"http://10.0.2.100\",\"token\":\"BOOTTOKEN456\"}\n"
+        );
+        assert_eq!(
+            read("user-data.tree/phone_home/url"),
+            "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123"
+        );
+        assert_eq!(read("user-data.tree/phone_home/post/0000"), "instance_id");
+        assert_eq!(read("user-data.tree/phone_home/post/0001"), "hostname");
+        assert_eq!(read("user-data.tree/phone_home/tries"), "10");
+        assert_eq!(read("meta-data.tree/instance-id"), "sandbox-0123456789ab");
+        assert_eq!(
+            read("meta-data.tree/local-hostname"),
+            "sandbox-0123456789ab"
+        );
+    }
+
     #[tokio::test]
     async fn writes_a_cidata_vfat_image() {
         let dir = tempfile::tempdir().unwrap();
