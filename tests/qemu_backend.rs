@@ -198,7 +198,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     let dir = PathBuf::from(&vm.vm_ref);
     assert_eq!(dir, root.path().join("sandboxes/sandbox-full01"));
     assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
-    assert_eq!(backend.list_vms().await.unwrap(), [vm.clone()]);
+    assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
 
     let started = Instant::now();
     backend.start_vm(&vm).await.unwrap();
@@ -263,6 +263,16 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     );
     assert!(request.contains("instance_id=sandbox-full01"), "{request}");
     assert!(request.contains("hostname=sandbox-full01"), "{request}");
+
+    // write_files ran before phone_home: the runner's bootstrap file is there, private.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "test \"$(stat -c %a /etc/agentlab/bootstrap.json)\" = 600 && \
+         grep -q '\"token\":\"boot-job-full01\"' /etc/agentlab/bootstrap.json",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
 
     // guestfwd's cmd: form serves one connection after another, not just the first.
     let status = run_in_guest(
@@ -341,7 +351,10 @@ async fn egress_vm_reaches_the_host_and_outlives_its_backend() {
     // drive and destroy it.
     drop(backend);
     let restarted = self::backend(root.path(), &images, endpoint);
-    assert_eq!(restarted.list_vms().await.unwrap(), [vm.clone()]);
+    assert_eq!(
+        restarted.list_vms().await.unwrap(),
+        std::slice::from_ref(&vm)
+    );
     assert_eq!(restarted.vm_state(&vm).await.unwrap(), VmState::Running);
     restarted.agent_ping(&vm).await.unwrap();
     restarted.start_vm(&vm).await.unwrap();

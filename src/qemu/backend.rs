@@ -810,7 +810,7 @@ mod tests {
         std::fs::create_dir_all(sandboxes.join("sandbox-none")).unwrap();
         std::fs::create_dir_all(sandboxes.join("not-ours")).unwrap();
         std::fs::create_dir_all(sandboxes.join(".kvm-probe")).unwrap();
-        assert_eq!(backend.list_vms().await.unwrap(), [vm.clone()]);
+        assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
         assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
         assert!(backend.start_vm(&vm).await.is_err());
         backend.destroy_vm(&vm).await.unwrap();
