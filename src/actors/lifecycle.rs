@@ -177,11 +177,11 @@ impl Lifecycle {
             let pending = self.svc.store.call(move |s| s.pending_outcome(&id)).await?;
             pending.map_or_else(
                 || Verdict::error(JobStatus::Failed, "interrupted during destroy".into()),
-                |(status, exit_code, error)| Verdict {
-                    status,
-                    exit_code,
-                    error,
-                    command_finished: status == JobStatus::Completed,
+                |pending| Verdict {
+                    command_finished: pending.status == JobStatus::Completed,
+                    status: pending.status,
+                    exit_code: pending.exit_code,
+                    error: pending.error,
                 },
             )
         } else {

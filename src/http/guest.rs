@@ -2,7 +2,6 @@
 //! one job. Nothing a guest sends is trusted: paths are confined to the job's artifact folder,
 //! sizes are capped, and tokens are never logged.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -11,7 +10,7 @@ use std::time::Duration;
 use actix_web::web::Bytes;
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
@@ -23,6 +22,7 @@ use super::ApiState;
 use crate::backend::GuestSink;
 use crate::model::{now_ms, Artifact};
 use crate::paths::join_confined;
+use crate::runner::spec::{JobSpec, RepoSpec};
 use crate::store::TokenKind;
 
 /// Where the runner checks the repo out, inside the guest.
@@ -78,35 +78,6 @@ async fn phone_home(
     Ok(HttpResponse::Ok().finish())
 }
 
-#[derive(Debug, Serialize)]
-#[serde(tag = "kind", rename_all = "lowercase")]
-enum GuestRepo {
-    Bundle {
-        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        git_ref: Option<String>,
-    },
-    Url {
-        url: String,
-        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        git_ref: Option<String>,
-    },
-}
-
-/// What the runner receives for its job (see docs/api.md).
-#[derive(Debug, Serialize)]
-struct GuestJobSpec {
-    job_id: String,
-    session_token: String,
-    task: String,
-    command: String,
-    repo: Option<GuestRepo>,
-    env: BTreeMap<String, String>,
-    artifacts: Vec<String>,
-    run_timeout_seconds: u64,
-    max_artifact_bytes: u64,
-    workdir: &'static str,
-}
-
 async fn bootstrap(state: web::Data<ApiState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let job_id = redeem(&state, bearer(&req), TokenKind::Bootstrap).await?;
     let ttl_ms = i64::try_from(state.svc.config.token_ttl().as_millis()).unwrap_or(i64::MAX);
@@ -132,17 +103,17 @@ async fn bootstrap(state: web::Data<ApiState>, req: HttpRequest) -> Result<HttpR
     }
     let repo = request.repo.clone().map(|repo| {
         if is_remote_repo(&repo) {
-            GuestRepo::Url {
+            RepoSpec::Url {
                 url: repo,
                 git_ref: request.git_ref.clone(),
             }
         } else {
-            GuestRepo::Bundle {
+            RepoSpec::Bundle {
                 git_ref: request.git_ref.clone(),
             }
         }
     });
-    let spec = GuestJobSpec {
+    let spec = JobSpec {
         job_id: job_id.clone(),
         session_token,
         task: request.task,
@@ -152,7 +123,7 @@ async fn bootstrap(state: web::Data<ApiState>, req: HttpRequest) -> Result<HttpR
         artifacts: request.artifacts.unwrap_or(profile.artifacts),
         run_timeout_seconds: run_limit + RUNNER_TIMEOUT_SLACK_SECONDS,
         max_artifact_bytes: state.svc.config.artifact_max_bytes,
-        workdir: GUEST_WORKDIR,
+        workdir: PathBuf::from(GUEST_WORKDIR),
     };
     tracing::info!(job = %job_id, "guest redeemed its bootstrap token");
     Ok(HttpResponse::Ok().json(spec))
