@@ -30,7 +30,7 @@ cat > "$demo/config.yaml" <<YAML
 data_dir: $demo/data
 socket_path: $demo/agentlabd.sock
 metrics_listen: 127.0.0.1:0
-guest_listen: 127.0.0.1:0
+guest_listen: 127.0.0.1:18848
 profiles_dir: $root/profiles
 tuning_dir: $demo/tuning
 backend: qemu

@@ -21,6 +21,7 @@ use crate::config::tuning::{Tuning, TuningHandle};
 use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
 use crate::metrics::{Metrics, MetricsError};
+use crate::qemu::{QemuBackend, QemuDirs};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,12 +85,11 @@ pub enum BuiltBackend {
     Other(SharedBackend),
 }
 
-fn build_backend(
+async fn build_backend(
     config: &Config,
     guest_addr: std::net::SocketAddr,
     sink: Arc<dyn GuestSink>,
 ) -> Result<BuiltBackend, DaemonError> {
-    let _ = guest_addr;
     match config.backend {
         BackendKind::Fake => {
             tracing::warn!(
@@ -100,10 +100,21 @@ fn build_backend(
                 sink,
             )?)))
         }
-        other => Err(DaemonError::Unsupported(format!(
-            "backend `{}` is not available in this build",
-            other.as_str()
-        ))),
+        BackendKind::Qemu => {
+            if config.guest_listen.port() == 0 {
+                tracing::warn!(
+                    "guest_listen asks for any port: VMs still running after a restart cannot reach \
+                     the daemon again; set a fixed port"
+                );
+            }
+            let dirs = QemuDirs::resolve(&config.qemu, &config.data_dir);
+            let backend = QemuBackend::new(config.qemu.clone(), dirs, guest_addr)?;
+            backend.preflight().await?;
+            Ok(BuiltBackend::Other(Arc::new(backend)))
+        }
+        BackendKind::Pve => Err(DaemonError::Unsupported(
+            "backend `pve` is not available in this build".to_owned(),
+        )),
     }
 }
 
@@ -182,7 +193,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             context: "reading the guest API's address".into(),
             source,
         })?;
-    let built = build_backend(&config, guest_addr, Arc::clone(&reports))?;
+    let built = build_backend(&config, guest_addr, Arc::clone(&reports)).await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
