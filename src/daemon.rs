@@ -22,6 +22,7 @@ use crate::config::tuning::{Tuning, TuningHandle};
 use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
 use crate::metrics::{Metrics, MetricsError};
+use crate::qemu::{QemuBackend, QemuDirs};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +86,11 @@ pub enum BuiltBackend {
     Other(SharedBackend),
 }
 
-fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
+async fn build_backend(
+    config: &Config,
+    guest_addr: std::net::SocketAddr,
+    sink: Arc<dyn GuestSink>,
+) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
         BackendKind::Fake => {
             tracing::warn!(
@@ -96,10 +101,21 @@ fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBacke
                 sink,
             )?)))
         }
-        other => Err(DaemonError::Unsupported(format!(
-            "backend `{}` is not available in this build",
-            other.as_str()
-        ))),
+        BackendKind::Qemu => {
+            if config.guest_listen.port() == 0 {
+                tracing::warn!(
+                    "guest_listen asks for any port: VMs still running after a restart cannot reach \
+                     the daemon again; set a fixed port"
+                );
+            }
+            let dirs = QemuDirs::resolve(&config.qemu, &config.data_dir);
+            let backend = QemuBackend::new(config.qemu.clone(), dirs, guest_addr)?;
+            backend.preflight().await?;
+            Ok(BuiltBackend::Other(Arc::new(backend)))
+        }
+        BackendKind::Pve => Err(DaemonError::Unsupported(
+            "backend `pve` is not available in this build".to_owned(),
+        )),
     }
 }
 
@@ -172,12 +188,19 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         store: store.clone(),
         hub: Arc::clone(&hub),
     });
-    let built = build_backend(&config, Arc::clone(&reports))?;
+    let guest_listener = crate::http::bind_guest(config.guest_listen)?;
+    let guest_addr = guest_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Io {
+            context: "reading the guest API's address".into(),
+            source,
+        })?;
+    let built = build_backend(&config, guest_addr, Arc::clone(&reports)).await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
     };
-    let guest_url = config.resolved_guest_url();
+    let guest_url = config.resolved_guest_url(guest_addr);
     let config = Arc::new(config);
     let svc = Arc::new(Services {
         config: Arc::clone(&config),
@@ -205,10 +228,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         started,
         shutting_down: Arc::clone(&shutting_down),
     });
-    let servers = crate::http::start(&state)?;
+    let servers = crate::http::start(&state, guest_listener)?;
     tracing::info!(
         socket = %config.socket_path.display(),
-        guest = %config.guest_listen,
+        guest = %guest_addr,
         backend = svc.backend.kind().as_str(),
         startup_ms = started.elapsed().as_millis() as u64,
         "agentlabd ready"

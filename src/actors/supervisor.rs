@@ -94,8 +94,12 @@ impl Supervisor {
         self
     }
 
+    /// Starts the one actor a job may have. Admission and the reconciler can both find the same
+    /// job RUNNING without an actor (admission marks it in the store before spawning), so a job
+    /// that already has a live actor is left alone; only a restart waiting out its backoff respawns.
     fn spawn_actor(&mut self, job_id: String, ctx: &mut Context<Self>) {
         let signals = match self.running.get_mut(&job_id) {
+            Some(entry) if !entry.restarting => return,
             Some(entry) => {
                 entry.restarting = false;
                 Arc::clone(&entry.signals)
@@ -288,13 +292,17 @@ async fn admission_round(
         .iter()
         .map(|job| Candidate {
             job_id: job.id.clone(),
-            demand: profiles.get(&job.profile).map(Demand::of),
+            demand: profiles
+                .get(&job.profile)
+                .map(|p| crate::governor::effective(svc.backend.as_ref(), Demand::of(p))),
         })
         .collect();
     let answer = match governor {
         Some(governor) => {
             let ask = Ask {
-                committed: crate::governor::tally(&view.holdings, &profiles),
+                committed: crate::governor::tally(&view.holdings, &profiles, |d| {
+                    crate::governor::effective(svc.backend.as_ref(), d)
+                }),
                 head: head.clone(),
                 free,
                 queue_length: view.queue_length,

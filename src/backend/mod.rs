@@ -163,6 +163,12 @@ impl BackendError {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> BackendKind;
 
+    /// The vCPUs and memory (MB) a VM asked to have `cores` and `memory_mb` really gets here: a
+    /// backend may clamp a profile's size to the host. The ResourceGovernor budgets with this.
+    fn effective_size(&self, cores: u32, memory_mb: u64) -> (u32, u64) {
+        (cores, memory_mb)
+    }
+
     /// Creates the VM (linked clone, cloud-init seed, resources) without starting it.
     async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError>;
 

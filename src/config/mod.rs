@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backend::fake::FakeConfig;
 use crate::backend::BackendKind;
+use crate::qemu::QemuConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -125,6 +126,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub fake: FakeConfig,
+    /// The local QEMU backend (`backend: qemu`).
+    pub qemu: QemuConfig,
 }
 
 impl Default for Config {
@@ -151,6 +154,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
             fake: FakeConfig::default(),
+            qemu: QemuConfig::default(),
         }
     }
 }
@@ -182,9 +186,14 @@ impl Config {
                 *dir = base.join(&*dir);
             }
         }
-        if let Some(state) = config.fake.state_file.as_mut() {
-            if state.is_relative() {
-                *state = base.join(&*state);
+        let optional_paths = [
+            config.fake.state_file.as_mut(),
+            config.qemu.images_dir.as_mut(),
+            config.qemu.sandboxes_dir.as_mut(),
+        ];
+        for path in optional_paths.into_iter().flatten() {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         config.validate(path)?;
@@ -246,11 +255,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn resolved_guest_url(&self) -> String {
+    /// `bound` is where the guest API actually listens (`guest_listen` may ask for port 0).
+    pub fn resolved_guest_url(&self, bound: SocketAddr) -> String {
         match (&self.guest_url, self.backend) {
             (Some(url), _) => url.trim_end_matches('/').to_owned(),
-            (None, BackendKind::Qemu) => "http://10.0.2.100".to_owned(),
-            (None, _) => format!("http://{}", self.guest_listen),
+            (None, BackendKind::Qemu) => crate::qemu::GUEST_URL.to_owned(),
+            (None, _) => format!("http://{bound}"),
         }
     }
 

@@ -8,13 +8,15 @@ pub mod readings;
 pub mod sampler;
 pub mod status;
 
+use crate::backend::Backend;
 use crate::config::profile::Profiles;
 use crate::store::Holding;
 use policy::{Committed, Demand};
 
 /// Adds up what live sandboxes (and admitted jobs not holding one yet) hold. A sandbox row carries
-/// its own resources; an admitted job without one is counted at its profile's size.
-pub fn tally(holdings: &[Holding], profiles: &Profiles) -> Committed {
+/// its own resources; an admitted job without one is counted at its profile's size. `size` turns
+/// a requested size into what the backend really allocates (see `Backend::effective_size`).
+pub fn tally(holdings: &[Holding], profiles: &Profiles, size: impl Fn(Demand) -> Demand) -> Committed {
     let mut committed = Committed::default();
     for holding in holdings {
         let demand = match holding.resources {
@@ -28,7 +30,17 @@ pub fn tally(holdings: &[Holding], profiles: &Profiles) -> Committed {
                 .map(Demand::of)
                 .unwrap_or_default(),
         };
-        committed.add(&demand, holding.booting);
+        committed.add(&size(demand), holding.booting);
     }
     committed
+}
+
+/// A backend's view of a requested size: what the VM really gets.
+pub fn effective(backend: &dyn Backend, demand: Demand) -> Demand {
+    let (vcpus, memory_mb) = backend.effective_size(demand.vcpus, demand.memory_mb);
+    Demand {
+        vcpus,
+        memory_mb,
+        ..demand
+    }
 }

@@ -18,7 +18,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
 /// The governor's state, with what live sandboxes hold tallied afresh from the store.
 async fn governor_status(state: &ApiState) -> Result<GovernorStatus, ApiError> {
     let holdings = state.svc.store.call(|s| s.holdings()).await?;
-    let committed = crate::governor::tally(&holdings, &state.svc.profiles());
+    let backend = state.svc.backend.as_ref();
+    let committed = crate::governor::tally(&holdings, &state.svc.profiles(), |d| {
+        crate::governor::effective(backend, d)
+    });
     state
         .governor
         .send(GetStatus {

@@ -17,6 +17,14 @@ pub struct NewJob {
     pub deadline_ms: Option<i64>,
 }
 
+/// The verdict a job ends with once its VM is torn down, recorded before the teardown starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingOutcome {
+    pub status: JobStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
+}
+
 /// What the guest has reported so far for a job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestProgress {
@@ -345,11 +353,8 @@ impl Store {
         Ok(())
     }
 
-    /// The outcome recorded by `set_pending_outcome`, if any: (status, exit code, error).
-    pub fn pending_outcome(
-        &self,
-        id: &str,
-    ) -> Result<Option<(JobStatus, Option<i32>, Option<String>)>, StoreError> {
+    /// The outcome recorded by `set_pending_outcome`, if any.
+    pub fn pending_outcome(&self, id: &str) -> Result<Option<PendingOutcome>, StoreError> {
         let conn = self.conn();
         let row: Option<(Option<String>, Option<i32>, Option<String>)> = conn
             .query_row(
@@ -359,9 +364,11 @@ impl Store {
             )
             .optional()?;
         match row {
-            Some((Some(status), exit_code, error)) => {
-                Ok(Some((parse_column("jobs", &status)?, exit_code, error)))
-            }
+            Some((Some(status), exit_code, error)) => Ok(Some(PendingOutcome {
+                status: parse_column("jobs", &status)?,
+                exit_code,
+                error,
+            })),
             _ => Ok(None),
         }
     }

@@ -20,7 +20,7 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 pub use admission::{AdmissionView, Holding, QueuedJob};
-pub use jobs::{GuestProgress, NewJob};
+pub use jobs::{GuestProgress, NewJob, PendingOutcome};
 pub use tokens::TokenKind;
 
 #[derive(Debug, thiserror::Error)]
