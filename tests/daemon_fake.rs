@@ -215,3 +215,96 @@ fn sigterm_suspends_a_running_job_and_the_next_start_takes_it_up() {
     let vms: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
     assert!(vms.as_object().unwrap().is_empty());
 }
+
+#[test]
+fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
+    let tuning = dir.path().join("tuning/default.yaml");
+    // No host keeps 99.9% of its disk free: the disk rule holds every job.
+    let strict = common::daemon::test_tuning()
+        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
+    assert_ne!(strict, common::daemon::test_tuning());
+    std::fs::write(&tuning, &strict).unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    let governor = |d: &Daemon| d.get("/v1/governor").1;
+    let mut answer = governor(&daemon);
+    for _ in 0..100 {
+        if answer["queue"]["waiting"]["reason"] == "disk" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        answer = governor(&daemon);
+    }
+    assert_eq!(answer["enabled"], true, "{answer}");
+    assert_eq!(answer["queue"]["head"], id.as_str(), "{answer}");
+    assert_eq!(answer["queue"]["length"], 1);
+    assert_eq!(answer["queue"]["waiting"]["reason"], "disk", "{answer}");
+    assert!(answer["queue"]["waiting"]["detail"]
+        .as_str()
+        .unwrap()
+        .contains("99.9%"));
+    assert!(answer["readings"]["cpu"]["logical_cpus"].as_u64().unwrap() > 0);
+    assert!(
+        answer["readings"]["memory"]["total_bytes"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert!(answer["budgets"]["vcpus"].as_u64().unwrap() > 0);
+    assert!(answer["sampled_at_ms"].as_i64().is_some());
+    let source = answer["pressure_source"].as_str().unwrap();
+    assert!(
+        source == "psi" || source.starts_with("PSI unavailable"),
+        "{source}"
+    );
+    assert!(answer["cost"]["samples"].as_u64().unwrap() >= 1);
+    assert_eq!(daemon.job(&id)["queue_position"], 1);
+    assert_eq!(
+        daemon.get("/v1/status").1["governor"]["queue"]["head"],
+        id.as_str()
+    );
+
+    let cli = std::process::Command::new(env!("CARGO_BIN_EXE_agentlab"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .arg("status")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&cli.stdout);
+    assert!(text.contains("governor:     on"), "{text}");
+    assert!(text.contains(&format!("the head {id} waits")), "{text}");
+    assert!(text.contains("for disk: storage:"), "{text}");
+
+    std::fs::write(&tuning, common::daemon::test_tuning()).unwrap();
+    daemon.signal("HUP");
+    let job = daemon.wait_terminal(&id, Duration::from_secs(30));
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    assert!(governor(&daemon)["queue"]["waiting"].is_null());
+}
+
+#[test]
+fn a_full_queue_answers_429_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
+    let tuning = common::daemon::test_tuning()
+        .replace("queue_max: 1000", "queue_max: 1")
+        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
+    std::fs::write(dir.path().join("tuning/default.yaml"), tuning).unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    let (status, answer) =
+        daemon.post_json("/v1/jobs", &json!({"profile": "balanced", "task": "y"}));
+    assert_eq!(
+        (status, error_code(&answer)),
+        (429, "queue_full"),
+        "{answer}"
+    );
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("the queue is full: 1 job waiting")
+            && message.contains("admission.queue_max"),
+        "{message}"
+    );
+}

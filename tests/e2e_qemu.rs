@@ -29,10 +29,10 @@ fn images() -> PathBuf {
 
 /// Starts the daemon on the QEMU backend with `tuning` as its tuning file. These tests are about
 /// the lifecycle, not admission: the governor's disk rule is off, since the machine running them
-/// may have less than 20% of its disk free (the test VMs' disks are thin and tiny).
+/// may not have a profile's 30 GB free (the test VMs' qcow2 overlays are thin and tiny).
 fn daemon(dir: &Path, tuning: &str, extra: &str) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
-    let tuning = format!("{tuning}governor: {{budget: {{disk_min_free_percent: 0}}}}\n");
+    let tuning = format!("{tuning}governor: {{budget: {{disk_min_free_percent: null}}}}\n");
     std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
     let qemu = format!(
         "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",

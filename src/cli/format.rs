@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::governor::status::GovernorStatus;
 use crate::model::{Artifact, Job, PhaseRun, Sandbox};
 
 /// `1.2s`, `2m03s`, `1h02m`.
@@ -321,6 +322,8 @@ pub struct DaemonStatus {
     pub sandboxes: std::collections::BTreeMap<String, u64>,
     pub queue_length: Option<u64>,
     pub shutting_down: Option<bool>,
+    /// `GET /v1/governor`'s answer; kept loose so a daemon of another version still prints.
+    pub governor: Option<Value>,
 }
 
 pub fn status(s: &DaemonStatus) -> String {
@@ -348,6 +351,167 @@ pub fn status(s: &DaemonStatus) -> String {
     if s.shutting_down == Some(true) {
         let _ = writeln!(out, "shutting down: yes");
     }
+    if let Some(governor) = s
+        .governor
+        .clone()
+        .and_then(|v| serde_json::from_value::<GovernorStatus>(v).ok())
+    {
+        out.push_str(&governor_view(&governor, now_ms()));
+    }
+    out
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / (1024.0 * 1024.0 * 1024.0))
+}
+
+/// The governor's state: readings, budgets, the boot cap, tripped signals, why the queue waits.
+pub fn governor_view(g: &GovernorStatus, now_ms: i64) -> String {
+    let mut out = String::new();
+    let sampled = g.sampled_at_ms.map_or_else(
+        || "no sample yet".to_owned(),
+        |at| format!("sampled {}", age(at, now_ms)),
+    );
+    let _ = writeln!(
+        out,
+        "governor:     {} ({sampled}, every {})",
+        if g.enabled {
+            "on"
+        } else {
+            "OFF (admission by max_concurrent only)"
+        },
+        duration(g.sample_interval_ms as f64 / 1000.0)
+    );
+    if let Some(r) = &g.readings {
+        let l = r.cpu.load_average;
+        let _ = writeln!(
+            out,
+            "  host:       {} cores ({} CPUs), CPU {:.0}%, load {:.2} {:.2} {:.2}, iowait {}",
+            r.cores(),
+            r.cpu.logical_cpus,
+            r.cpu.usage_percent,
+            l.one,
+            l.five,
+            l.fifteen,
+            r.iowait_percent
+                .map_or_else(|| "-".to_owned(), |w| format!("{w:.1}%"))
+        );
+        let _ = writeln!(
+            out,
+            "  memory:     {} available of {}, swap {} used",
+            gb(r.memory.available_bytes),
+            gb(r.memory.total_bytes),
+            gb(r.memory.swap_used_bytes)
+        );
+        match &r.pressure {
+            Some(p) => {
+                let stall = |s: &crate::governor::readings::Stall| match s.full_avg10 {
+                    Some(full) => format!("{:.1}/{full:.1}", s.some_avg10),
+                    None => format!("{:.1}/-", s.some_avg10),
+                };
+                let _ = writeln!(
+                    out,
+                    "  pressure:   cpu {}, io {}, memory {} (PSI some/full avg10, %)",
+                    stall(&p.cpu),
+                    stall(&p.io),
+                    stall(&p.memory)
+                );
+            }
+            None => {
+                let _ = writeln!(out, "  pressure:   {}", g.pressure_source);
+            }
+        }
+        if let (Some(disk), Some(free)) = (&r.disk, r.disk_free_percent()) {
+            let _ = writeln!(
+                out,
+                "  storage:    {} free of {} ({free:.0}%) at {}",
+                gb(disk.available_bytes),
+                gb(disk.total_bytes),
+                disk.path.display()
+            );
+        }
+    }
+    let c = &g.committed;
+    if let Some(b) = &g.budgets {
+        let _ = writeln!(
+            out,
+            "  budget:     memory {} of {} MB, vCPUs {} of {}, {} sandboxes ({} booting)",
+            b.memory_used_mb(c),
+            b.memory_mb,
+            c.vcpus,
+            b.vcpus,
+            c.sandboxes,
+            c.booting
+        );
+    }
+    let cap = &g.boot_cap;
+    let baseline = cap.baseline_seconds.map_or_else(
+        || "no baseline yet".to_owned(),
+        |s| format!("fastest recent {s:.1}s"),
+    );
+    let _ = writeln!(
+        out,
+        "  boot cap:   {} booting of {} (cap {:.2}, {}..{}); on time within {:.1}s ({baseline}); \
+         {} on time, {} slow, {} timed out",
+        cap.booting,
+        cap.limit,
+        cap.cap,
+        cap.min,
+        cap.max,
+        cap.on_time_seconds,
+        cap.on_time,
+        cap.slow,
+        cap.timeouts
+    );
+    let tripped: Vec<String> = g
+        .signals
+        .iter()
+        .filter(|s| s.tripped)
+        .map(|s| {
+            format!(
+                "{} {} (trip {}, clear {})",
+                s.signal.key(),
+                s.value
+                    .map_or_else(|| "-".to_owned(), |v| format!("{v:.1}")),
+                s.trip,
+                s.clear
+            )
+        })
+        .collect();
+    let _ = writeln!(
+        out,
+        "  signals:    {}",
+        if tripped.is_empty() {
+            "none tripped".to_owned()
+        } else {
+            format!("tripped: {}", tripped.join("; "))
+        }
+    );
+    let q = &g.queue;
+    let rate = q
+        .admissions_per_minute
+        .map_or_else(String::new, |r| format!(", {r:.1}/min lately"));
+    let _ = writeln!(out, "  admitted:   {}{rate}", q.admitted_total);
+    match (&q.head, &q.waiting) {
+        (Some(head), Some(w)) => {
+            let _ = writeln!(
+                out,
+                "  queue:      {} waiting; the head {head} waits ({}) for {}: {}",
+                q.length,
+                age(w.since_ms, now_ms).trim_end_matches(" ago"),
+                w.reason,
+                w.detail
+            );
+        }
+        _ => {
+            let _ = writeln!(out, "  queue:      {} waiting", q.length);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "  sampling:   {:.2} ms CPU per sample (mean of {})",
+        g.cost.mean_cpu_ms, g.cost.samples
+    );
     out
 }
 
@@ -504,5 +668,60 @@ mod tests {
         assert!(text.contains("jobs:         QUEUED 1, RUNNING 2"), "{text}");
         assert!(text.contains("uptime:       1m15s"), "{text}");
         assert!(!text.contains("shutting"), "{text}");
+    }
+
+    #[test]
+    fn the_governor_view_says_why_the_head_waits() {
+        let status = serde_json::json!({
+            "enabled": true, "sample_interval_ms": 1000, "sampled_at_ms": 1_000_000,
+            "readings": {
+                "cpu": {"physical_cores": 2, "logical_cpus": 2, "usage_percent": 63.0,
+                        "per_core_percent": [60.0, 66.0],
+                        "load_average": {"one": 3.9, "five": 4.5, "fifteen": 4.3}},
+                "memory": {"total_bytes": 25_274_793_984_u64, "available_bytes": 23_691_124_736_u64,
+                           "swap_total_bytes": 0, "swap_used_bytes": 0},
+                "iowait_percent": 0.5,
+                "pressure": null,
+                "disk": {"path": "/var/lib/agentlab", "total_bytes": 1_000_000_000_000_u64,
+                         "available_bytes": 500_000_000_000_u64},
+                "notes": ["PSI unavailable (no /proc/pressure)"]
+            },
+            "pressure_source": "PSI unavailable (no /proc/pressure); cpu falls back to the load average",
+            "signals": [{"signal": "load_per_core", "reason": "cpu", "value": 1.95, "trip": 2.0,
+                         "clear": 1.25, "tripped": true}],
+            "budgets": {"memory_mb": 20007, "sandbox_overhead_mb": 200, "vcpus": 4,
+                        "disk_keep_free_bytes": null, "disk_available_bytes": null},
+            "committed": {"sandboxes": 1, "vcpus": 1, "memory_mb": 384, "disk_gb": 4,
+                          "booting": 1, "booting_disk_gb": 4},
+            "boot_cap": {"cap": 1.5, "limit": 1, "booting": 1, "min": 1, "max": 3,
+                         "baseline_seconds": 4.8, "on_time_seconds": 9.6, "on_time": 3,
+                         "slow": 1, "timeouts": 0, "last": null},
+            "queue": {"length": 3, "head": "0199ab",
+                      "waiting": {"reason": "boot_cap", "detail": "1 sandboxes booting; the boot cap is 1",
+                                  "since_ms": 990_000},
+                      "admitted_total": 5, "admissions_per_minute": 6.0},
+            "cost": {"samples": 10, "last_cpu_ms": 0.5, "mean_cpu_ms": 0.6, "last_wall_ms": 0.7}
+        });
+        let status = DaemonStatus {
+            governor: Some(status.clone()),
+            ..DaemonStatus::default()
+        };
+        let g: GovernorStatus = serde_json::from_value(status.governor.clone().unwrap()).unwrap();
+        let text = governor_view(&g, 1_002_000);
+        for want in [
+            "governor:     on (sampled 2s ago, every 1.0s)",
+            "2 cores (2 CPUs), CPU 63%, load 3.90 4.50 4.30, iowait 0.5%",
+            "pressure:   PSI unavailable",
+            "budget:     memory 584 of 20007 MB, vCPUs 1 of 4, 1 sandboxes (1 booting)",
+            "boot cap:   1 booting of 1 (cap 1.50, 1..3); on time within 9.6s (fastest recent 4.8s)",
+            "tripped: load_per_core 1.9",
+            "queue:      3 waiting; the head 0199ab waits (12s) for boot_cap: 1 sandboxes booting",
+            "0.60 ms CPU per sample",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(self::status(&status).contains("governor:     on"));
+        // A daemon without a governor block still prints.
+        assert!(!self::status(&DaemonStatus::default()).contains("governor"));
     }
 }

@@ -45,8 +45,9 @@ pub struct Budget {
     pub sandbox_overhead_mb: u64,
     /// Committed vCPUs stay within physical cores × this.
     pub vcpus_per_core: f64,
-    /// The storage keeps this share free after a new sandbox's disk.
-    pub disk_min_free_percent: f64,
+    /// The storage keeps this share free after a new sandbox's disk. None (`null`): no disk rule,
+    /// for thin storage watched some other way.
+    pub disk_min_free_percent: Option<f64>,
     /// What a sandbox costs on disk beyond its profile's disk (metadata, logs).
     pub sandbox_disk_overhead_mb: u64,
 }
@@ -57,7 +58,7 @@ impl Default for Budget {
             memory_reserve_mb: 4096,
             sandbox_overhead_mb: 200,
             vcpus_per_core: 2.0,
-            disk_min_free_percent: 20.0,
+            disk_min_free_percent: Some(20.0),
             sandbox_disk_overhead_mb: 500,
         }
     }
@@ -267,7 +268,9 @@ impl GovernorTuning {
         if !(b.vcpus_per_core.is_finite() && b.vcpus_per_core > 0.0) {
             return bad("budget.vcpus_per_core", "must be above 0");
         }
-        if !(0.0..100.0).contains(&b.disk_min_free_percent) {
+        if b.disk_min_free_percent
+            .is_some_and(|p| !(0.0..100.0).contains(&p))
+        {
             return bad(
                 "budget.disk_min_free_percent",
                 "must be at least 0 and below 100",

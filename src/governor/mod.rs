@@ -16,7 +16,11 @@ use policy::{Committed, Demand};
 /// Adds up what live sandboxes (and admitted jobs not holding one yet) hold. A sandbox row carries
 /// its own resources; an admitted job without one is counted at its profile's size. `size` turns
 /// a requested size into what the backend really allocates (see `Backend::effective_size`).
-pub fn tally(holdings: &[Holding], profiles: &Profiles, size: impl Fn(Demand) -> Demand) -> Committed {
+pub fn tally(
+    holdings: &[Holding],
+    profiles: &Profiles,
+    size: impl Fn(Demand) -> Demand,
+) -> Committed {
     let mut committed = Committed::default();
     for holding in holdings {
         let demand = match holding.resources {

@@ -8,7 +8,7 @@
 //! 1. static budget: committed memory plus `sandbox_overhead_mb` per sandbox stays within physical
 //!    memory minus `memory_reserve_mb`; committed vCPUs stay within cores × `vcpus_per_core`; the
 //!    storage keeps `disk_min_free_percent` free after the new sandbox's disk and the disks of
-//!    sandboxes still booting (whose disks have not grown yet);
+//!    sandboxes still booting (whose disks have not grown yet), unless that is `null`;
 //! 2. the boot cap: sandboxes in clone/start/cloud_init/guest_agent stay below it;
 //! 3. dynamic signals with hysteresis (PSI, iowait, available memory; load average where PSI is
 //!    absent), which hold the queue only once `progress_floor` sandboxes are live.
@@ -152,7 +152,8 @@ impl Budgets {
             disk_keep_free_bytes: readings
                 .disk
                 .as_ref()
-                .map(|d| (d.total_bytes as f64 * b.disk_min_free_percent / 100.0) as u64),
+                .zip(b.disk_min_free_percent)
+                .map(|(d, percent)| (d.total_bytes as f64 * percent / 100.0) as u64),
             disk_available_bytes: readings.disk.as_ref().map(|d| d.available_bytes),
         }
     }
@@ -462,7 +463,7 @@ impl Policy {
                         gb_text(reserved),
                         gb_text(need),
                         gb_text(after),
-                        tuning.budget.disk_min_free_percent,
+                        tuning.budget.disk_min_free_percent.unwrap_or(0.0),
                         gb_text(keep)
                     ),
                 });
@@ -522,7 +523,7 @@ impl Policy {
 /// with `rate` admissions per second, it waits about `position / rate` seconds. It is doomed when
 /// that is at least `margin` times the `left_seconds` it has. Returns the predicted wait then.
 pub fn doomed(position: u64, left_seconds: f64, rate: f64, margin: f64) -> Option<f64> {
-    if !(rate > 0.0) || position == 0 {
+    if rate.is_nan() || rate <= 0.0 || position == 0 {
         return None;
     }
     let wait = position as f64 / rate;
@@ -696,7 +697,15 @@ mod tests {
             reasons(&decide(&t, &r, &Committed::default())),
             vec![Throttle::Disk]
         );
-        // Without a storage reading the rule does not apply.
+        // Turned off, or without a storage reading, the rule does not apply.
+        let off = GovernorTuning {
+            budget: Budget {
+                disk_min_free_percent: None,
+                ..Budget::default()
+            },
+            ..tuning()
+        };
+        assert_eq!(decide(&off, &r, &Committed::default()), Decision::Admit);
         r.disk = None;
         assert_eq!(decide(&t, &r, &Committed::default()), Decision::Admit);
     }

@@ -79,7 +79,9 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::QueueFull(n) => ApiError::QueueFull(format!(
-                "the queue is full ({n} jobs waiting); retry later or raise admission.queue_max"
+                "the queue is full: {n} job{} waiting, as many as admission.queue_max allows; \
+                 submit again once some have started",
+                if n == 1 { "" } else { "s" }
             )),
             other => ApiError::internal(other),
         }
