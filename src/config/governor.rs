@@ -125,6 +125,7 @@ impl Signals {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BootCapTuning {
+    /// Where the cap starts when the daemon starts.
     pub initial: f64,
     pub min: u32,
     pub max: u32,
@@ -146,7 +147,8 @@ pub struct BootCapTuning {
 impl Default for BootCapTuning {
     fn default() -> Self {
         BootCapTuning {
-            initial: 2.0,
+            // Slow start: the first boot measures the host before any two run together.
+            initial: 1.0,
             min: 1,
             max: 5,
             increase: 1.0,
