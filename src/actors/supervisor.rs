@@ -335,7 +335,11 @@ async fn admission_round(
     let (round, events) = svc
         .store
         .call(move |s| {
-            let mut round = Round::default();
+            let mut round = Round {
+                // Everything looked at was admitted: there may be more behind.
+                again: answer.admit.len() == head.len() && view.queue_length > head.len() as u64,
+                ..Round::default()
+            };
             let mut events = Vec::new();
             for id in answer.admit {
                 if let Some(event) = s.start_job(&id, &sandbox_name_for(&id))? {
