@@ -21,6 +21,7 @@ use crate::config::tuning::{Tuning, TuningHandle};
 use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
 use crate::metrics::{Metrics, MetricsError};
+use crate::pve::PveBackend;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,11 +85,30 @@ pub enum BuiltBackend {
     Other(SharedBackend),
 }
 
-fn build_backend(config: &Config, sink: Arc<dyn GuestSink>) -> Result<BuiltBackend, DaemonError> {
+async fn build_backend(
+    config: &Config,
+    profiles: &Profiles,
+    sink: Arc<dyn GuestSink>,
+) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
         BackendKind::Fake => {
-            tracing::warn!("running on the fake backend: no VMs are created (tests and benchmarks only)");
-            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(config.fake.clone(), sink)?)))
+            tracing::warn!(
+                "running on the fake backend: no VMs are created (tests and benchmarks only)"
+            );
+            Ok(BuiltBackend::Fake(Arc::new(FakeBackend::new(
+                config.fake.clone(),
+                sink,
+            )?)))
+        }
+        BackendKind::Pve => {
+            for warning in crate::pve::config::profile_warnings(&config.pve, profiles.all()) {
+                tracing::warn!("{warning}");
+            }
+            let backend =
+                PveBackend::with_duct(config.pve.clone(), config.proxmox_command_timeout)?;
+            let node = backend.preflight().await?;
+            tracing::info!(%node, snippets = %config.pve.snippets_dir.display(), bridge = %config.pve.bridge, "Proxmox VE backend ready");
+            Ok(BuiltBackend::Other(Arc::new(backend)))
         }
         other => Err(DaemonError::Unsupported(format!(
             "backend `{}` is not available in this build",
@@ -134,8 +154,14 @@ impl Started {
         notify_systemd(sd_notify::NotifyState::Stopping);
         self.shutting_down.store(true, Ordering::SeqCst);
         let grace = self.svc.config.shutdown_grace;
-        if tokio::time::timeout(grace, self.supervisor.send(Shutdown)).await.is_err() {
-            tracing::warn!(?grace, "some jobs did not reach a resumable point in time; they resume at the next start");
+        if tokio::time::timeout(grace, self.supervisor.send(Shutdown))
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?grace,
+                "some jobs did not reach a resumable point in time; they resume at the next start"
+            );
         }
         self.servers.stop().await;
         tracing::info!("agentlabd stopped");
@@ -159,7 +185,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         store: store.clone(),
         hub: Arc::clone(&hub),
     });
-    let built = build_backend(&config, Arc::clone(&reports))?;
+    let built = build_backend(&config, &profiles, Arc::clone(&reports)).await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
@@ -196,7 +222,13 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         "agentlabd ready"
     );
     notify_systemd(sd_notify::NotifyState::Ready);
-    Ok(Started { svc, supervisor, backend: built, servers, shutting_down })
+    Ok(Started {
+        svc,
+        supervisor,
+        backend: built,
+        servers,
+        shutting_down,
+    })
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.

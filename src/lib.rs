@@ -13,6 +13,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod paths;
+pub mod pve;
 pub mod runner;
 pub mod store;
 pub mod urlpath;

@@ -9,6 +9,9 @@ use super::events::insert_event;
 use super::{parse_column, Store, StoreError};
 use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
 
+/// A job's recorded outcome while its sandbox is destroyed: (status, exit code, error).
+pub type PendingOutcome = (JobStatus, Option<i32>, Option<String>);
+
 /// A job to insert: the request as validated, and what the daemon resolved for it.
 #[derive(Debug, Clone)]
 pub struct NewJob {
@@ -346,10 +349,7 @@ impl Store {
     }
 
     /// The outcome recorded by `set_pending_outcome`, if any: (status, exit code, error).
-    pub fn pending_outcome(
-        &self,
-        id: &str,
-    ) -> Result<Option<(JobStatus, Option<i32>, Option<String>)>, StoreError> {
+    pub fn pending_outcome(&self, id: &str) -> Result<Option<PendingOutcome>, StoreError> {
         let conn = self.conn();
         let row: Option<(Option<String>, Option<i32>, Option<String>)> = conn
             .query_row(
