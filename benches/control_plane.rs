@@ -40,7 +40,11 @@ fn row(name: &str, samples: &Samples) {
 }
 
 fn request() -> JobRequest {
-    JobRequest { profile: "balanced".into(), task: "bench".into(), ..JobRequest::default() }
+    JobRequest {
+        profile: "balanced".into(),
+        task: "bench".into(),
+        ..JobRequest::default()
+    }
 }
 
 fn sandbox(job_id: &str) -> Sandbox {
@@ -70,7 +74,11 @@ fn bench_store(dir: &Path, n: usize) {
     let mut job_inserts = Vec::with_capacity(n);
     let mut ids = Vec::with_capacity(n);
     for _ in 0..n {
-        let new = NewJob { id: new_id(), request: request(), deadline_ms: None };
+        let new = NewJob {
+            id: new_id(),
+            request: request(),
+            deadline_ms: None,
+        };
         let started = Instant::now();
         store.insert_job(&new, u64::MAX).unwrap();
         job_inserts.push(started.elapsed());
@@ -91,14 +99,21 @@ fn bench_store(dir: &Path, n: usize) {
         assert_eq!(all.len(), n);
     }
     row("store: job insert (WAL, file)", &Samples(job_inserts));
-    row("store: sandbox-row insert (WAL, file)", &Samples(sandbox_inserts));
+    row(
+        "store: sandbox-row insert (WAL, file)",
+        &Samples(sandbox_inserts),
+    );
     row(&format!("store: list {n} sandboxes"), &Samples(lists));
 }
 
 fn daemon_config(dir: &Path, extra_tuning: &str) -> std::path::PathBuf {
     let tuning = dir.join("tuning");
     std::fs::create_dir_all(&tuning).unwrap();
-    std::fs::write(tuning.join("default.yaml"), format!("admission: {{max_concurrent: 2000, queue_max: 100000}}\n{extra_tuning}")).unwrap();
+    std::fs::write(
+        tuning.join("default.yaml"),
+        format!("admission: {{max_concurrent: 2000, queue_max: 100000}}\n{extra_tuning}"),
+    )
+    .unwrap();
     let config = dir.join("config.yaml");
     std::fs::write(
         &config,
@@ -113,7 +128,10 @@ fn daemon_config(dir: &Path, extra_tuning: &str) -> std::path::PathBuf {
 }
 
 fn client(socket: &Path) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder().unix_socket(socket.to_owned()).build().unwrap()
+    reqwest::blocking::Client::builder()
+        .unix_socket(socket.to_owned())
+        .build()
+        .unwrap()
 }
 
 fn submit(client: &reqwest::blocking::Client) -> String {
@@ -134,7 +152,9 @@ fn start_in_process(config_path: &Path) -> Arc<FakeBackend> {
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             let started = agentlab::daemon::start(config).await.unwrap();
-            let BuiltBackend::Fake(fake) = started.backend.clone() else { panic!("not the fake backend") };
+            let BuiltBackend::Fake(fake) = started.backend.clone() else {
+                panic!("not the fake backend")
+            };
             tx.send(fake).unwrap();
             std::future::pending::<()>().await;
         });
@@ -162,18 +182,29 @@ fn bench_daemon(dir: &Path, jobs: usize, load_requests: usize) {
         to_clone.push(cloned.duration_since(started));
         ids.push(id);
     }
-    row("POST /v1/jobs → clone call (fake, zero latency)", &Samples(to_clone));
+    row(
+        "POST /v1/jobs → clone call (fake, zero latency)",
+        &Samples(to_clone),
+    );
     eprintln!("bench: {jobs} jobs submitted; measuring list and load");
     // Let every job finish so the sandbox list is complete.
     std::thread::sleep(Duration::from_millis(500));
     let mut lists = Vec::new();
     for _ in 0..100 {
         let started = Instant::now();
-        let body: Value = http.get("http://agentlabd/v1/sandboxes").send().unwrap().json().unwrap();
+        let body: Value = http
+            .get("http://agentlabd/v1/sandboxes")
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         lists.push(started.elapsed());
         assert!(body["sandboxes"].as_array().unwrap().len() >= jobs);
     }
-    row(&format!("GET /v1/sandboxes with {jobs} sandboxes"), &Samples(lists));
+    row(
+        &format!("GET /v1/sandboxes with {jobs} sandboxes"),
+        &Samples(lists),
+    );
 
     let threads = 4;
     let started = Instant::now();
@@ -187,7 +218,10 @@ fn bench_daemon(dir: &Path, jobs: usize, load_requests: usize) {
                 for i in 0..load_requests {
                     let id = &ids[(i * threads + t) % ids.len()];
                     let one = Instant::now();
-                    let response = http.get(format!("http://agentlabd/v1/jobs/{id}")).send().unwrap();
+                    let response = http
+                        .get(format!("http://agentlabd/v1/jobs/{id}"))
+                        .send()
+                        .unwrap();
                     assert!(response.status().is_success());
                     let _ = response.bytes().unwrap();
                     samples.push(one.elapsed());
@@ -196,9 +230,15 @@ fn bench_daemon(dir: &Path, jobs: usize, load_requests: usize) {
             })
         })
         .collect();
-    let samples: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let samples: Vec<Duration> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
     let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
-    row(&format!("GET /v1/jobs/{{id}} under load ({threads} clients, {rate:.0} req/s)"), &Samples(samples));
+    row(
+        &format!("GET /v1/jobs/{{id}} under load ({threads} clients, {rate:.0} req/s)"),
+        &Samples(samples),
+    );
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -229,15 +269,26 @@ fn bench_rss(dir: &Path, live: usize) {
         submit(&http);
     }
     loop {
-        let status: Value = http.get("http://agentlabd/v1/status").send().unwrap().json().unwrap();
+        let status: Value = http
+            .get("http://agentlabd/v1/status")
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         if status["sandboxes"]["RUNNING"].as_u64() == Some(live as u64) {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     let loaded = rss_kib(child.id());
-    println!("| agentlabd RSS, idle | | {:.1} MiB | |", idle as f64 / 1024.0);
-    println!("| agentlabd RSS, {live} live sandboxes (one actor each) | | {:.1} MiB | |", loaded as f64 / 1024.0);
+    println!(
+        "| agentlabd RSS, idle | | {:.1} MiB | |",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "| agentlabd RSS, {live} live sandboxes (one actor each) | | {:.1} MiB | |",
+        loaded as f64 / 1024.0
+    );
     let _ = child.kill();
     let _ = child.wait();
 }

@@ -282,7 +282,9 @@ impl Backend for SharedFake {
 
     async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError> {
         let fake = &self.0;
-        lock(&fake.clone_called).entry(spec.name.clone()).or_insert_with(std::time::Instant::now);
+        lock(&fake.clone_called)
+            .entry(spec.name.clone())
+            .or_insert_with(std::time::Instant::now);
         let handle = VmHandle {
             name: spec.name.clone(),
             vm_ref: format!("fake:{}", spec.name),
