@@ -22,6 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pve::PveBackend;
+use crate::qemu::{QemuBackend, QemuDirs};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,7 @@ pub enum BuiltBackend {
 async fn build_backend(
     config: &Config,
     profiles: &Profiles,
+    guest_addr: std::net::SocketAddr,
     sink: Arc<dyn GuestSink>,
 ) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
@@ -104,16 +106,29 @@ async fn build_backend(
             for warning in crate::pve::config::profile_warnings(&config.pve, profiles.all()) {
                 tracing::warn!("{warning}");
             }
+            // Guests on the bridge reach the daemon at guest_url; a loopback one cannot work.
+            let url = config.resolved_guest_url(guest_addr);
+            if url.contains("://127.") || url.contains("://localhost") || url.contains("://[::1]") {
+                tracing::warn!(%url, "sandboxes cannot reach a loopback guest_url: set guest_url (and guest_listen) to the bridge address, e.g. http://10.77.0.1:8848 (docs/proxmox.md)");
+            }
             let backend =
                 PveBackend::with_duct(config.pve.clone(), config.proxmox_command_timeout)?;
             let node = backend.preflight().await?;
             tracing::info!(%node, snippets = %config.pve.snippets_dir.display(), bridge = %config.pve.bridge, "Proxmox VE backend ready");
             Ok(BuiltBackend::Other(Arc::new(backend)))
         }
-        other => Err(DaemonError::Unsupported(format!(
-            "backend `{}` is not available in this build",
-            other.as_str()
-        ))),
+        BackendKind::Qemu => {
+            if config.guest_listen.port() == 0 {
+                tracing::warn!(
+                    "guest_listen asks for any port: VMs still running after a restart cannot reach \
+                     the daemon again; set a fixed port"
+                );
+            }
+            let dirs = QemuDirs::resolve(&config.qemu, &config.data_dir);
+            let backend = QemuBackend::new(config.qemu.clone(), dirs, guest_addr)?;
+            backend.preflight().await?;
+            Ok(BuiltBackend::Other(Arc::new(backend)))
+        }
     }
 }
 
@@ -185,12 +200,19 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         store: store.clone(),
         hub: Arc::clone(&hub),
     });
-    let built = build_backend(&config, &profiles, Arc::clone(&reports)).await?;
+    let guest_listener = crate::http::bind_guest(config.guest_listen)?;
+    let guest_addr = guest_listener
+        .local_addr()
+        .map_err(|source| DaemonError::Io {
+            context: "reading the guest API's address".into(),
+            source,
+        })?;
+    let built = build_backend(&config, &profiles, guest_addr, Arc::clone(&reports)).await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
     };
-    let guest_url = config.resolved_guest_url();
+    let guest_url = config.resolved_guest_url(guest_addr);
     let config = Arc::new(config);
     let svc = Arc::new(Services {
         config: Arc::clone(&config),
@@ -213,10 +235,10 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         started,
         shutting_down: Arc::clone(&shutting_down),
     });
-    let servers = crate::http::start(&state)?;
+    let servers = crate::http::start(&state, guest_listener)?;
     tracing::info!(
         socket = %config.socket_path.display(),
-        guest = %config.guest_listen,
+        guest = %guest_addr,
         backend = svc.backend.kind().as_str(),
         startup_ms = started.elapsed().as_millis() as u64,
         "agentlabd ready"

@@ -416,3 +416,54 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
         assert!(open.is_empty());
     });
 }
+
+#[test]
+fn a_crash_during_guest_exec_never_starts_a_second_runner() {
+    run_paused(async {
+        // The exec call panics: the restarted actor cannot know whether a runner started, so it
+        // follows the guest's reports instead of starting another; none come, and the run phase
+        // times out with the VM destroyed.
+        let h = Harness::start(
+            faulty(
+                FakeOp::Exec,
+                Fault {
+                    panic_times: 1,
+                    ..Fault::default()
+                },
+            ),
+            short_tuning(),
+            None,
+        );
+        let id = h.submit(request()).await;
+        let job = h.wait_terminal(&id).await;
+        assert_eq!(job.status, JobStatus::Timeout, "{job:?}");
+        assert!(job.error.unwrap().contains("phase run timed out"));
+        assert_eq!(h.fake.calls(FakeOp::Exec), 1, "a second runner was started");
+        assert!(h.fake.vm_names().is_empty());
+    });
+}
+
+#[test]
+fn reconciling_while_admitting_never_gives_a_job_two_actors() {
+    run_paused(async {
+        let h = Harness::start(FakeConfig::default(), short_tuning(), None);
+        let mut ids = Vec::new();
+        for _ in 0..30 {
+            ids.push(h.submit(request()).await);
+            // Reconciliation finds freshly admitted jobs RUNNING before their actor exists.
+            h.supervisor.do_send(Reconcile);
+        }
+        for id in &ids {
+            let job = h.wait_terminal(id).await;
+            assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+            let phases: Vec<Phase> = job.phases.iter().map(|p| p.phase).collect();
+            assert_eq!(
+                phases,
+                Phase::ALL.to_vec(),
+                "a phase ran twice: {:?}",
+                job.phases
+            );
+        }
+        assert_eq!(h.fake.calls(FakeOp::Clone), 30);
+    });
+}

@@ -23,6 +23,10 @@ use crate::store::{GuestProgress, StoreError, TokenKind};
 /// Where the runner lives in every guest image, and how it finds its bootstrap token.
 pub const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
 pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
+/// Stored as the runner's pid while its guest-exec is under way: a crash then leaves it unknown
+/// whether the runner started, and a second one must not be started (it would lose the one-time
+/// bootstrap token and look like a failure).
+const EXEC_PENDING: i64 = -1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhaseError {
@@ -177,11 +181,11 @@ impl Lifecycle {
             let pending = self.svc.store.call(move |s| s.pending_outcome(&id)).await?;
             pending.map_or_else(
                 || Verdict::error(JobStatus::Failed, "interrupted during destroy".into()),
-                |(status, exit_code, error)| Verdict {
-                    status,
-                    exit_code,
-                    error,
-                    command_finished: status == JobStatus::Completed,
+                |pending| Verdict {
+                    command_finished: pending.status == JobStatus::Completed,
+                    status: pending.status,
+                    exit_code: pending.exit_code,
+                    error: pending.error,
                 },
             )
         } else {
@@ -391,7 +395,7 @@ impl Lifecycle {
                 self.wait_for_guest(
                     &vm,
                     |p| p.exit_code.is_some(),
-                    Some(pid),
+                    pid,
                     "the runner exited before reporting the command's exit",
                 )
                 .await
@@ -399,13 +403,15 @@ impl Lifecycle {
             Phase::Upload => {
                 let vm = self.vm().await?;
                 let id = self.sandbox.id.clone();
-                let pid = self.svc.store.call(move |s| s.exec_pid(&id)).await?;
-                let pid =
-                    pid.ok_or_else(|| PhaseError::Guest("the runner was never started".into()))?;
+                let pid = match self.svc.store.call(move |s| s.exec_pid(&id)).await? {
+                    None => return Err(PhaseError::Guest("the runner was never started".into())),
+                    Some(EXEC_PENDING) => None,
+                    Some(pid) => Some(pid),
+                };
                 self.wait_for_guest(
                     &vm,
                     |p| p.done,
-                    Some(pid),
+                    pid,
                     "the runner exited before finishing uploads",
                 )
                 .await
@@ -483,12 +489,21 @@ impl Lifecycle {
         }
     }
 
-    /// Starts the guest runner once; a restarted actor finds its pid in the store.
-    async fn start_runner(&self, vm: &VmHandle) -> Result<i64, PhaseError> {
+    /// Starts the guest runner once; a restarted actor finds its pid in the store. None: a runner
+    /// may have been started before a crash, its pid unknown, so the phase follows the guest's
+    /// reports and the VM's liveness instead.
+    async fn start_runner(&self, vm: &VmHandle) -> Result<Option<i64>, PhaseError> {
         let id = self.sandbox.id.clone();
-        if let Some(pid) = self.svc.store.call(move |s| s.exec_pid(&id)).await? {
-            return Ok(pid);
+        match self.svc.store.call(move |s| s.exec_pid(&id)).await? {
+            Some(EXEC_PENDING) => return Ok(None),
+            Some(pid) => return Ok(Some(pid)),
+            None => {}
         }
+        let id = self.sandbox.id.clone();
+        self.svc
+            .store
+            .call(move |s| s.set_exec_pid(&id, EXEC_PENDING))
+            .await?;
         let command = GuestCommand {
             path: RUNNER_PATH.to_owned(),
             args: vec!["--bootstrap".to_owned(), BOOTSTRAP_PATH.to_owned()],
@@ -500,7 +515,7 @@ impl Lifecycle {
             .store
             .call(move |s| s.set_exec_pid(&id, pid))
             .await?;
-        Ok(pid)
+        Ok(Some(pid))
     }
 
     /// Waits until the guest's reports satisfy `reached`, checking between wake-ups that the

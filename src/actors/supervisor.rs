@@ -76,8 +76,12 @@ impl Supervisor {
         }
     }
 
+    /// Starts the one actor a job may have. Admission and the reconciler can both find the same
+    /// job RUNNING without an actor (admission marks it in the store before spawning), so a job
+    /// that already has a live actor is left alone; only a restart waiting out its backoff respawns.
     fn spawn_actor(&mut self, job_id: String, ctx: &mut Context<Self>) {
         let signals = match self.running.get_mut(&job_id) {
+            Some(entry) if !entry.restarting => return,
             Some(entry) => {
                 entry.restarting = false;
                 Arc::clone(&entry.signals)

@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 use crate::backend::fake::FakeConfig;
 use crate::backend::BackendKind;
 use crate::pve::PveConfig;
+use crate::qemu::QemuConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -127,6 +128,8 @@ pub struct Config {
     pub fake: FakeConfig,
     /// The Proxmox VE backend's settings (`backend: pve`).
     pub pve: PveConfig,
+    /// The local QEMU backend (`backend: qemu`).
+    pub qemu: QemuConfig,
 }
 
 impl Default for Config {
@@ -154,6 +157,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(20),
             fake: FakeConfig::default(),
             pve: PveConfig::default(),
+            qemu: QemuConfig::default(),
         }
     }
 }
@@ -185,9 +189,14 @@ impl Config {
                 *dir = base.join(&*dir);
             }
         }
-        if let Some(state) = config.fake.state_file.as_mut() {
-            if state.is_relative() {
-                *state = base.join(&*state);
+        let optional_paths = [
+            config.fake.state_file.as_mut(),
+            config.qemu.images_dir.as_mut(),
+            config.qemu.sandboxes_dir.as_mut(),
+        ];
+        for path in optional_paths.into_iter().flatten() {
+            if path.is_relative() {
+                *path = base.join(&*path);
             }
         }
         config.pve.resolve_paths(base);
@@ -264,11 +273,12 @@ impl Config {
         Ok(())
     }
 
-    pub fn resolved_guest_url(&self) -> String {
+    /// `bound` is where the guest API actually listens (`guest_listen` may ask for port 0).
+    pub fn resolved_guest_url(&self, bound: SocketAddr) -> String {
         match (&self.guest_url, self.backend) {
             (Some(url), _) => url.trim_end_matches('/').to_owned(),
-            (None, BackendKind::Qemu) => "http://10.0.2.100".to_owned(),
-            (None, _) => format!("http://{}", self.guest_listen),
+            (None, BackendKind::Qemu) => crate::qemu::GUEST_URL.to_owned(),
+            (None, _) => format!("http://{bound}"),
         }
     }
 

@@ -207,8 +207,15 @@ fn serve_control(
     ))
 }
 
-fn serve_guest(state: &web::Data<ApiState>, addr: SocketAddr) -> Result<ServerHandle, HttpError> {
+fn serve_guest(
+    state: &web::Data<ApiState>,
+    listener: std::net::TcpListener,
+) -> Result<ServerHandle, HttpError> {
     let state = state.clone();
+    let listen = Listen::Tcp(listener.local_addr().map_err(bind_error(
+        "the guest API",
+        &Listen::Tcp(([0, 0, 0, 0], 0).into()),
+    ))?);
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -222,10 +229,16 @@ fn serve_guest(state: &web::Data<ApiState>, addr: SocketAddr) -> Result<ServerHa
     .shutdown_timeout(5);
     Ok(spawn(
         server
-            .bind(addr)
-            .map_err(bind_error("the guest API", &Listen::Tcp(addr)))?
+            .listen(listener)
+            .map_err(bind_error("the guest API", &listen))?
             .run(),
     ))
+}
+
+/// Binds the guest API's socket before anything else starts, so that backends learn the real
+/// address (`guest_listen` may ask for port 0).
+pub fn bind_guest(addr: SocketAddr) -> Result<std::net::TcpListener, HttpError> {
+    std::net::TcpListener::bind(addr).map_err(bind_error("the guest API", &Listen::Tcp(addr)))
 }
 
 async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
@@ -293,8 +306,11 @@ fn secure_socket(path: &Path, group: Option<&str>) -> Result<(), HttpError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)
 }
 
-/// Starts every configured server.
-pub fn start(state: &web::Data<ApiState>) -> Result<Servers, HttpError> {
+/// Starts every configured server; the guest API on the listener `bind_guest` made.
+pub fn start(
+    state: &web::Data<ApiState>,
+    guest: std::net::TcpListener,
+) -> Result<Servers, HttpError> {
     let config = Arc::clone(&state.svc.config);
     let mut servers = Servers::default();
     prepare_socket(&config.socket_path)?;
@@ -314,9 +330,7 @@ pub fn start(state: &web::Data<ApiState>) -> Result<Servers, HttpError> {
             .handles
             .push(serve_control(state, token, &Listen::Tcp(addr))?);
     }
-    servers
-        .handles
-        .push(serve_guest(state, config.guest_listen)?);
+    servers.handles.push(serve_guest(state, guest)?);
     if let Some(addr) = config.metrics_listen {
         servers.handles.push(serve_metrics(state, addr)?);
     }

@@ -2,8 +2,10 @@
 //! and retries with backoff, so a daemon restart mid-job costs a pause rather than the job.
 //!
 //! Retries: transport errors and 502/503/504 are retried until the policy's budget runs out. The
-//! bootstrap call redeems a one-time token, so it is retried only when the request provably never
-//! reached the daemon (connect errors) or the daemon refused it with 503. A log append that
+//! bootstrap call redeems a one-time token, so on an answer it is retried only after a 503; on a
+//! transport error it is retried too, because behind the local backend's guest forward a stopped
+//! daemon looks like a connection that opens and closes unanswered. If the daemon did use the
+//! token before failing to answer, the retry gets a clear 401, no worse than not retrying. A log append that
 //! reached the daemon but lost its answer is sent again, so the log is at-least-once across a
 //! daemon restart.
 
@@ -45,15 +47,16 @@ impl Default for RetryPolicy {
 enum Retry {
     /// Safe to send again (or acceptable to duplicate, like a log append).
     Transient,
-    /// Consumes a one-time token: only resend what cannot have been received.
+    /// Consumes a one-time token: resend on transport errors and 503 only.
     NotDelivered,
 }
 
 impl Retry {
     fn on_transport(self, err: &reqwest::Error) -> bool {
         match self {
-            Retry::Transient => !err.is_builder() && !err.is_decode() && !err.is_status(),
-            Retry::NotDelivered => err.is_connect(),
+            Retry::Transient | Retry::NotDelivered => {
+                !err.is_builder() && !err.is_decode() && !err.is_status()
+            }
         }
     }
 

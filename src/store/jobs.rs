@@ -9,15 +9,20 @@ use super::events::insert_event;
 use super::{parse_column, Store, StoreError};
 use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
 
-/// A job's recorded outcome while its sandbox is destroyed: (status, exit code, error).
-pub type PendingOutcome = (JobStatus, Option<i32>, Option<String>);
-
 /// A job to insert: the request as validated, and what the daemon resolved for it.
 #[derive(Debug, Clone)]
 pub struct NewJob {
     pub id: String,
     pub request: JobRequest,
     pub deadline_ms: Option<i64>,
+}
+
+/// The verdict a job ends with once its VM is torn down, recorded before the teardown starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingOutcome {
+    pub status: JobStatus,
+    pub exit_code: Option<i32>,
+    pub error: Option<String>,
 }
 
 /// What the guest has reported so far for a job.
@@ -348,7 +353,7 @@ impl Store {
         Ok(())
     }
 
-    /// The outcome recorded by `set_pending_outcome`, if any: (status, exit code, error).
+    /// The outcome recorded by `set_pending_outcome`, if any.
     pub fn pending_outcome(&self, id: &str) -> Result<Option<PendingOutcome>, StoreError> {
         let conn = self.conn();
         let row: Option<(Option<String>, Option<i32>, Option<String>)> = conn
@@ -359,9 +364,11 @@ impl Store {
             )
             .optional()?;
         match row {
-            Some((Some(status), exit_code, error)) => {
-                Ok(Some((parse_column("jobs", &status)?, exit_code, error)))
-            }
+            Some((Some(status), exit_code, error)) => Ok(Some(PendingOutcome {
+                status: parse_column("jobs", &status)?,
+                exit_code,
+                error,
+            })),
             _ => Ok(None),
         }
     }

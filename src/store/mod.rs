@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-pub use jobs::{GuestProgress, NewJob};
+pub use jobs::{GuestProgress, NewJob, PendingOutcome};
 pub use tokens::TokenKind;
 
 #[derive(Debug, thiserror::Error)]

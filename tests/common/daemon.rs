@@ -24,8 +24,14 @@ impl Daemon {
     pub fn start(dir: &Path, backend: &str, extra: &str) -> Daemon {
         let config = dir.join("config.yaml");
         let socket = dir.join("agentlabd.sock");
+        // A test that restarts the daemon under running VMs pins the guest port in `extra`.
+        let guest = if extra.contains("guest_listen:") {
+            ""
+        } else {
+            "guest_listen: 127.0.0.1:0\n"
+        };
         let text = format!(
-            "data_dir: {data}\nsocket_path: {socket}\nmetrics_listen: \"\"\nguest_listen: 127.0.0.1:0\n\
+            "data_dir: {data}\nsocket_path: {socket}\nmetrics_listen: \"\"\n{guest}\
              profiles_dir: {repo}/profiles\ntuning_dir: {tuning}\nbackend: {backend}\n{extra}\n",
             data = dir.join("data").display(),
             socket = socket.display(),

@@ -1,0 +1,836 @@
+//! `QemuBackend`: the `Backend` trait on local QEMU. A sandbox is a folder under `sandboxes_dir`
+//! holding a qcow2 overlay of its template, a NoCloud seed, `sandbox.json` and, while it runs,
+//! the VM's pidfile, QMP and guest-agent sockets and console log. The folder is the whole state:
+//! a restarted daemon finds its VMs by listing folders and recognises their QEMU processes by
+//! command line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::process::Command;
+use tokio::sync::OwnedMutexGuard;
+
+use super::accel::AccelChooser;
+use super::config::QemuConfig;
+use super::launch::{self, LaunchPlan};
+use super::layout::{self, SandboxPaths, SandboxRecord, Template};
+use super::process;
+use super::qga::{ExecRequest, QgaClient, QgaError};
+use super::qmp::QmpClient;
+use super::seed::{self, SeedError, SeedTools};
+use super::tool::{self, ToolError};
+use crate::backend::{
+    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+};
+use crate::model::{now_ms, VM_NAME_PREFIX};
+
+/// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the
+/// daemon's `guest_listen`. The daemon builds `CloudInitSpec::guest_url` and the phone-home URL
+/// from it.
+pub const GUEST_URL: &str = "http://10.0.2.100";
+
+/// The PATH a guest command gets when the caller sets an environment without one: `guest-exec`
+/// replaces the agent's environment entirely, and the runner needs `git` on PATH.
+const GUEST_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// How long one QMP conversation during start or destroy may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a SIGTERMed QEMU gets before SIGKILL, and how long SIGKILL may take to land.
+const TERM_GRACE: Duration = Duration::from_secs(1);
+const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// Where the backend keeps templates and sandboxes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QemuDirs {
+    pub images: PathBuf,
+    pub sandboxes: PathBuf,
+}
+
+impl QemuDirs {
+    /// The configured folders, or their defaults under the daemon's `data_dir`.
+    pub fn resolve(config: &QemuConfig, data_dir: &Path) -> QemuDirs {
+        QemuDirs {
+            images: config.images_dir(data_dir),
+            sandboxes: config.sandboxes_dir(data_dir),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct QemuBackend {
+    config: QemuConfig,
+    dirs: QemuDirs,
+    guest_endpoint: SocketAddr,
+    accel: AccelChooser,
+    /// Serialises the operations on one VM: QEMU serves one QMP and one guest-agent client at a
+    /// time, and clone/start/destroy must not interleave.
+    vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Exit statuses already collected: the guest agent reports an exit only once, and a
+    /// restarted actor may ask again.
+    finished: Mutex<HashMap<(String, i64), ExecStatus>>,
+    /// Guest-agent connections kept between calls. A request left unanswered while the guest
+    /// boots stays queued on the connection, so the agent answers the moment it starts instead
+    /// of at the next poll; the client resynchronises past the stale replies.
+    agents: Mutex<HashMap<String, QgaClient>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl QemuBackend {
+    /// `guest_endpoint` is the daemon's guest listener (`guest_listen`) as the host reaches it:
+    /// `guestfwd` connects a socat on the host to it for every guest connection to
+    /// `GUEST_URL`. An unspecified address (0.0.0.0, ::) stands for the host's loopback.
+    pub fn new(
+        config: QemuConfig,
+        dirs: QemuDirs,
+        guest_endpoint: SocketAddr,
+    ) -> Result<QemuBackend, BackendError> {
+        layout::validate_dir("qemu.images_dir", &dirs.images)?;
+        layout::validate_dir("qemu.sandboxes_dir", &dirs.sandboxes)?;
+        layout::validate_sandboxes_dir_room(&dirs.sandboxes)?;
+        if guest_endpoint.port() == 0 {
+            return Err(BackendError::InvalidInput(
+                "the guest endpoint needs a port".to_owned(),
+            ));
+        }
+        let guest_endpoint = match guest_endpoint.ip() {
+            IpAddr::V4(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), guest_endpoint.port())
+            }
+            IpAddr::V6(ip) if ip.is_unspecified() => {
+                SocketAddr::new(Ipv6Addr::LOCALHOST.into(), guest_endpoint.port())
+            }
+            _ => guest_endpoint,
+        };
+        let socat = config.socat_binary.to_string_lossy();
+        if socat.is_empty() || socat.contains([' ', ',', '\'', '"', '\\']) {
+            return Err(BackendError::InvalidInput(format!(
+                "qemu.socat_binary `{socat}` must be a path without spaces, commas or quotes"
+            )));
+        }
+        let accel = AccelChooser::new(
+            config.accel,
+            config.qemu_binary.clone(),
+            config.kvm_probe_timeout,
+            dirs.sandboxes.join(".kvm-probe"),
+        );
+        Ok(QemuBackend {
+            config,
+            dirs,
+            guest_endpoint,
+            accel,
+            vm_locks: Mutex::new(HashMap::new()),
+            finished: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Checks the host once at daemon start: the sandboxes folder can be made and every tool the
+    /// backend runs is there. A missing default template is only warned about.
+    pub async fn preflight(&self) -> Result<(), BackendError> {
+        create_private_dir_all(&self.dirs.sandboxes).await?;
+        let config = &self.config;
+        let checks: [(&Path, &[&str]); 5] = [
+            (&config.qemu_binary, &["--version"]),
+            (&config.qemu_img_binary, &["--version"]),
+            (&config.socat_binary, &["-V"]),
+            (&config.mcopy_binary, &["-V"]),
+            (&config.mkfs_vfat_binary, &["--help"]),
+        ];
+        for (binary, args) in checks {
+            let mut command = Command::new(binary);
+            command.args(args);
+            match tool::run(command, config.tool_timeout).await {
+                // mkfs.vfat --help exits non-zero on some versions; it ran, which is the point.
+                Ok(_) | Err(ToolError::Failed { .. }) => {}
+                Err(e) => {
+                    return Err(BackendError::operation(
+                        "qemu preflight",
+                        format!(
+                            "{e} (install qemu-system-x86, qemu-utils, socat, mtools, dosfstools)"
+                        ),
+                    ))
+                }
+            }
+        }
+        if let Err(e) = Template::resolve(&self.dirs.images, "", None).await {
+            tracing::warn!(error = %e, "the default QEMU template is missing");
+        }
+        Ok(())
+    }
+
+    pub fn dirs(&self) -> &QemuDirs {
+        &self.dirs
+    }
+
+    async fn lock_vm(&self, name: &str) -> OwnedMutexGuard<()> {
+        let vm_lock = Arc::clone(lock(&self.vm_locks).entry(name.to_owned()).or_default());
+        vm_lock.lock_owned().await
+    }
+
+    /// Forgets a destroyed VM's lock and exit statuses. The lock is only dropped when nobody else
+    /// holds or awaits it.
+    fn forget(&self, name: &str) {
+        lock(&self.finished).retain(|(vm, _), _| vm != name);
+        lock(&self.agents).remove(name);
+        let mut locks = lock(&self.vm_locks);
+        if locks.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
+            locks.remove(name);
+        }
+    }
+
+    /// The VM's kept guest-agent client, or a new one. Callers hold the VM lock and hand the
+    /// client back with `keep_agent`; a cancelled call simply drops it.
+    fn take_agent(&self, name: &str, paths: &SandboxPaths) -> QgaClient {
+        lock(&self.agents)
+            .remove(name)
+            .unwrap_or_else(|| QgaClient::new(paths.qga_socket()))
+    }
+
+    fn keep_agent(&self, name: &str, agent: QgaClient) {
+        lock(&self.agents).insert(name.to_owned(), agent);
+    }
+
+    fn paths_for_name(&self, name: &str) -> Result<SandboxPaths, BackendError> {
+        layout::validate_name(name)?;
+        layout::validate_socket_room(&self.dirs.sandboxes, name)?;
+        Ok(SandboxPaths::new(&self.dirs.sandboxes, name))
+    }
+
+    /// The folder of a handle; refuses a `vm_ref` that is not that folder, so a corrupt or stale
+    /// handle never points a destroy at some other path.
+    fn paths(&self, vm: &VmHandle) -> Result<SandboxPaths, BackendError> {
+        let paths = self.paths_for_name(&vm.name)?;
+        if Path::new(&vm.vm_ref) != paths.dir {
+            return Err(BackendError::InvalidInput(format!(
+                "vm_ref {} of {} is not its sandbox folder {} (did qemu.sandboxes_dir change?)",
+                vm.vm_ref,
+                vm.name,
+                paths.dir.display()
+            )));
+        }
+        Ok(paths)
+    }
+
+    fn handle(paths: &SandboxPaths, name: &str) -> VmHandle {
+        VmHandle {
+            name: name.to_owned(),
+            vm_ref: paths.dir.display().to_string(),
+        }
+    }
+
+    async fn read_record(paths: &SandboxPaths) -> Result<SandboxRecord, BackendError> {
+        let path = paths.record();
+        let text = tokio::fs::read_to_string(&path)
+            .await
+            .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))
+    }
+
+    async fn create_sandbox(
+        &self,
+        spec: &SandboxSpec,
+        paths: &SandboxPaths,
+        seed_files: &seed::SeedFiles,
+    ) -> Result<(), BackendError> {
+        let template = Template::resolve(
+            &self.dirs.images,
+            &spec.template,
+            self.config.kernel_cmdline.as_deref(),
+        )
+        .await?;
+        create_private_dir_all(&self.dirs.sandboxes).await?;
+        let mut builder = tokio::fs::DirBuilder::new();
+        builder.mode(0o700);
+        builder
+            .create(&paths.dir)
+            .await
+            .map_err(|e| BackendError::io(format!("creating {}", paths.dir.display()), e))?;
+
+        // A linked clone: O(1) whatever the template's size. Never smaller than the template,
+        // or the guest would see a truncated root file system.
+        let base_bytes = qcow2_virtual_size(&template.root_disk).await?;
+        let size_bytes = (spec.disk_gb << 30).max(base_bytes);
+        let mut qemu_img = Command::new(&self.config.qemu_img_binary);
+        qemu_img
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&template.root_disk)
+            .arg(paths.overlay())
+            .arg(size_bytes.to_string());
+        tool::run(qemu_img, self.config.tool_timeout)
+            .await
+            .map_err(|e| tool_error("clone", e))?;
+
+        let tools = SeedTools {
+            mkfs_vfat: self.config.mkfs_vfat_binary.clone(),
+            mcopy: self.config.mcopy_binary.clone(),
+            timeout: self.config.tool_timeout,
+        };
+        seed::write_image(
+            seed_files,
+            &paths.seed_image(),
+            &paths.seed_staging(),
+            &tools,
+        )
+        .await
+        .map_err(seed_error)?;
+
+        let record = SandboxRecord {
+            name: spec.name.clone(),
+            job_id: spec.job_id.clone(),
+            created_ms: now_ms(),
+            template,
+            cores: self.config.clamp_cores(spec.cores),
+            memory_mb: self.config.clamp_memory_mb(spec.memory_mb),
+            disk_gb: spec.disk_gb,
+            network: spec.network,
+        };
+        let text = serde_json::to_string_pretty(&record)
+            .map_err(|e| BackendError::operation("clone", e.to_string()))?;
+        write_file(&paths.record(), text.as_bytes()).await?;
+        write_file(&paths.complete_marker(), b"").await
+    }
+
+    /// Stops every QEMU process of a sandbox: QMP `quit` first, then SIGTERM and SIGKILL for
+    /// whatever is still there after `stop_grace`.
+    async fn stop_processes(&self, paths: &SandboxPaths) -> Result<(), BackendError> {
+        let pids = process::find(paths).await?;
+        if pids.is_empty() {
+            return Ok(());
+        }
+        let grace = self.config.stop_grace;
+        let qmp_timeout = grace.min(QMP_TIMEOUT);
+        if let Ok(mut qmp) = QmpClient::connect(&paths.qmp_socket(), qmp_timeout).await {
+            if let Err(e) = qmp.quit(qmp_timeout).await {
+                tracing::debug!(dir = %paths.dir.display(), error = %e, "QMP quit failed");
+            }
+        }
+        let remaining = process::wait_gone(paths, &pids, grace).await?;
+        if !remaining.is_empty() {
+            tracing::warn!(dir = %paths.dir.display(), pids = ?remaining, "qemu ignored quit; signalling");
+        }
+        process::terminate(paths, &remaining, TERM_GRACE, KILL_WAIT).await
+    }
+
+    /// Checks over QMP that a VM whose QEMU is alive really runs.
+    async fn confirm_running(paths: &SandboxPaths) -> Result<(), BackendError> {
+        let status = async {
+            let mut qmp = QmpClient::connect(&paths.qmp_socket(), QMP_TIMEOUT).await?;
+            qmp.query_status(QMP_TIMEOUT).await
+        }
+        .await
+        .map_err(|e| BackendError::operation("start", format!("qemu runs but QMP failed: {e}")))?;
+        if status.running {
+            Ok(())
+        } else {
+            Err(BackendError::operation(
+                "start",
+                format!("qemu runs but the VM is {}", status.status),
+            ))
+        }
+    }
+
+    /// Turns a guest-agent failure into the backend's error; an unreachable agent of a VM whose
+    /// QEMU is gone is reported as such, not as "not up yet".
+    async fn agent_error(
+        &self,
+        operation: &'static str,
+        name: &str,
+        paths: &SandboxPaths,
+        error: QgaError,
+    ) -> BackendError {
+        if !error.is_unavailable() {
+            return BackendError::operation(operation, error.to_string());
+        }
+        if matches!(process::running_pid(paths).await, Ok(None)) {
+            let qemu_log = process::log_tail(paths.qemu_log(), 500).await;
+            return BackendError::operation(
+                operation,
+                format!(
+                    "{name} is not running (console: {}){}{qemu_log}",
+                    paths.console_log().display(),
+                    if qemu_log.is_empty() { "" } else { "; qemu: " }
+                ),
+            );
+        }
+        BackendError::AgentUnavailable(error.to_string())
+    }
+
+    async fn require_dir(paths: &SandboxPaths, name: &str) -> Result<(), BackendError> {
+        if exists(&paths.dir).await? {
+            Ok(())
+        } else {
+            Err(BackendError::Missing(name.to_owned()))
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for QemuBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Qemu
+    }
+
+    async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError> {
+        let paths = self.paths_for_name(&spec.name)?;
+        if spec.cores == 0 || spec.memory_mb == 0 || spec.disk_gb == 0 {
+            return Err(BackendError::InvalidInput(format!(
+                "{}: cores, memory_mb and disk_gb must be above 0",
+                spec.name
+            )));
+        }
+        let seed_files = seed::render(&spec.name, &spec.cloud_init).map_err(seed_error)?;
+        let handle = Self::handle(&paths, &spec.name);
+        let _guard = self.lock_vm(&spec.name).await;
+
+        if exists(&paths.complete_marker()).await? {
+            let record = Self::read_record(&paths).await?;
+            if record.job_id != spec.job_id {
+                return Err(BackendError::InvalidInput(format!(
+                    "VM {} already exists for job {}",
+                    spec.name, record.job_id
+                )));
+            }
+            return Ok(handle);
+        }
+        if exists(&paths.dir).await? {
+            tracing::info!(vm = %spec.name, "removing the residue of an interrupted clone");
+            self.stop_processes(&paths).await?;
+            remove_dir_all(&paths.dir).await?;
+        }
+        let started = std::time::Instant::now();
+        self.create_sandbox(spec, &paths, &seed_files).await?;
+        tracing::debug!(vm = %spec.name, elapsed = ?started.elapsed(), "cloned");
+        Ok(handle)
+    }
+
+    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let paths = self.paths(vm)?;
+        let _guard = self.lock_vm(&vm.name).await;
+        Self::require_dir(&paths, &vm.name).await?;
+        if !exists(&paths.complete_marker()).await? {
+            return Err(BackendError::operation(
+                "start",
+                format!(
+                    "the clone of {} never finished; destroy it and clone again",
+                    vm.name
+                ),
+            ));
+        }
+        let record = Self::read_record(&paths).await?;
+        if process::running_pid(&paths).await?.is_some() {
+            return Self::confirm_running(&paths).await;
+        }
+        // A launch cancelled before QEMU wrote its pidfile may have left a half-started VM.
+        self.stop_processes(&paths).await?;
+        if let Some(missing) = record.template.missing_file().await {
+            return Err(BackendError::InvalidInput(format!(
+                "{} cannot start: its template file {} is gone (rebuild the template and clone \
+                 the sandbox again)",
+                vm.name,
+                missing.display()
+            )));
+        }
+        // A connection to a previous QEMU's agent socket is of no use to the new one.
+        lock(&self.agents).remove(&vm.name);
+        let accel = self.accel.choose(&record.template.kernel).await;
+        for stale in [paths.qmp_socket(), paths.qga_socket(), paths.pidfile()] {
+            remove_file_if_present(&stale).await?;
+        }
+        let plan = LaunchPlan {
+            qemu_binary: &self.config.qemu_binary,
+            socat_binary: &self.config.socat_binary,
+            paths: &paths,
+            record: &record,
+            accel,
+            guest_endpoint: self.guest_endpoint,
+        };
+        launch::launch(&plan, self.config.tool_timeout).await?;
+        if process::running_pid(&paths).await?.is_none() {
+            let qemu_log = process::log_tail(paths.qemu_log(), 1000).await;
+            return Err(BackendError::operation(
+                "start",
+                format!("qemu daemonized but is not running: {qemu_log}"),
+            ));
+        }
+        tracing::info!(vm = %vm.name, ?accel, "VM started");
+        Ok(())
+    }
+
+    async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let paths = self.paths(vm)?;
+        Self::require_dir(&paths, &vm.name).await?;
+        let _guard = self.lock_vm(&vm.name).await;
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.ping(self.config.agent_ping_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.agent_error("guest ping", &vm.name, &paths, e).await),
+        }
+    }
+
+    async fn exec(&self, vm: &VmHandle, command: &GuestCommand) -> Result<i64, BackendError> {
+        let paths = self.paths(vm)?;
+        Self::require_dir(&paths, &vm.name).await?;
+        let request = ExecRequest {
+            path: command.path.clone(),
+            args: command.args.clone(),
+            env: guest_env(&command.env),
+            input: None,
+            capture_output: false,
+        };
+        let _guard = self.lock_vm(&vm.name).await;
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.exec(&request, self.config.agent_call_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        match result {
+            Ok(pid) => Ok(pid),
+            Err(e) => Err(self.agent_error("guest exec", &vm.name, &paths, e).await),
+        }
+    }
+
+    async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError> {
+        let key = (vm.name.clone(), pid);
+        if let Some(status) = lock(&self.finished).get(&key) {
+            return Ok(*status);
+        }
+        let paths = self.paths(vm)?;
+        Self::require_dir(&paths, &vm.name).await?;
+        let _guard = self.lock_vm(&vm.name).await;
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent.exec_status(pid, self.config.agent_call_timeout).await;
+        self.keep_agent(&vm.name, agent);
+        let reply = match result {
+            Ok(reply) => reply,
+            Err(e) => {
+                return Err(self
+                    .agent_error("guest exec-status", &vm.name, &paths, e)
+                    .await)
+            }
+        };
+        let status = match (reply.exited, reply.signal, reply.exit_code) {
+            (false, _, _) => ExecStatus::Running,
+            (true, Some(signal), _) => ExecStatus::Signalled { signal },
+            (true, None, Some(code)) => ExecStatus::Exited { code },
+            (true, None, None) => {
+                return Err(BackendError::operation(
+                    "guest exec-status",
+                    format!("process {pid} exited with neither a code nor a signal"),
+                ))
+            }
+        };
+        if status != ExecStatus::Running {
+            lock(&self.finished).insert(key, status);
+        }
+        Ok(status)
+    }
+
+    async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+        let paths = self.paths(vm)?;
+        let guard = self.lock_vm(&vm.name).await;
+        if exists(&paths.dir).await? {
+            self.stop_processes(&paths).await?;
+            // The marker goes first: should the removal be cut short, what is left reads as an
+            // interrupted clone, which every operation knows to clean up.
+            remove_file_if_present(&paths.complete_marker()).await?;
+            remove_dir_all(&paths.dir).await?;
+            tracing::info!(vm = %vm.name, "VM destroyed");
+        }
+        drop(guard);
+        self.forget(&vm.name);
+        Ok(())
+    }
+
+    async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError> {
+        let paths = self.paths(vm)?;
+        if !exists(&paths.dir).await? {
+            return Ok(VmState::Missing);
+        }
+        if process::running_pid(&paths).await?.is_some() {
+            return Ok(VmState::Running);
+        }
+        // No trustworthy pidfile: a launch may have been cut short after QEMU forked.
+        if !exists(&paths.pidfile()).await? && !process::find(&paths).await?.is_empty() {
+            return Ok(VmState::Running);
+        }
+        Ok(VmState::Stopped)
+    }
+
+    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
+        let dir = &self.dirs.sandboxes;
+        let mut entries = match tokio::fs::read_dir(dir).await {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(BackendError::io(format!("listing {}", dir.display()), e)),
+        };
+        let mut vms = Vec::new();
+        loop {
+            let entry = entries
+                .next_entry()
+                .await
+                .map_err(|e| BackendError::io(format!("listing {}", dir.display()), e))?;
+            let Some(entry) = entry else { break };
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
+            if !name.starts_with(VM_NAME_PREFIX) || layout::validate_name(&name).is_err() {
+                continue;
+            }
+            let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
+            if is_dir {
+                vms.push(Self::handle(&SandboxPaths::new(dir, &name), &name));
+            }
+        }
+        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(vms)
+    }
+}
+
+/// The environment for `guest-exec`: empty keeps the agent's own; otherwise PATH is supplied if
+/// the caller left it out.
+fn guest_env(env: &BTreeMap<String, String>) -> Vec<String> {
+    if env.is_empty() {
+        return Vec::new();
+    }
+    let mut entries: Vec<String> = env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !env.contains_key("PATH") {
+        entries.push(format!("PATH={GUEST_DEFAULT_PATH}"));
+    }
+    entries
+}
+
+/// A qcow2 image's virtual size, from its header (big-endian u64 at offset 24).
+async fn qcow2_virtual_size(path: &Path) -> Result<u64, BackendError> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 32];
+    let mut file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?;
+    file.read_exact(&mut header)
+        .await
+        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
+    if &header[..4] != b"QFI\xfb" {
+        return Err(BackendError::InvalidInput(format!(
+            "{} is not a qcow2 image",
+            path.display()
+        )));
+    }
+    let mut size = [0u8; 8];
+    size.copy_from_slice(&header[24..32]);
+    Ok(u64::from_be_bytes(size))
+}
+
+fn tool_error(operation: &'static str, error: ToolError) -> BackendError {
+    match error {
+        ToolError::Timeout { timeout, .. } => BackendError::Timeout {
+            operation,
+            seconds: timeout.as_secs_f64(),
+        },
+        other => BackendError::operation(operation, other.to_string()),
+    }
+}
+
+fn seed_error(error: SeedError) -> BackendError {
+    match error {
+        SeedError::InvalidField { .. } => BackendError::InvalidInput(error.to_string()),
+        SeedError::Io { context, source } => BackendError::io(context, source),
+        SeedError::Tool(e) => tool_error("clone", e),
+    }
+}
+
+async fn exists(path: &Path) -> Result<bool, BackendError> {
+    tokio::fs::try_exists(path)
+        .await
+        .map_err(|e| BackendError::io(format!("checking {}", path.display()), e))
+}
+
+async fn create_private_dir_all(path: &Path) -> Result<(), BackendError> {
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.recursive(true).mode(0o700);
+    builder
+        .create(path)
+        .await
+        .map_err(|e| BackendError::io(format!("creating {}", path.display()), e))
+}
+
+/// Writes a file whole, through a temporary name, so readers never see half of it.
+async fn write_file(path: &Path, contents: &[u8]) -> Result<(), BackendError> {
+    let partial = path.with_extension("partial");
+    tokio::fs::write(&partial, contents)
+        .await
+        .map_err(|e| BackendError::io(format!("writing {}", partial.display()), e))?;
+    tokio::fs::rename(&partial, path)
+        .await
+        .map_err(|e| BackendError::io(format!("renaming {}", partial.display()), e))
+}
+
+async fn remove_file_if_present(path: &Path) -> Result<(), BackendError> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(BackendError::io(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn remove_dir_all(path: &Path) -> Result<(), BackendError> {
+    match tokio::fs::remove_dir_all(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(BackendError::io(format!("removing {}", path.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend(root: &Path) -> QemuBackend {
+        QemuBackend::new(
+            QemuConfig::default(),
+            QemuDirs {
+                images: root.join("images"),
+                sandboxes: root.join("sandboxes"),
+            },
+            "127.0.0.1:8848".parse().unwrap(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn constructor_validates_its_inputs() {
+        let dirs = QemuDirs {
+            images: "/i".into(),
+            sandboxes: "/s".into(),
+        };
+        let endpoint: SocketAddr = "127.0.0.1:8848".parse().unwrap();
+        assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), endpoint).is_ok());
+        let any: SocketAddr = "0.0.0.0:8848".parse().unwrap();
+        let backend = QemuBackend::new(QemuConfig::default(), dirs.clone(), any).unwrap();
+        assert_eq!(
+            backend.guest_endpoint, endpoint,
+            "0.0.0.0 is reached on loopback"
+        );
+        let no_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), no_port).is_err());
+        let relative = QemuDirs {
+            sandboxes: "s".into(),
+            ..dirs.clone()
+        };
+        assert!(QemuBackend::new(QemuConfig::default(), relative, endpoint).is_err());
+        let config = QemuConfig {
+            socat_binary: "/opt/my socat".into(),
+            ..QemuConfig::default()
+        };
+        assert!(QemuBackend::new(config, dirs, endpoint).is_err());
+    }
+
+    #[test]
+    fn guest_url_is_where_guestfwd_listens() {
+        let forwarded = launch::GUEST_ENDPOINT_IN_GUEST.strip_suffix(":80").unwrap();
+        assert_eq!(GUEST_URL, format!("http://{forwarded}"));
+    }
+
+    #[test]
+    fn dirs_default_under_data_dir() {
+        let dirs = QemuDirs::resolve(&QemuConfig::default(), Path::new("/var/lib/agentlab"));
+        assert_eq!(dirs.images, Path::new("/var/lib/agentlab/images"));
+        assert_eq!(dirs.sandboxes, Path::new("/var/lib/agentlab/sandboxes"));
+    }
+
+    #[test]
+    fn guest_env_supplies_path_only_when_replacing_the_environment() {
+        assert!(guest_env(&BTreeMap::new()).is_empty());
+        let env = BTreeMap::from([("A".to_owned(), "1".to_owned())]);
+        assert_eq!(
+            guest_env(&env),
+            ["A=1", &format!("PATH={GUEST_DEFAULT_PATH}")]
+        );
+        let env = BTreeMap::from([("PATH".to_owned(), "/bin".to_owned())]);
+        assert_eq!(guest_env(&env), ["PATH=/bin"]);
+    }
+
+    #[tokio::test]
+    async fn handles_must_point_at_their_own_folder() {
+        let root = tempfile::tempdir().unwrap();
+        let backend = backend(root.path());
+        let forged = VmHandle {
+            name: "sandbox-abc".into(),
+            vm_ref: "/etc".into(),
+        };
+        assert!(matches!(
+            backend.destroy_vm(&forged).await,
+            Err(BackendError::InvalidInput(_))
+        ));
+        let foreign = VmHandle {
+            name: "../../etc".into(),
+            vm_ref: root
+                .path()
+                .join("sandboxes/../../etc")
+                .display()
+                .to_string(),
+        };
+        assert!(backend.destroy_vm(&foreign).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn missing_vms_are_missing_and_destroy_is_idempotent() {
+        let root = tempfile::tempdir().unwrap();
+        let backend = backend(root.path());
+        let sandboxes = root.path().join("sandboxes");
+        let vm = VmHandle {
+            name: "sandbox-none".into(),
+            vm_ref: sandboxes.join("sandbox-none").display().to_string(),
+        };
+        assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Missing);
+        backend.destroy_vm(&vm).await.unwrap();
+        assert!(matches!(
+            backend.start_vm(&vm).await,
+            Err(BackendError::Missing(_))
+        ));
+        assert!(matches!(
+            backend.agent_ping(&vm).await,
+            Err(BackendError::Missing(_))
+        ));
+        assert!(backend.list_vms().await.unwrap().is_empty());
+
+        // Residue of an interrupted clone: listed, stopped, destroyable.
+        std::fs::create_dir_all(sandboxes.join("sandbox-none")).unwrap();
+        std::fs::create_dir_all(sandboxes.join("not-ours")).unwrap();
+        std::fs::create_dir_all(sandboxes.join(".kvm-probe")).unwrap();
+        assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
+        assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
+        assert!(backend.start_vm(&vm).await.is_err());
+        backend.destroy_vm(&vm).await.unwrap();
+        assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Missing);
+        assert!(sandboxes.join("not-ours").exists());
+    }
+
+    #[tokio::test]
+    async fn reads_the_qcow2_virtual_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("x.qcow2");
+        let status = std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("3G")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        assert_eq!(qcow2_virtual_size(&image).await.unwrap(), 3 << 30);
+        std::fs::write(dir.path().join("raw"), [0u8; 64]).unwrap();
+        assert!(qcow2_virtual_size(&dir.path().join("raw")).await.is_err());
+    }
+}

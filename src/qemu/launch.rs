@@ -1,0 +1,260 @@
+//! The QEMU command line of a sandbox VM, and its launch. QEMU daemonizes itself (`-daemonize`):
+//! the launcher process exits once the VM is set up, sockets and pidfile included, and the VM runs
+//! on in its own session, so a daemon killed with SIGKILL leaves its VMs running for the next one
+//! to find.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::accel::Accelerator;
+use super::layout::{SandboxPaths, SandboxRecord};
+use super::process;
+use crate::backend::{BackendError, NetworkMode};
+
+/// Where the guest reaches the daemon's guest endpoint (docs/guest-contract.md).
+pub const GUEST_ENDPOINT_IN_GUEST: &str = "10.0.2.100:80";
+
+/// Everything that shapes one VM's command line.
+#[derive(Debug)]
+pub struct LaunchPlan<'a> {
+    pub qemu_binary: &'a Path,
+    pub socat_binary: &'a Path,
+    pub paths: &'a SandboxPaths,
+    pub record: &'a SandboxRecord,
+    pub accel: Accelerator,
+    pub guest_endpoint: SocketAddr,
+}
+
+impl LaunchPlan<'_> {
+    pub fn args(&self) -> Vec<OsString> {
+        let paths = self.paths;
+        let record = self.record;
+        let template = &record.template;
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| args.extend(items.iter().map(OsString::from));
+        push(&["-name", &record.name]);
+        push(&self.accel.qemu_args());
+        push(&["-smp", &record.cores.to_string()]);
+        push(&["-m", &record.memory_mb.to_string()]);
+        // No default devices, no host config files: the command line is the whole machine.
+        push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+        // A reboot or panic ends the VM instead of looping; the lifecycle sees it as stopped.
+        push(&["-no-reboot"]);
+        push(&["-kernel", &display(&template.kernel)]);
+        push(&["-initrd", &display(&template.initrd)]);
+        push(&["-append", &template.kernel_cmdline]);
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=virtio,format=qcow2,discard=unmap",
+                display(&paths.overlay())
+            ),
+        ]);
+        push(&[
+            "-drive",
+            &format!(
+                "file={},if=virtio,format=raw,readonly=on",
+                display(&paths.seed_image())
+            ),
+        ]);
+        // No option ROM: the kernel boots directly, and the PXE ROM file may not be installed.
+        push(&[
+            "-netdev",
+            &self.netdev(),
+            "-device",
+            "virtio-net-pci,netdev=net0,romfile=",
+        ]);
+        push(&[
+            "-chardev",
+            &format!(
+                "socket,id=qga0,path={},server=on,wait=off",
+                display(&paths.qga_socket())
+            ),
+            "-device",
+            "virtio-serial-pci",
+            "-device",
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+        ]);
+        push(&[
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", display(&paths.qmp_socket())),
+        ]);
+        push(&[
+            "-serial",
+            &format!("file:{}", display(&paths.console_log())),
+        ]);
+        // Guest entropy at boot, or TLS and key generation stall in the guest.
+        push(&["-device", "virtio-rng-pci"]);
+        push(&["-pidfile", &display(&paths.pidfile()), "-daemonize"]);
+        args
+    }
+
+    /// User-mode networking. The guest endpoint is a `guestfwd` whose `cmd:` form starts one
+    /// socat per guest connection; the `tcp:` form connects once at start-up and serves a single
+    /// connection, which is not enough for a runner making many HTTP requests. socat's stderr is
+    /// the guest connection too, so `-lf /dev/null` keeps its error messages (listener down, say)
+    /// from reaching the guest as if they were the HTTP reply.
+    fn netdev(&self) -> String {
+        let target = match self.guest_endpoint {
+            SocketAddr::V4(addr) => format!("TCP4:{}:{}", addr.ip(), addr.port()),
+            SocketAddr::V6(addr) => format!("TCP6:[{}]:{}", addr.ip(), addr.port()),
+        };
+        let restrict = match self.record.network {
+            NetworkMode::Restricted => ",restrict=on",
+            NetworkMode::Egress => "",
+        };
+        format!(
+            "user,id=net0{restrict},guestfwd=tcp:{GUEST_ENDPOINT_IN_GUEST}-cmd:{} -lf /dev/null \
+             STDIO {target}",
+            display(self.socat_binary)
+        )
+    }
+}
+
+fn display(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Starts the VM and returns once QEMU has daemonized. QEMU's own stderr goes to `qemu.log` in
+/// the sandbox folder (a file, not a pipe, so the daemonized QEMU never blocks on it).
+pub async fn launch(plan: &LaunchPlan<'_>, timeout: Duration) -> Result<(), BackendError> {
+    let paths = plan.paths;
+    let log_path = paths.qemu_log();
+    let log = tokio::fs::File::create(&log_path)
+        .await
+        .map_err(|e| BackendError::io(format!("creating {}", log_path.display()), e))?
+        .into_std()
+        .await;
+    let mut command = Command::new(plan.qemu_binary);
+    command
+        .args(plan.args())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        // Only the launcher dies with a cancelled start; a VM that already forked is found and
+        // stopped by destroy_vm through its command line.
+        .kill_on_drop(true);
+    let mut child = command.spawn().map_err(|e| {
+        BackendError::operation(
+            "start",
+            format!("cannot run {}: {e}", plan.qemu_binary.display()),
+        )
+    })?;
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(Ok(status)) => status,
+        Ok(Err(e)) => return Err(BackendError::io("waiting for the qemu launcher", e)),
+        Err(_) => {
+            return Err(BackendError::Timeout {
+                operation: "start",
+                seconds: timeout.as_secs_f64(),
+            })
+        }
+    };
+    if !status.success() {
+        let tail = process::log_tail(log_path, 2000).await;
+        return Err(BackendError::operation(
+            "start",
+            format!("qemu exited with {status}: {tail}"),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::layout::Template;
+
+    fn record(network: NetworkMode) -> SandboxRecord {
+        SandboxRecord {
+            name: "sandbox-abc".into(),
+            job_id: "job".into(),
+            created_ms: 0,
+            template: Template {
+                kernel: "/i/vmlinuz".into(),
+                initrd: "/i/initrd.img".into(),
+                root_disk: "/i/root.qcow2".into(),
+                kernel_cmdline: "console=ttyS0 root=/dev/vda rw".into(),
+            },
+            cores: 2,
+            memory_mb: 512,
+            disk_gb: 4,
+            network,
+        }
+    }
+
+    fn args(network: NetworkMode, endpoint: &str) -> Vec<String> {
+        let paths = SandboxPaths::new(Path::new("/s"), "sandbox-abc");
+        let record = record(network);
+        let plan = LaunchPlan {
+            qemu_binary: Path::new("qemu-system-x86_64"),
+            socat_binary: Path::new("socat"),
+            paths: &paths,
+            record: &record,
+            accel: Accelerator::Tcg,
+            guest_endpoint: endpoint.parse().unwrap(),
+        };
+        plan.args()
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect()
+    }
+
+    fn after<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
+    }
+
+    #[test]
+    fn restricted_network_forwards_only_the_guest_endpoint() {
+        let args = args(NetworkMode::Restricted, "127.0.0.1:8848");
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["user,id=net0,restrict=on,guestfwd=tcp:10.0.2.100:80-cmd:socat -lf /dev/null STDIO TCP4:127.0.0.1:8848"]
+        );
+    }
+
+    #[test]
+    fn egress_drops_the_restriction_and_ipv6_endpoints_are_bracketed() {
+        let args = args(NetworkMode::Egress, "[::1]:8848");
+        assert_eq!(
+            after(&args, "-netdev"),
+            ["user,id=net0,guestfwd=tcp:10.0.2.100:80-cmd:socat -lf /dev/null STDIO TCP6:[::1]:8848"]
+        );
+    }
+
+    #[test]
+    fn machine_disks_sockets_and_ownership() {
+        let args = args(NetworkMode::Restricted, "127.0.0.1:8848");
+        assert_eq!(after(&args, "-accel"), ["tcg"]);
+        assert_eq!(after(&args, "-smp"), ["2"]);
+        assert_eq!(after(&args, "-m"), ["512"]);
+        assert_eq!(after(&args, "-kernel"), ["/i/vmlinuz"]);
+        assert_eq!(after(&args, "-append"), ["console=ttyS0 root=/dev/vda rw"]);
+        assert_eq!(
+            after(&args, "-drive"),
+            [
+                "file=/s/sandbox-abc/overlay.qcow2,if=virtio,format=qcow2,discard=unmap",
+                "file=/s/sandbox-abc/seed.img,if=virtio,format=raw,readonly=on",
+            ]
+        );
+        assert_eq!(
+            after(&args, "-qmp"),
+            ["unix:/s/sandbox-abc/qmp.sock,server=on,wait=off"]
+        );
+        assert!(args.contains(&"-daemonize".to_owned()));
+        assert!(
+            args.contains(&"virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".to_owned())
+        );
+        // process::find relies on this to recognise the VM after a daemon restart.
+        let marker = SandboxPaths::new(Path::new("/s"), "sandbox-abc").ownership_marker();
+        assert!(after(&args, "-pidfile")[0].contains(&marker));
+    }
+}

@@ -1,0 +1,346 @@
+//! Where things live on disk: the template a sandbox is cloned from, the per-sandbox folder and its
+//! files, and `sandbox.json`, the record that lets a restarted daemon find and start its VMs.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::{BackendError, NetworkMode};
+use crate::model::VM_NAME_PREFIX;
+
+/// The longest VM name accepted; it doubles as the guest's hostname.
+pub const MAX_NAME_LEN: usize = 63;
+
+/// Unix socket paths must fit `sockaddr_un.sun_path` (108 bytes with the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The kernel command line used when neither the config nor the template's manifest gives one.
+pub const FALLBACK_KERNEL_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw quiet panic=-1";
+
+/// The files of one template. Each path is resolved through symlinks when the sandbox is cloned,
+/// so rebuilding the template (which swaps a `current` link) never changes an existing sandbox's
+/// base.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Template {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub root_disk: PathBuf,
+    pub kernel_cmdline: String,
+}
+
+/// The subset of the template's `manifest.json` the backend reads.
+#[derive(Debug, Deserialize)]
+struct Manifest {
+    kernel_cmdline: Option<String>,
+}
+
+impl Template {
+    /// The folder of template `name` under `images_dir`: the folder itself for the default (empty)
+    /// name, `images_dir/NAME` otherwise.
+    pub fn dir(images_dir: &Path, name: &str) -> Result<PathBuf, BackendError> {
+        if name.is_empty() {
+            return Ok(images_dir.to_owned());
+        }
+        let plain = name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !plain || name.starts_with('.') {
+            return Err(BackendError::InvalidInput(format!(
+                "template name `{name}` must be a plain folder name under the images folder"
+            )));
+        }
+        Ok(images_dir.join(name))
+    }
+
+    /// Finds template `name`, resolving its files to their real paths. `cmdline_override` (from
+    /// the config) wins over the template manifest's `kernel_cmdline`.
+    pub async fn resolve(
+        images_dir: &Path,
+        name: &str,
+        cmdline_override: Option<&str>,
+    ) -> Result<Template, BackendError> {
+        let dir = Template::dir(images_dir, name)?;
+        let label = if name.is_empty() { "default" } else { name };
+        let resolve = |file: &'static str| {
+            let path = dir.join(file);
+            async move {
+                tokio::fs::canonicalize(&path).await.map_err(|e| {
+                    BackendError::InvalidInput(format!(
+                        "template `{label}` is not usable: {} ({e}); build it with \
+                         scripts/build-guest-image.sh",
+                        path.display()
+                    ))
+                })
+            }
+        };
+        let kernel = resolve("vmlinuz").await?;
+        let initrd = resolve("initrd.img").await?;
+        let root_disk = resolve("root.qcow2").await?;
+        let kernel_cmdline = match cmdline_override {
+            Some(cmdline) => cmdline.to_owned(),
+            None => read_manifest_cmdline(&dir.join("manifest.json"))
+                .await?
+                .unwrap_or_else(|| FALLBACK_KERNEL_CMDLINE.to_owned()),
+        };
+        Ok(Template {
+            kernel,
+            initrd,
+            root_disk,
+            kernel_cmdline,
+        })
+    }
+
+    /// Whether the files this sandbox was cloned from are all still there.
+    pub async fn missing_file(&self) -> Option<&Path> {
+        for path in [&self.kernel, &self.initrd, &self.root_disk] {
+            if !matches!(tokio::fs::try_exists(path).await, Ok(true)) {
+                return Some(path);
+            }
+        }
+        None
+    }
+}
+
+async fn read_manifest_cmdline(path: &Path) -> Result<Option<String>, BackendError> {
+    let text = match tokio::fs::read_to_string(path).await {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(BackendError::io(format!("reading {}", path.display()), e)),
+    };
+    let manifest: Manifest = serde_json::from_str(&text)
+        .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))?;
+    Ok(manifest.kernel_cmdline)
+}
+
+/// What the backend keeps about a sandbox in `sandbox.json`: enough to start it after a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub name: String,
+    pub job_id: String,
+    pub created_ms: i64,
+    pub template: Template,
+    pub cores: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub network: NetworkMode,
+}
+
+/// The files of one sandbox folder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxPaths {
+    pub dir: PathBuf,
+}
+
+impl SandboxPaths {
+    pub fn new(sandboxes_dir: &Path, name: &str) -> SandboxPaths {
+        SandboxPaths {
+            dir: sandboxes_dir.join(name),
+        }
+    }
+
+    pub fn overlay(&self) -> PathBuf {
+        self.dir.join("overlay.qcow2")
+    }
+
+    pub fn seed_image(&self) -> PathBuf {
+        self.dir.join("seed.img")
+    }
+
+    pub fn seed_staging(&self) -> PathBuf {
+        self.dir.join("seed.d")
+    }
+
+    pub fn record(&self) -> PathBuf {
+        self.dir.join("sandbox.json")
+    }
+
+    /// Written last by a clone: a folder without it is an interrupted clone, to be redone.
+    pub fn complete_marker(&self) -> PathBuf {
+        self.dir.join("complete")
+    }
+
+    pub fn pidfile(&self) -> PathBuf {
+        self.dir.join("qemu.pid")
+    }
+
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.dir.join("qmp.sock")
+    }
+
+    pub fn qga_socket(&self) -> PathBuf {
+        self.dir.join("qga.sock")
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// QEMU's own stderr (start-up errors).
+    pub fn qemu_log(&self) -> PathBuf {
+        self.dir.join("qemu.log")
+    }
+
+    /// Every QEMU argument naming a file in the folder contains this, so a process whose command
+    /// line contains it is this sandbox's QEMU (and not a process that reused its pid).
+    pub fn ownership_marker(&self) -> String {
+        format!("{}/", self.dir.display())
+    }
+}
+
+/// Checks that `name` is one of ours and safe as a folder name, hostname and QEMU option value.
+pub fn validate_name(name: &str) -> Result<(), BackendError> {
+    let valid = name.starts_with(VM_NAME_PREFIX)
+        && name.len() > VM_NAME_PREFIX.len()
+        && name.len() <= MAX_NAME_LEN
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(BackendError::InvalidInput(format!(
+            "VM name `{name}` must start with `{VM_NAME_PREFIX}`, hold only a-z, 0-9 and '-', and \
+             be at most {MAX_NAME_LEN} characters"
+        )))
+    }
+}
+
+/// Checks a folder the backend puts on QEMU's command line. QEMU option values treat ',' as a
+/// separator, and the unix sockets inside a sandbox folder must fit `sun_path`.
+pub fn validate_dir(key: &str, dir: &Path) -> Result<(), BackendError> {
+    let text = dir.to_str().ok_or_else(|| {
+        BackendError::InvalidInput(format!("{key} {} is not valid UTF-8", dir.display()))
+    })?;
+    if !dir.is_absolute() {
+        return Err(BackendError::InvalidInput(format!(
+            "{key} {text} must be absolute"
+        )));
+    }
+    if text.contains(',') || text.chars().any(char::is_control) {
+        return Err(BackendError::InvalidInput(format!(
+            "{key} {text} must not contain commas or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// Length of the names the daemon gives its VMs (`model::sandbox_name_for`: prefix + 12).
+const USUAL_NAME_LEN: usize = VM_NAME_PREFIX.len() + 12;
+
+/// Checks that the sockets of a VM named `name` fit `sun_path`.
+pub fn validate_socket_room(sandboxes_dir: &Path, name: &str) -> Result<(), BackendError> {
+    let socket = SandboxPaths::new(sandboxes_dir, name).qmp_socket();
+    let len = socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(BackendError::InvalidInput(format!(
+            "sandboxes_dir {} is too long for VM {name}: its socket paths would take {len} \
+             bytes, more than the {MAX_SOCKET_PATH} a unix socket allows",
+            sandboxes_dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the sockets of VMs with the daemon's usual names fit `sun_path`.
+pub fn validate_sandboxes_dir_room(sandboxes_dir: &Path) -> Result<(), BackendError> {
+    validate_socket_room(sandboxes_dir, &"x".repeat(USUAL_NAME_LEN))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        validate_name("sandbox-0123456789ab").unwrap();
+        for bad in [
+            "sandbox-",
+            "vm-1",
+            "sandbox-A",
+            "sandbox-a/..",
+            "sandbox-a,b",
+            "sandbox-a-",
+            &format!("sandbox-{}", "a".repeat(60)),
+        ] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn dirs() {
+        validate_dir("sandboxes_dir", Path::new("/var/lib/agentlab/sandboxes")).unwrap();
+        assert!(validate_dir("x", Path::new("relative")).is_err());
+        assert!(validate_dir("x", Path::new("/a,b")).is_err());
+        validate_sandboxes_dir_room(Path::new("/var/lib/agentlab/sandboxes")).unwrap();
+        assert!(validate_sandboxes_dir_room(&Path::new("/").join("d".repeat(80))).is_err());
+        let long_name = format!("sandbox-{}", "a".repeat(55));
+        assert!(validate_socket_room(&Path::new("/").join("d".repeat(50)), &long_name).is_err());
+    }
+
+    #[test]
+    fn ownership_marker_does_not_match_a_sibling_with_a_longer_name() {
+        let a = SandboxPaths::new(Path::new("/s"), "sandbox-a");
+        let ab = SandboxPaths::new(Path::new("/s"), "sandbox-ab");
+        assert!(!ab
+            .qmp_socket()
+            .to_str()
+            .unwrap()
+            .contains(&a.ownership_marker()));
+        assert!(a
+            .qmp_socket()
+            .to_str()
+            .unwrap()
+            .contains(&a.ownership_marker()));
+    }
+
+    #[test]
+    fn template_dirs() {
+        let images = Path::new("/i");
+        assert_eq!(Template::dir(images, "").unwrap(), images);
+        assert_eq!(
+            Template::dir(images, "ubuntu-24.04").unwrap(),
+            images.join("ubuntu-24.04")
+        );
+        for bad in ["..", "../x", "a/b", ".hidden"] {
+            assert!(Template::dir(images, bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn resolves_template_files_through_links_and_reads_the_manifest() {
+        let images = tempfile::tempdir().unwrap();
+        let build = images.path().join("builds/1");
+        std::fs::create_dir_all(&build).unwrap();
+        for file in ["vmlinuz", "initrd.img", "root.qcow2"] {
+            std::fs::write(build.join(file), b"x").unwrap();
+            std::os::unix::fs::symlink(build.join(file), images.path().join(file)).unwrap();
+        }
+        let template = Template::resolve(images.path(), "", None).await.unwrap();
+        assert_eq!(
+            template.root_disk,
+            build.canonicalize().unwrap().join("root.qcow2")
+        );
+        assert_eq!(template.kernel_cmdline, FALLBACK_KERNEL_CMDLINE);
+
+        std::fs::write(
+            images.path().join("manifest.json"),
+            r#"{"format": 1, "kernel_cmdline": "console=ttyS0 root=/dev/vda"}"#,
+        )
+        .unwrap();
+        let template = Template::resolve(images.path(), "", None).await.unwrap();
+        assert_eq!(template.kernel_cmdline, "console=ttyS0 root=/dev/vda");
+        let template = Template::resolve(images.path(), "", Some("quiet"))
+            .await
+            .unwrap();
+        assert_eq!(template.kernel_cmdline, "quiet");
+        assert!(template.missing_file().await.is_none());
+
+        let err = Template::resolve(images.path(), "nope", None)
+            .await
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("template `nope`"), "{message}");
+        assert!(message.contains("build-guest-image.sh"), "{message}");
+    }
+}

@@ -1,0 +1,17 @@
+//! The local QEMU backend: one throwaway VM per sandbox, each a qcow2 overlay of a template plus a
+//! NoCloud seed, run by a detached `qemu-system` process and driven over QMP and the guest agent.
+
+pub mod accel;
+pub mod backend;
+pub mod config;
+pub mod launch;
+pub mod layout;
+pub mod process;
+pub mod qga;
+pub mod qmp;
+pub mod seed;
+pub mod tool;
+mod wire;
+
+pub use backend::{QemuBackend, QemuDirs, GUEST_URL};
+pub use config::{Accel, QemuConfig};

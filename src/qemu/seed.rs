@@ -1,0 +1,459 @@
+//! The NoCloud seed: `meta-data` and `user-data` text for one sandbox, and the small vfat image
+//! labelled `cidata` that carries them to the guest as its second disk.
+//!
+//! The YAML stays inside the subset both real cloud-init and the test image's parser accept:
+//! double-quoted one-line scalars, `|` block scalars for file contents, two-space indentation and
+//! one sequence item per line. Values that would need escapes in a double-quoted scalar (quotes,
+//! backslashes, control and non-ASCII characters) are refused rather than escaped.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::process::Command;
+
+use super::tool::{self, ToolError};
+use crate::backend::CloudInitSpec;
+
+/// Where the runner finds the daemon's URL and its one-time token.
+pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
+
+/// How often cloud-init's phone_home retries.
+const PHONE_HOME_TRIES: u32 = 10;
+
+/// Big enough for the two text files, small enough to be made in milliseconds.
+const IMAGE_SIZE_KB: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error("cloud-init field {field} {reason}")]
+    InvalidField {
+        field: &'static str,
+        reason: &'static str,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SeedError {
+    let context = context.into();
+    move |source| SeedError::Io { context, source }
+}
+
+/// The two files of a seed. `user_data` carries tokens, so the Debug form only gives its size.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SeedFiles {
+    pub meta_data: String,
+    pub user_data: String,
+}
+
+impl fmt::Debug for SeedFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SeedFiles")
+            .field("meta_data", &self.meta_data)
+            .field("user_data_bytes", &self.user_data.len())
+            .finish()
+    }
+}
+
+/// The runner's bootstrap file, in the field order the guest contract shows.
+#[derive(serde::Serialize)]
+struct Bootstrap<'a> {
+    url: &'a str,
+    token: &'a str,
+}
+
+/// The host tools that build the image.
+#[derive(Debug, Clone)]
+pub struct SeedTools {
+    pub mkfs_vfat: PathBuf,
+    pub mcopy: PathBuf,
+    pub timeout: Duration,
+}
+
+/// Renders the seed's files. `instance_id` names the VM for cloud-init; a new id makes cloud-init
+/// treat a boot as a first boot.
+pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, SeedError> {
+    check_hostname("instance_id", instance_id)?;
+    check_hostname("hostname", &spec.hostname)?;
+    check_scalar("guest_url", &spec.guest_url)?;
+    check_scalar("phone_home_url", &spec.phone_home_url)?;
+    check_scalar("bootstrap_token", &spec.bootstrap_token)?;
+
+    let meta_data = format!(
+        "instance-id: \"{instance_id}\"\nlocal-hostname: \"{hostname}\"\n",
+        hostname = spec.hostname
+    );
+    // serde_json escapes whatever needs it, and its compact output is a single line, which is
+    // what a block scalar line must be.
+    let bootstrap = serde_json::to_string(&Bootstrap {
+        url: &spec.guest_url,
+        token: &spec.bootstrap_token,
+    })
+    .map_err(|_| SeedError::InvalidField {
+        field: "bootstrap_token",
+        reason: "cannot be encoded as JSON",
+    })?;
+    let user_data = format!(
+        "#cloud-config\n\
+         hostname: \"{hostname}\"\n\
+         write_files:\n  \
+           - path: \"{BOOTSTRAP_PATH}\"\n    \
+             permissions: \"0600\"\n    \
+             content: |\n      \
+               {bootstrap}\n\
+         phone_home:\n  \
+           url: \"{phone_home_url}\"\n  \
+           post:\n    \
+             - \"instance_id\"\n    \
+             - \"hostname\"\n  \
+           tries: {PHONE_HOME_TRIES}\n",
+        hostname = spec.hostname,
+        phone_home_url = spec.phone_home_url,
+    );
+    Ok(SeedFiles {
+        meta_data,
+        user_data,
+    })
+}
+
+/// Writes `files` into a fresh vfat image at `image`, labelled `cidata`. `staging` is a scratch
+/// folder (removed afterwards) on the same filesystem; both end up mode 0600/0700 because the
+/// user-data holds tokens.
+pub async fn write_image(
+    files: &SeedFiles,
+    image: &Path,
+    staging: &Path,
+    tools: &SeedTools,
+) -> Result<(), SeedError> {
+    remove_dir_if_present(staging).await?;
+    create_private_dir(staging).await?;
+    let meta_data = staging.join("meta-data");
+    let user_data = staging.join("user-data");
+    write_private_file(&meta_data, files.meta_data.as_bytes()).await?;
+    write_private_file(&user_data, files.user_data.as_bytes()).await?;
+
+    let partial = image.with_extension("img.partial");
+    remove_file_if_present(&partial).await?;
+    let mut mkfs = Command::new(&tools.mkfs_vfat);
+    mkfs.arg("-n")
+        .arg("cidata")
+        .arg("-C")
+        .arg(&partial)
+        .arg(IMAGE_SIZE_KB.to_string());
+    tool::run(mkfs, tools.timeout).await?;
+    set_private(&partial).await?;
+
+    let mut mcopy = Command::new(&tools.mcopy);
+    mcopy
+        .arg("-i")
+        .arg(&partial)
+        .arg(&meta_data)
+        .arg(&user_data)
+        .arg("::")
+        // mtools otherwise refuses images whose geometry it finds odd.
+        .env("MTOOLS_SKIP_CHECK", "1");
+    tool::run(mcopy, tools.timeout).await?;
+
+    tokio::fs::rename(&partial, image)
+        .await
+        .map_err(io_error(format!(
+            "renaming {} into place",
+            partial.display()
+        )))?;
+    remove_dir_if_present(staging).await
+}
+
+/// A hostname-like identifier: RFC 1123 labels, lower case.
+fn check_hostname(field: &'static str, value: &str) -> Result<(), SeedError> {
+    let invalid = |reason| Err(SeedError::InvalidField { field, reason });
+    if value.is_empty() || value.len() > 63 {
+        return invalid("must be 1 to 63 characters");
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return invalid("may only hold a-z, 0-9 and '-'");
+    }
+    if value.starts_with('-') || value.ends_with('-') {
+        return invalid("must not start or end with '-'");
+    }
+    Ok(())
+}
+
+/// A value that can sit between double quotes without any escape.
+fn check_scalar(field: &'static str, value: &str) -> Result<(), SeedError> {
+    if value.is_empty() {
+        return Err(SeedError::InvalidField {
+            field,
+            reason: "must not be empty",
+        });
+    }
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
+    {
+        return Err(SeedError::InvalidField {
+            field,
+            reason: "may only hold printable ASCII without spaces, quotes or backslashes",
+        });
+    }
+    Ok(())
+}
+
+async fn create_private_dir(path: &Path) -> Result<(), SeedError> {
+    let mut builder = tokio::fs::DirBuilder::new();
+    builder.mode(0o700);
+    builder
+        .create(path)
+        .await
+        .map_err(io_error(format!("creating {}", path.display())))
+}
+
+async fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), SeedError> {
+    use tokio::io::AsyncWriteExt;
+    let mut file = tokio::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .await
+        .map_err(io_error(format!("creating {}", path.display())))?;
+    file.write_all(contents)
+        .await
+        .map_err(io_error(format!("writing {}", path.display())))?;
+    file.flush()
+        .await
+        .map_err(io_error(format!("writing {}", path.display())))
+}
+
+async fn set_private(path: &Path) -> Result<(), SeedError> {
+    use std::os::unix::fs::PermissionsExt;
+    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .await
+        .map_err(io_error(format!("restricting {}", path.display())))
+}
+
+async fn remove_file_if_present(path: &Path) -> Result<(), SeedError> {
+    match tokio::fs::remove_file(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io_error(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn remove_dir_if_present(path: &Path) -> Result<(), SeedError> {
+    match tokio::fs::remove_dir_all(path).await {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(io_error(format!("removing {}", path.display()))(e))
+        }
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> CloudInitSpec {
+        CloudInitSpec {
+            hostname: "sandbox-0123456789ab".into(),
+            phone_home_url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123".into(),
+            guest_url: "http://10.0.2.100".into(),
+            bootstrap_token: "BOOTTOKEN456".into(),
+        }
+    }
+
+    #[test]
+    fn renders_the_expected_documents() {
+        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        assert_eq!(
+            files.meta_data,
+            "instance-id: \"sandbox-0123456789ab\"\nlocal-hostname: \"sandbox-0123456789ab\"\n"
+        );
+        let expected = r#"#cloud-config
+hostname: "sandbox-0123456789ab"
+write_files:
+  - path: "/etc/agentlab/bootstrap.json"
+    permissions: "0600"
+    content: |
+      {"url":"http://10.0.2.100","token":"BOOTTOKEN456"}
+phone_home:
+  url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123"
+  post:
+    - "instance_id"
+    - "hostname"
+  tries: 10
+"#;
+        assert_eq!(files.user_data, expected);
+    }
+
+    #[test]
+    fn user_data_means_what_it_says_to_a_yaml_parser() {
+        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
+        let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
+        assert_eq!(doc["hostname"], "sandbox-0123456789ab");
+        let file = &doc["write_files"][0];
+        assert_eq!(file["path"], BOOTSTRAP_PATH);
+        assert_eq!(file["permissions"], "0600");
+        let bootstrap: serde_json::Value =
+            serde_json::from_str(file["content"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            bootstrap,
+            serde_json::json!({"url": "http://10.0.2.100", "token": "BOOTTOKEN456"})
+        );
+        assert_eq!(
+            doc["phone_home"],
+            serde_json::json!({
+                "url": "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123",
+                "post": ["instance_id", "hostname"],
+                "tries": 10
+            })
+        );
+        let meta: serde_json::Value = yaml_serde::from_str(&files.meta_data).unwrap();
+        assert_eq!(meta["instance-id"], "sandbox-0123456789ab");
+    }
+
+    #[test]
+    fn tokens_stay_out_of_debug_output() {
+        let spec = spec();
+        let files = render("sandbox-0123456789ab", &spec).unwrap();
+        for text in [format!("{files:?}"), format!("{spec:?}")] {
+            assert!(!text.contains("BOOTTOKEN456"), "{text}");
+            assert!(!text.contains("PHONETOKEN123"), "{text}");
+        }
+    }
+
+    #[test]
+    fn refuses_values_that_would_need_escaping() {
+        let mut bad = spec();
+        bad.hostname = "evil\nruncmd: [reboot]".into();
+        assert!(matches!(
+            render("sandbox-1", &bad),
+            Err(SeedError::InvalidField {
+                field: "hostname",
+                ..
+            })
+        ));
+        let mut bad = spec();
+        bad.phone_home_url = "http://x/\"quoted\"".into();
+        assert!(matches!(
+            render("sandbox-1", &bad),
+            Err(SeedError::InvalidField {
+                field: "phone_home_url",
+                ..
+            })
+        ));
+        let mut bad = spec();
+        bad.bootstrap_token = String::new();
+        assert!(render("sandbox-1", &bad).is_err());
+        assert!(render("Sandbox_1", &spec()).is_err());
+    }
+
+    /// The guest image's own YAML reader (guest-image/, busybox awk) reads what we write.
+    #[test]
+    fn the_guest_image_parser_reads_the_user_data() {
+        let parser = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("guest-image/rootfs/usr/libexec/agentlab/yaml2tree.awk");
+        let dir = tempfile::tempdir().unwrap();
+        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        for (name, text) in [
+            ("user-data", &files.user_data),
+            ("meta-data", &files.meta_data),
+        ] {
+            let input = dir.path().join(name);
+            std::fs::write(&input, text).unwrap();
+            let out = dir.path().join(format!("{name}.tree"));
+            let run = std::process::Command::new("busybox")
+                .arg("awk")
+                .arg("-v")
+                .arg(format!("out={}", out.display()))
+                .arg("-f")
+                .arg(&parser)
+                .arg(&input)
+                .output()
+                .expect("busybox (busybox-static, see scripts/install-deps.sh) runs the parser");
+            assert!(
+                run.status.success() && run.stderr.is_empty(),
+                "{}",
+                String::from_utf8_lossy(&run.stderr)
+            );
+        }
+        let read = |path: &str| {
+            std::fs::read_to_string(dir.path().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+        };
+        assert_eq!(read("user-data.tree/hostname"), "sandbox-0123456789ab");
+        assert_eq!(read("user-data.tree/write_files/0000/path"), BOOTSTRAP_PATH);
+        assert_eq!(read("user-data.tree/write_files/0000/permissions"), "0600");
+        assert_eq!(
+            read("user-data.tree/write_files/0000/content"),
+            "{\"url\":\"http://10.0.2.100\",\"token\":\"BOOTTOKEN456\"}\n"
+        );
+        assert_eq!(
+            read("user-data.tree/phone_home/url"),
+            "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123"
+        );
+        assert_eq!(read("user-data.tree/phone_home/post/0000"), "instance_id");
+        assert_eq!(read("user-data.tree/phone_home/post/0001"), "hostname");
+        assert_eq!(read("user-data.tree/phone_home/tries"), "10");
+        assert_eq!(read("meta-data.tree/instance-id"), "sandbox-0123456789ab");
+        assert_eq!(
+            read("meta-data.tree/local-hostname"),
+            "sandbox-0123456789ab"
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_a_cidata_vfat_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("seed.img");
+        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let tools = SeedTools {
+            mkfs_vfat: "mkfs.vfat".into(),
+            mcopy: "mcopy".into(),
+            timeout: Duration::from_secs(30),
+        };
+        // Twice: a rerun (an idempotent clone redoing residue) replaces the image.
+        for _ in 0..2 {
+            write_image(&files, &image, &dir.path().join("seed.d"), &tools)
+                .await
+                .unwrap();
+        }
+        assert!(!dir.path().join("seed.d").exists());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&image).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let label = std::process::Command::new("mlabel")
+            .args(["-s", "-i"])
+            .arg(&image)
+            .arg("::")
+            .env("MTOOLS_SKIP_CHECK", "1")
+            .output()
+            .unwrap();
+        let label = String::from_utf8_lossy(&label.stdout).to_string();
+        assert!(label.to_lowercase().contains("cidata"), "{label}");
+        let read = |name: &str| {
+            let out = std::process::Command::new("mtype")
+                .arg("-i")
+                .arg(&image)
+                .arg(format!("::{name}"))
+                .env("MTOOLS_SKIP_CHECK", "1")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            String::from_utf8(out.stdout).unwrap()
+        };
+        assert_eq!(read("user-data"), files.user_data);
+        assert_eq!(read("meta-data"), files.meta_data);
+    }
+}

@@ -1,0 +1,262 @@
+//! End to end with real VMs: the daemon on the local QEMU backend runs jobs in guests booted from
+//! the test template (`scripts/build-guest-image.sh`; `AGENTLAB_TEST_IMAGES` says where it is).
+//! Every test checks that no qemu process and no per-sandbox file is left afterwards.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::{repo_dir, Daemon};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+fn images() -> PathBuf {
+    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/guest-image/images"));
+    assert!(
+        dir.join("root.qcow2").exists(),
+        "no guest template in {}: build it with \
+         `AGENTLAB_DATA_DIR=target/guest-image scripts/build-guest-image.sh --runner target/debug/agentlab-runner` \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// Starts the daemon on the QEMU backend with `tuning` as its tuning file.
+fn daemon(dir: &Path, tuning: &str, extra: &str) -> Daemon {
+    std::fs::create_dir_all(dir.join("tuning")).unwrap();
+    std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
+    let qemu = format!(
+        "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
+        images().display()
+    );
+    Daemon::start(dir, "qemu", &qemu)
+}
+
+const TUNING: &str =
+    "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}\n\
+                      intervals: {guest_poll: 250ms, reconcile: 5s}\n";
+
+/// A small git repository on the host, as a job's `repo`.
+fn git_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("hello.txt"), "hello from the host repo\n").unwrap();
+    let git = |args: &[&str]| {
+        let status = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.invalid",
+                "-C",
+            ])
+            .arg(&repo)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "initial"]);
+    repo
+}
+
+/// qemu processes whose command line mentions `dir`.
+fn qemu_processes(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains("qemu-system") && text.contains(&needle) {
+                found.push(text);
+            }
+        }
+    }
+    found
+}
+
+fn assert_nothing_left(dir: &Path) {
+    for _ in 0..100 {
+        if qemu_processes(dir).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        qemu_processes(dir).is_empty(),
+        "qemu left running: {:?}",
+        qemu_processes(dir)
+    );
+    let sandboxes = dir.join("data/sandboxes");
+    let left: Vec<_> = std::fs::read_dir(&sandboxes)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "sandbox files left: {left:?}");
+}
+
+fn logs(daemon: &Daemon, id: &str) -> String {
+    let client = reqwest::blocking::Client::builder()
+        .unix_socket(daemon.socket.clone())
+        .build()
+        .unwrap();
+    client
+        .get(format!("http://agentlabd/v1/jobs/{id}/logs"))
+        .send()
+        .unwrap()
+        .text()
+        .unwrap()
+}
+
+#[test]
+fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git_repo(dir.path());
+    let daemon = daemon(dir.path(), TUNING, "");
+    let id = daemon.submit(&json!({
+        "profile": "balanced",
+        "task": "summarise hello.txt",
+        "repo": repo.display().to_string(),
+        "command": "cat hello.txt; mkdir -p out; printf 'task=%s\\n' \"$AGENTLAB_TASK\" > out/report.txt; wc -c < hello.txt >> out/report.txt; echo artifact-written",
+        "artifacts": ["out/**"],
+        "env": {"SECRET_TOKEN": "do-not-print-me"},
+    }));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(240));
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
+    assert_eq!(job["exit_code"], 0);
+    let phases: Vec<&str> = job["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["phase"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "clone",
+            "start",
+            "cloud_init",
+            "guest_agent",
+            "run",
+            "upload",
+            "destroy"
+        ]
+    );
+
+    let output = logs(&daemon, &id);
+    assert!(output.contains("hello from the host repo"), "{output}");
+    assert!(output.contains("artifact-written"), "{output}");
+
+    let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
+    let artifacts = listing["artifacts"].as_array().unwrap();
+    assert_eq!(artifacts.len(), 1, "{listing}");
+    assert_eq!(artifacts[0]["path"], "out/report.txt");
+    let client = reqwest::blocking::Client::builder()
+        .unix_socket(daemon.socket.clone())
+        .build()
+        .unwrap();
+    let bytes = client
+        .get(format!(
+            "http://agentlabd/v1/jobs/{id}/artifacts/out/report.txt"
+        ))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&bytes),
+        "task=summarise hello.txt\n25\n"
+    );
+    assert_eq!(artifacts[0]["sha256"], hex::encode(Sha256::digest(&bytes)));
+    assert_nothing_left(dir.path());
+    assert!(!daemon.log().contains("do-not-print-me"));
+}
+
+#[test]
+fn a_failing_command_fails_the_job_with_its_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path(), TUNING, "");
+    let id = daemon.submit(
+        &json!({"profile": "balanced", "task": "t", "command": "echo about-to-fail; exit 7"}),
+    );
+    let job = daemon.wait_terminal(&id, Duration::from_secs(240));
+    assert_eq!(
+        (job["status"].as_str(), job["exit_code"].as_i64()),
+        (Some("FAILED"), Some(7)),
+        "{job}"
+    );
+    assert!(logs(&daemon, &id).contains("about-to-fail"));
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn a_command_that_overruns_the_run_timeout_ends_timeout_with_the_vm_destroyed() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path(), TUNING, "");
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 600", "run_timeout_seconds": 5}));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(240));
+    assert_eq!(job["status"], "TIMEOUT", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("phase run timed out"),
+        "{job}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn a_guest_that_never_phones_home_ends_in_a_cloud_init_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    // The guest's phone-home URL points at a port nothing forwards: it never gets through.
+    let tuning = "phase_timeouts: {cloud_init: 25s}\n";
+    let daemon = daemon(dir.path(), tuning, "guest_url: http://10.0.2.100:81\n");
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "t", "command": "true"}));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(180));
+    assert_eq!(job["status"], "TIMEOUT", "{job}");
+    assert!(
+        job["error"]
+            .as_str()
+            .unwrap()
+            .contains("phase cloud_init timed out"),
+        "{job}"
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    // Running VMs forward to the guest port they were started with, so it must survive the restart.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let guest = format!("guest_listen: 127.0.0.1:{port}\n");
+    let mut first = daemon(dir.path(), TUNING, &guest);
+    let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 8; echo finished-after-restart"}));
+    first.wait_phase(&id, "run", Duration::from_secs(180));
+    first.kill9();
+    assert!(
+        !qemu_processes(dir.path()).is_empty(),
+        "the VM outlives the daemon"
+    );
+
+    let second = daemon(dir.path(), TUNING, &guest);
+    let job: Value = second.wait_terminal(&id, Duration::from_secs(240));
+    // The VM and its runner survived, so the resumed actor sees the job through.
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{}", second.log());
+    assert!(logs(&second, &id).contains("finished-after-restart"));
+    let (_, running) = second.get("/v1/jobs?status=RUNNING");
+    assert!(running["jobs"].as_array().unwrap().is_empty());
+    assert_nothing_left(dir.path());
+}

@@ -1,0 +1,498 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! The QEMU backend with real VMs, through the `Backend` trait: clone, boot, guest agent, exec,
+//! phone-home over the restricted network, destroy, and the idempotency and error cases. The
+//! guest template must have been built first (see `template_dir`); the tests fail without it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentlab::backend::{
+    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
+    VmHandle, VmState,
+};
+use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+/// Generous: TCG boots take about 5 s alone, several times that on a busy 2-core host.
+const BOOT_LIMIT: Duration = Duration::from_secs(90);
+
+/// The built guest template: `$AGENTLAB_TEST_IMAGES`, else `target/guest-image/images`.
+fn template_dir() -> PathBuf {
+    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image/images"));
+    let missing: Vec<&str> = ["vmlinuz", "initrd.img", "root.qcow2"]
+        .into_iter()
+        .filter(|file| !dir.join(file).exists())
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the guest template is missing {missing:?} in {dir}. Build it with\n  \
+         AGENTLAB_DATA_DIR=$PWD/target/guest-image scripts/build-guest-image.sh --runner RUNNER\n\
+         (RUNNER: target/debug/agentlab-runner, or any placeholder `#!/bin/sh` script), or point \
+         AGENTLAB_TEST_IMAGES at a built images folder.",
+        dir = dir.display()
+    );
+    dir
+}
+
+/// A scratch folder under `target/`, short enough for unix socket paths and on the same
+/// filesystem as the template.
+fn scratch() -> tempfile::TempDir {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/qemu-tests");
+    std::fs::create_dir_all(&base).unwrap();
+    tempfile::Builder::new()
+        .prefix("t")
+        .tempdir_in(base)
+        .unwrap()
+}
+
+fn config() -> QemuConfig {
+    QemuConfig {
+        // The KVM probe hangs on some nested hosts; it has a test of its own.
+        accel: Accel::Tcg,
+        memory_mb_cap: Some(256),
+        ..QemuConfig::default()
+    }
+}
+
+fn backend(root: &Path, images: &Path, endpoint: std::net::SocketAddr) -> QemuBackend {
+    let dirs = QemuDirs {
+        images: images.to_owned(),
+        sandboxes: root.join("sandboxes"),
+    };
+    QemuBackend::new(config(), dirs, endpoint).unwrap()
+}
+
+fn spec(name: &str, job_id: &str) -> SandboxSpec {
+    SandboxSpec {
+        job_id: job_id.into(),
+        name: name.into(),
+        template: String::new(),
+        cores: 1,
+        memory_mb: 1024,
+        disk_gb: 2,
+        network: NetworkMode::Restricted,
+        cloud_init: CloudInitSpec {
+            hostname: name.into(),
+            phone_home_url: format!("http://10.0.2.100/guest/v1/phone-home/ph-{job_id}"),
+            guest_url: "http://10.0.2.100".into(),
+            bootstrap_token: format!("boot-{job_id}"),
+        },
+    }
+}
+
+/// Pids of live processes whose command line names a file in `dir`.
+fn processes_naming(dir: &Path) -> Vec<u32> {
+    let marker = format!("{}/", dir.display());
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(&marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Polls `agent_ping` until the guest agent answers; returns how long that took.
+async fn wait_for_agent(backend: &QemuBackend, vm: &VmHandle) -> Duration {
+    let started = Instant::now();
+    loop {
+        match backend.agent_ping(vm).await {
+            Ok(()) => return started.elapsed(),
+            Err(BackendError::AgentUnavailable(_)) => {}
+            Err(e) => panic!("agent_ping failed: {e}"),
+        }
+        assert!(
+            started.elapsed() < BOOT_LIMIT,
+            "guest agent not up after {BOOT_LIMIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Runs `script` with the guest's `/bin/sh` and waits for it to finish.
+async fn run_in_guest(backend: &QemuBackend, vm: &VmHandle, script: &str) -> ExecStatus {
+    let command = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec!["-c".into(), script.into()],
+        env: Default::default(),
+    };
+    let pid = backend.exec(vm, &command).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match backend.exec_status(vm, pid).await.unwrap() {
+            ExecStatus::Running => {
+                assert!(Instant::now() < deadline, "`{script}` still running");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+/// A stand-in for the daemon's guest endpoint: answers every request with 200 and reports each
+/// request's head and body.
+async fn guest_endpoint() -> (std::net::SocketAddr, mpsc::UnboundedReceiver<String>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&request).to_string();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let length = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if request.len() >= end + 4 + length {
+                            break;
+                        }
+                    }
+                }
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    .await;
+                let _ = tx.send(String::from_utf8_lossy(&request).to_string());
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, mut requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let spec = spec("sandbox-full01", "job-full01");
+
+    let started = Instant::now();
+    let vm = backend.clone_vm(&spec).await.unwrap();
+    let clone_time = started.elapsed();
+    let dir = PathBuf::from(&vm.vm_ref);
+    assert_eq!(dir, root.path().join("sandboxes/sandbox-full01"));
+    assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
+    assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
+
+    let started = Instant::now();
+    backend.start_vm(&vm).await.unwrap();
+    wait_for_agent(&backend, &vm).await;
+    let agent_time = started.elapsed();
+    assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Running);
+
+    // Starting a running VM is a no-op, not a second QEMU.
+    backend.start_vm(&vm).await.unwrap();
+    assert_eq!(processes_naming(&dir).len(), 1, "exactly one qemu");
+
+    let command = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec!["-c".into(), "echo hi; exit 3".into()],
+        env: Default::default(),
+    };
+    let pid = backend.exec(&vm, &command).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        match backend.exec_status(&vm, pid).await.unwrap() {
+            ExecStatus::Running => {
+                assert!(Instant::now() < deadline, "command still running");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => break done,
+        }
+    };
+    assert_eq!(status, ExecStatus::Exited { code: 3 });
+    // An environment of our own replaces the agent's; PATH is still there for `wget`.
+    let with_env = GuestCommand {
+        path: "/bin/sh".into(),
+        args: vec![
+            "-c".into(),
+            "test \"$GREETING\" = hello && command -v wget".into(),
+        ],
+        env: [("GREETING".to_owned(), "hello".to_owned())].into(),
+    };
+    let env_pid = backend.exec(&vm, &with_env).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backend.exec_status(&vm, env_pid).await.unwrap() == ExecStatus::Running {
+        assert!(Instant::now() < deadline, "env command still running");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backend.exec_status(&vm, env_pid).await.unwrap(),
+        ExecStatus::Exited { code: 0 }
+    );
+    // The agent forgets a reaped command; the backend remembers for a restarted caller.
+    assert_eq!(
+        backend.exec_status(&vm, pid).await.unwrap(),
+        ExecStatus::Exited { code: 3 }
+    );
+
+    // Phone-home went through guestfwd and socat to our endpoint, with cloud-init's form body.
+    let request = tokio::time::timeout(BOOT_LIMIT, requests.recv())
+        .await
+        .expect("no phone-home within the boot limit")
+        .unwrap();
+    assert!(
+        request.starts_with("POST /guest/v1/phone-home/ph-job-full01 "),
+        "{request}"
+    );
+    assert!(request.contains("instance_id=sandbox-full01"), "{request}");
+    assert!(request.contains("hostname=sandbox-full01"), "{request}");
+
+    // write_files ran before phone_home: the runner's bootstrap file is there, private.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "test \"$(stat -c %a /etc/agentlab/bootstrap.json)\" = 600 && \
+         grep -q '\"token\":\"boot-job-full01\"' /etc/agentlab/bootstrap.json",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+
+    // guestfwd's cmd: form serves one connection after another, not just the first.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "for i in 1 2 3; do wget -q -O /dev/null http://10.0.2.100/seq/$i || exit 1; done",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    for i in 1..=3 {
+        let request = tokio::time::timeout(Duration::from_secs(10), requests.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(request.starts_with(&format!("GET /seq/{i} ")), "{request}");
+    }
+    // Restricted: the host's loopback (10.0.2.2 in user-mode networking) is out of reach, even
+    // the port the guest endpoint listens on.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "timeout 10 wget -q -O /dev/null http://10.0.2.2:{}/escape",
+            endpoint.port()
+        ),
+    )
+    .await;
+    assert_ne!(status, ExecStatus::Exited { code: 0 });
+    assert!(requests.try_recv().is_err(), "the guest reached the host");
+
+    let started = Instant::now();
+    backend.destroy_vm(&vm).await.unwrap();
+    let destroy_time = started.elapsed();
+    assert!(processes_naming(&dir).is_empty(), "a qemu survived destroy");
+    assert!(!dir.exists());
+    assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Missing);
+    assert!(backend.list_vms().await.unwrap().is_empty());
+    backend.destroy_vm(&vm).await.unwrap();
+
+    eprintln!(
+        "timings: clone {clone_time:?}, start to agent ready {agent_time:?}, destroy {destroy_time:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_vm_reaches_the_host_and_outlives_its_backend() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, mut requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let mut spec = spec("sandbox-egress", "job-egress");
+    spec.network = NetworkMode::Egress;
+    let vm = backend.clone_vm(&spec).await.unwrap();
+    backend.start_vm(&vm).await.unwrap();
+    wait_for_agent(&backend, &vm).await;
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "timeout 20 wget -q -O /dev/null http://10.0.2.2:{}/outside",
+            endpoint.port()
+        ),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    let mut seen = Vec::new();
+    while let Ok(request) = requests.try_recv() {
+        seen.push(request);
+    }
+    assert!(
+        seen.iter().any(|r| r.starts_with("GET /outside ")),
+        "{seen:?}"
+    );
+
+    // A restarted daemon (a new backend on the same folders) finds the VM still running and can
+    // drive and destroy it.
+    drop(backend);
+    let restarted = self::backend(root.path(), &images, endpoint);
+    assert_eq!(
+        restarted.list_vms().await.unwrap(),
+        std::slice::from_ref(&vm)
+    );
+    assert_eq!(restarted.vm_state(&vm).await.unwrap(), VmState::Running);
+    restarted.agent_ping(&vm).await.unwrap();
+    restarted.start_vm(&vm).await.unwrap();
+    assert_eq!(processes_naming(Path::new(&vm.vm_ref)).len(), 1);
+    restarted.destroy_vm(&vm).await.unwrap();
+    assert!(processes_naming(Path::new(&vm.vm_ref)).is_empty());
+    assert!(restarted.list_vms().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_while_booting_leaves_nothing() {
+    let images = template_dir();
+    let root = scratch();
+    let backend = backend(root.path(), &images, "127.0.0.1:9".parse().unwrap());
+    let vm = backend
+        .clone_vm(&spec("sandbox-boot01", "job-boot01"))
+        .await
+        .unwrap();
+    let dir = PathBuf::from(&vm.vm_ref);
+    backend.start_vm(&vm).await.unwrap();
+    assert!(matches!(
+        backend.agent_ping(&vm).await,
+        Err(BackendError::AgentUnavailable(_))
+    ));
+    backend.destroy_vm(&vm).await.unwrap();
+    assert!(processes_naming(&dir).is_empty(), "a qemu survived destroy");
+    assert!(!dir.exists());
+    assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Missing);
+}
+
+#[tokio::test]
+async fn clone_is_idempotent_and_redoes_an_interrupted_clone() {
+    let images = template_dir();
+    let root = scratch();
+    let backend = backend(root.path(), &images, "127.0.0.1:9".parse().unwrap());
+    let spec = spec("sandbox-twice1", "job-twice1");
+
+    let first = backend.clone_vm(&spec).await.unwrap();
+    let overlay = Path::new(&first.vm_ref).join("overlay.qcow2");
+    let created = std::fs::metadata(&overlay).unwrap().modified().unwrap();
+    let second = backend.clone_vm(&spec).await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(
+        std::fs::metadata(&overlay).unwrap().modified().unwrap(),
+        created,
+        "the second clone must not recreate the overlay"
+    );
+    let sandboxes: Vec<_> = std::fs::read_dir(root.path().join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("sandbox-"))
+        .collect();
+    assert_eq!(sandboxes.len(), 1);
+
+    // The overlay is a linked clone of the template's resolved root disk.
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-U"])
+        .arg(&overlay)
+        .output()
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let backing = info["full-backing-filename"].as_str().unwrap();
+    assert_eq!(
+        Path::new(backing),
+        images.join("root.qcow2").canonicalize().unwrap()
+    );
+
+    // Another job under the same name is refused, not handed this job's VM.
+    let other = self::spec("sandbox-twice1", "job-other");
+    assert!(matches!(
+        backend.clone_vm(&other).await,
+        Err(BackendError::InvalidInput(_))
+    ));
+
+    // A clone cut short (no completion marker) is redone from scratch.
+    std::fs::remove_file(Path::new(&first.vm_ref).join("complete")).unwrap();
+    std::fs::remove_file(&overlay).unwrap();
+    let third = backend.clone_vm(&spec).await.unwrap();
+    assert_eq!(third, first);
+    assert!(overlay.exists());
+
+    backend.destroy_vm(&first).await.unwrap();
+    assert!(!Path::new(&first.vm_ref).exists());
+}
+
+#[tokio::test]
+async fn a_missing_template_is_a_clear_error() {
+    let images = template_dir();
+    let root = scratch();
+    let backend = backend(root.path(), &images, "127.0.0.1:9".parse().unwrap());
+    let mut missing = spec("sandbox-notpl1", "job-notpl1");
+    missing.template = "no-such-template".into();
+    let err = backend.clone_vm(&missing).await.unwrap_err();
+    let message = err.to_string();
+    assert!(matches!(err, BackendError::InvalidInput(_)), "{message}");
+    assert!(message.contains("no-such-template"), "{message}");
+    assert!(message.contains("build-guest-image.sh"), "{message}");
+    assert!(backend.list_vms().await.unwrap().is_empty());
+
+    // A template deleted between clone and start: start says which file is gone.
+    let own_images = root.path().join("images");
+    std::fs::create_dir(&own_images).unwrap();
+    for file in ["vmlinuz", "initrd.img", "root.qcow2"] {
+        let source = images.join(file).canonicalize().unwrap();
+        if std::fs::hard_link(&source, own_images.join(file)).is_err() {
+            std::fs::copy(&source, own_images.join(file)).unwrap();
+        }
+    }
+    let backend = self::backend(root.path(), &own_images, "127.0.0.1:9".parse().unwrap());
+    let vm = backend
+        .clone_vm(&spec("sandbox-notpl2", "job-notpl2"))
+        .await
+        .unwrap();
+    std::fs::remove_file(own_images.join("vmlinuz")).unwrap();
+    let err = backend.start_vm(&vm).await.unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("vmlinuz"), "{message}");
+    assert!(message.contains("is gone"), "{message}");
+    assert!(processes_naming(Path::new(&vm.vm_ref)).is_empty());
+    backend.destroy_vm(&vm).await.unwrap();
+}
+
+#[tokio::test]
+async fn kvm_probe_answers_within_its_timeout_and_leaves_no_qemu() {
+    let images = template_dir();
+    let root = scratch();
+    let scratch_dir = root.path().join("probe");
+    let started = Instant::now();
+    let verdict = agentlab::qemu::accel::probe_kvm(
+        Path::new("qemu-system-x86_64"),
+        &images.join("vmlinuz"),
+        &scratch_dir,
+        Duration::from_secs(3),
+    )
+    .await;
+    eprintln!("KVM probe: {verdict:?} after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Killed on timeout, and reaped: nothing names the scratch folder any more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(processes_naming(&scratch_dir).is_empty());
+}
