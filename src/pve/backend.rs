@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 
-use super::cloudinit;
 use super::command::{CommandError, CommandOutput, CommandRunner, DuctRunner, Invocation, Tool};
 use super::config::PveConfig;
 use super::errors::{ErrorClass, PveError};
@@ -409,8 +408,10 @@ impl PveBackend {
         spec: &SandboxSpec,
         info: &TemplateInfo,
     ) -> Result<(), PveError> {
-        let contents =
-            cloudinit::user_data(&spec.cloud_init).map_err(|e| PveError::Invalid(e.to_string()))?;
+        // The same user-data as the local backend's seed; Proxmox makes the meta-data itself.
+        let contents = crate::qemu::seed::render(&spec.name, &spec.cloud_init)
+            .map_err(|e| PveError::Invalid(e.to_string()))?
+            .user_data;
         let (dir, name) = (self.config.snippets_dir.clone(), spec.name.clone());
         tokio::task::spawn_blocking(move || snippets::write(&dir, &name, &contents))
             .await

@@ -4,11 +4,11 @@
 //! - `command`: runs one `qm`/`pvesh` argv (never a shell) under a timeout, capturing its output;
 //! - `errors`: turns a failed command's stderr into the cases the backend acts on;
 //! - `parse`: reads what `qm` and `pvesh` print;
-//! - `cloudinit` and `snippets`: the user-data each clone boots with, kept as a snippet file;
+//! - `snippets`: the user-data each clone boots with, kept as a snippet file. The user-data is
+//!   the local backend's (`qemu::seed::render`): one guest contract for both backends;
 //! - `backend`: `PveBackend`, the `Backend` trait in `qm` terms.
 
 pub mod backend;
-pub mod cloudinit;
 pub mod command;
 pub mod config;
 pub mod errors;
