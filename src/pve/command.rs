@@ -181,7 +181,9 @@ impl CommandRunner for DuctRunner {
         check_args(invocation)?;
         let program = self.program(invocation.tool);
         let started = Instant::now();
-        let handle = duct::cmd(program, &invocation.args)
+        // As an OsStr, not a Path: duct turns a relative Path into `./qm`, which would defeat the
+        // PATH lookup of the default `qm`/`pvesh`.
+        let handle = duct::cmd(program.as_os_str(), &invocation.args)
             .stdin_null()
             .stdout_capture()
             .stderr_capture()
@@ -351,6 +353,17 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    #[test]
+    fn a_bare_program_name_is_looked_up_on_path() {
+        let runner = DuctRunner {
+            qm: PathBuf::from("sh"),
+            pvesh: PathBuf::from("sh"),
+            kill_grace: Duration::from_millis(300),
+        };
+        let invocation = Invocation::new(Tool::Qm, ["-c", "echo found"], Duration::from_secs(5));
+        assert_eq!(runner.run(&invocation).unwrap().stdout, "found\n");
     }
 
     #[test]
