@@ -116,7 +116,8 @@ impl PveError {
         };
         PveError::Failed {
             command,
-            class: classify(text),
+            // A task's own log (on stdout) may say more than the final line on stderr.
+            class: classify(&format!("{}\n{}", output.stderr, output.stdout)),
             status,
             stderr: tail(text, 2000),
         }
@@ -202,6 +203,10 @@ mod tests {
             ErrorClass::IdTaken,
         ),
         (
+            "unable to create VM 101: config file already exists\n",
+            ErrorClass::IdTaken,
+        ),
+        (
             "400 Parameter verification failed.\nfull: linked clone feature is not supported for drive 'scsi0'\n",
             ErrorClass::LinkedCloneUnsupported,
         ),
@@ -212,6 +217,10 @@ mod tests {
         (
             "Linked clone feature for 'local:9000/base-9000-disk-0.raw' is not available\n",
             ErrorClass::LinkedCloneUnsupported,
+        ),
+        (
+            "parameter 'storage' not allowed for linked clones\n",
+            ErrorClass::Other,
         ),
         ("QEMU guest agent is not running\n", ErrorClass::AgentNotRunning),
         (
