@@ -231,8 +231,10 @@ async fn allocate(state: &State, vmid: u32, value: &str, conf: &Conf) -> Result<
         .unwrap_or_default();
     let path = state.volume_path(&volname);
     match drive_option(value, "import-from") {
-        // Imported images are linked, not copied: they are only ever read (clones overlay them).
-        Some(source) => std::os::unix::fs::symlink(std::fs::canonicalize(source)?, &path)?,
+        // Imported as a copy, as Proxmox does: the source may be a temporary file.
+        Some(source) => {
+            std::fs::copy(source, &path)?;
+        }
         None => {
             let bytes = size_gb.max(1) << 30;
             let mut command = tokio::process::Command::new("qemu-img");

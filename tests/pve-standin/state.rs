@@ -1,7 +1,7 @@
 //! The stand-in's state folder and settings. Everything lives under `PVE_STANDIN_DIR`:
 //!
 //! - `qemu-server/ID.conf`: each VM's config, in Proxmox's `key: value` format;
-//! - `images/VOLNAME.qcow2`: disk volumes (a template's disk is a link to the imported image, a
+//! - `images/VOLNAME.qcow2`: disk volumes (a template's disk is a copy of the imported image, a
 //!   linked clone's disk a qcow2 overlay on it);
 //! - `firewall/cluster.json`, `firewall/ID.json`: firewall options and rules;
 //! - `vms/NAME/`: the local QEMU backend's folder of a VM that has been started;
