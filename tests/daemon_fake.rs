@@ -13,6 +13,14 @@ fn error_code(answer: &Value) -> &str {
     answer["error"]["code"].as_str().unwrap_or("")
 }
 
+/// Fake backend config whose VMs survive in `state` and whose command runs ten minutes.
+fn slow_fake(state: &std::path::Path) -> String {
+    format!(
+        "fake:\n  state_file: {}\n  latency:\n    run: {{min_ms: 600000, max_ms: 600000}}\n",
+        state.display()
+    )
+}
+
 #[test]
 fn bad_api_input_gets_a_clear_4xx() {
     let dir = tempfile::tempdir().unwrap();
@@ -162,10 +170,7 @@ fn sighup_reloads_tuning_and_an_invalid_file_keeps_the_old_values() {
 fn killed_mid_job_and_restarted_nothing_leaks_and_nothing_stays_open() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("fake-vms.json");
-    let slow = format!(
-        "fake:\n  state_file: {}\n  latency:\n    run: {{min_ms: 600000, max_ms: 600000}}\n",
-        state.display()
-    );
+    let slow = slow_fake(&state);
     let mut daemon = Daemon::start(dir.path(), "fake", &slow);
     let running = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     daemon.wait_phase(&running, "run", Duration::from_secs(30));
@@ -197,10 +202,7 @@ fn killed_mid_job_and_restarted_nothing_leaks_and_nothing_stays_open() {
 fn sigterm_suspends_a_running_job_and_the_next_start_takes_it_up() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("fake-vms.json");
-    let slow = format!(
-        "fake:\n  state_file: {}\n  latency:\n    run: {{min_ms: 600000, max_ms: 600000}}\n",
-        state.display()
-    );
+    let slow = slow_fake(&state);
     let mut daemon = Daemon::start(dir.path(), "fake", &slow);
     let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     daemon.wait_phase(&id, "run", Duration::from_secs(30));

@@ -19,6 +19,20 @@ fn faulty(op: FakeOp, fault: Fault) -> FakeConfig {
     }
 }
 
+/// The simulated command runs this long.
+fn slow_run(ms: u64) -> FakeConfig {
+    FakeConfig {
+        latency: BTreeMap::from([(
+            FakeOp::Run,
+            Latency {
+                min_ms: ms,
+                max_ms: ms,
+            },
+        )]),
+        ..FakeConfig::default()
+    }
+}
+
 fn fail() -> Fault {
     Fault {
         fail_rate: 1.0,
@@ -239,16 +253,7 @@ fn panics_past_the_restart_limit_fail_the_job_and_destroy_the_vm() {
 #[test]
 fn cancelling_a_running_job_destroys_its_vm() {
     run_paused(async {
-        let config = FakeConfig {
-            latency: BTreeMap::from([(
-                FakeOp::Run,
-                Latency {
-                    min_ms: 600_000,
-                    max_ms: 600_000,
-                },
-            )]),
-            ..FakeConfig::default()
-        };
+        let config = slow_run(600_000);
         let h = Harness::start(config, short_tuning(), None);
         let id = h.submit(request()).await;
         h.wait_phase(&id, Phase::Run).await;
@@ -270,16 +275,7 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
     run_paused(async {
         let mut tuning = short_tuning();
         tuning.admission.max_concurrent = 1;
-        let config = FakeConfig {
-            latency: BTreeMap::from([(
-                FakeOp::Run,
-                Latency {
-                    min_ms: 60_000,
-                    max_ms: 60_000,
-                },
-            )]),
-            ..FakeConfig::default()
-        };
+        let config = slow_run(60_000);
         let h = Harness::start(config, tuning, None);
         let first = h.submit(request()).await;
         let second = h.submit(request()).await;
@@ -300,16 +296,7 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
 #[test]
 fn an_expired_lease_stops_the_job() {
     run_paused(async {
-        let config = FakeConfig {
-            latency: BTreeMap::from([(
-                FakeOp::Run,
-                Latency {
-                    min_ms: 3_600_000,
-                    max_ms: 3_600_000,
-                },
-            )]),
-            ..FakeConfig::default()
-        };
+        let config = slow_run(3_600_000);
         let mut tuning = short_tuning();
         tuning.phase_timeouts.run = Duration::from_secs(7200);
         let h = Harness::start(config, tuning, None);
@@ -329,16 +316,7 @@ fn an_expired_lease_stops_the_job() {
 #[test]
 fn graceful_shutdown_suspends_running_jobs_for_the_next_start() {
     run_paused(async {
-        let config = FakeConfig {
-            latency: BTreeMap::from([(
-                FakeOp::Run,
-                Latency {
-                    min_ms: 600_000,
-                    max_ms: 600_000,
-                },
-            )]),
-            ..FakeConfig::default()
-        };
+        let config = slow_run(600_000);
         let h = Harness::start(config, short_tuning(), None);
         let id = h.submit(request()).await;
         h.wait_phase(&id, Phase::Run).await;
@@ -363,15 +341,8 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
     let db = dir.path().join("agentlab.db");
     let state = dir.path().join("fake-vms.json");
     let config = FakeConfig {
-        latency: BTreeMap::from([(
-            FakeOp::Run,
-            Latency {
-                min_ms: 600_000,
-                max_ms: 600_000,
-            },
-        )]),
         state_file: Some(state.clone()),
-        ..FakeConfig::default()
+        ..slow_run(600_000)
     };
     let (running, queued) = run_paused({
         let config = config.clone();
