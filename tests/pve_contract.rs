@@ -39,6 +39,9 @@ struct Model {
     exec_statuses: Vec<&'static str>,
     /// Hooks by argv prefix, tried before the model; one that answers None lets the model run.
     hooks: Vec<(Vec<String>, Hook)>,
+    /// Commands (by argv prefix) that take this long, as a real clone does. Meanwhile a clone's
+    /// target holds qemu-server's unnamed, locked placeholder config, as on Proxmox.
+    slow: Vec<(Vec<String>, Duration)>,
     calls: Vec<Invocation>,
 }
 
@@ -247,9 +250,34 @@ struct Recorder(Arc<Mutex<Model>>);
 impl CommandRunner for Recorder {
     fn run(&self, invocation: &Invocation) -> Result<CommandOutput, CommandError> {
         agentlab::pve::command::check_args(invocation)?;
-        let mut model = self.0.lock().unwrap();
-        model.calls.push(invocation.clone());
         let args = invocation.args.clone();
+        let words: Vec<&str> = args.iter().map(String::as_str).collect();
+        let delay = {
+            let mut model = self.0.lock().unwrap();
+            model.calls.push(invocation.clone());
+            let delay = model
+                .slow
+                .iter()
+                .find(|(p, _)| args.starts_with(p))
+                .map(|(_, d)| *d);
+            if let (Some(_), ["clone", _, newid, ..]) = (delay, words.as_slice()) {
+                model.vms.entry(newid.parse().unwrap()).or_insert(Vm {
+                    name: String::new(),
+                    running: false,
+                    template: false,
+                    config: [("lock".to_owned(), "clone".to_owned())].into(),
+                });
+            }
+            delay
+        };
+        if let Some(delay) = delay {
+            // Without the model's lock: other commands run meanwhile, as on a real node.
+            std::thread::sleep(delay);
+            if let ["clone", _, newid, ..] = words.as_slice() {
+                self.0.lock().unwrap().vms.remove(&newid.parse().unwrap());
+            }
+        }
+        let mut model = self.0.lock().unwrap();
         let mut hooks = std::mem::take(&mut model.hooks);
         let mut answer = None;
         for (prefix, hook) in hooks.iter_mut() {
@@ -453,6 +481,28 @@ async fn clone_again_returns_the_same_vm_and_configures_it_again() {
         .await
         .unwrap();
     assert_eq!(rig.take(), [LIST]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_cancelled_midway_is_waited_for_not_made_twice() {
+    let rig = Rig::new();
+    rig.model()
+        .slow
+        .push((vec!["clone".to_owned()], Duration::from_millis(400)));
+    let spec = spec(NetworkMode::Egress);
+    // The phase times out (or the job is cancelled) while qm clone runs; qm goes on to the end.
+    let cut = tokio::time::timeout(Duration::from_millis(100), rig.backend.clone_vm(&spec)).await;
+    assert!(cut.is_err(), "cancelled while qm clone ran");
+    // The restarted phase finds that clone instead of making a second VM under the same name.
+    let handle = rig.backend.clone_vm(&spec).await.unwrap();
+    assert_eq!(handle.vm_ref, "100");
+    let clones = rig
+        .take()
+        .iter()
+        .filter(|c| c.starts_with("qm clone"))
+        .count();
+    assert_eq!(clones, 1);
+    assert_eq!(rig.model().vms.len(), 2, "the template and one clone");
 }
 
 #[tokio::test]

@@ -42,6 +42,11 @@ const STATUS_RETRY_WAIT: Duration = Duration::from_millis(500);
 /// The guest's `env(1)`, for commands given an environment: `qm guest exec` has no option for it.
 const GUEST_ENV: &str = "/usr/bin/env";
 
+/// Held while a `qm clone` for a name runs, by the blocking thread that waits for it: a clone
+/// whose caller was cancelled goes on to the end, and a re-run for the same name must wait for it
+/// rather than clone a second VM under that name.
+type CloneHold = Arc<tokio::sync::OwnedMutexGuard<()>>;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -62,6 +67,8 @@ pub struct PveBackend {
     /// Exit statuses already collected: the guest agent reports an exit only once, and a
     /// restarted actor may ask again.
     finished: Mutex<HashMap<(u32, i64), ExecStatus>>,
+    /// One lock per VM name, held across a clone (see `CloneHold`).
+    clones: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     issued: AtomicU64,
 }
 
@@ -94,6 +101,7 @@ impl PveBackend {
             node: tokio::sync::OnceCell::new(),
             templates: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
+            clones: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
         })
     }
@@ -149,13 +157,21 @@ impl PveBackend {
     }
 
     /// Runs one command off the executor; a non-zero exit is an error carrying its stderr.
-    async fn run_once(&self, invocation: Invocation) -> Result<CommandOutput, PveError> {
+    /// `hold` stays held until the command ends, even if this future is dropped before.
+    async fn run_once(
+        &self,
+        invocation: Invocation,
+        hold: Option<CloneHold>,
+    ) -> Result<CommandOutput, PveError> {
         let runner = Arc::clone(&self.runner);
         let command = invocation.display();
         self.issued.fetch_add(1, Ordering::Relaxed);
-        let output = tokio::task::spawn_blocking(move || runner.run(&invocation))
-            .await
-            .map_err(|e| PveError::Invalid(format!("`{command}` did not finish: {e}")))??;
+        let output = tokio::task::spawn_blocking(move || {
+            let _hold = hold;
+            runner.run(&invocation)
+        })
+        .await
+        .map_err(|e| PveError::Invalid(format!("`{command}` did not finish: {e}")))??;
         tracing::debug!(%command, elapsed_ms = output.elapsed.as_millis() as u64, code = ?output.code, "pve command");
         if output.success() {
             Ok(output)
@@ -167,10 +183,18 @@ impl PveBackend {
     /// Runs a command, trying again with a doubling backoff while Proxmox reports the VM locked
     /// or busy. Returns its stdout.
     async fn run(&self, invocation: Invocation) -> Result<String, PveError> {
+        self.run_holding(invocation, None).await
+    }
+
+    async fn run_holding(
+        &self,
+        invocation: Invocation,
+        hold: Option<CloneHold>,
+    ) -> Result<String, PveError> {
         let mut wait = self.config.busy_backoff;
         let mut attempt = 0;
         loop {
-            match self.run_once(invocation.clone()).await {
+            match self.run_once(invocation.clone(), hold.clone()).await {
                 Ok(output) => return Ok(output.stdout),
                 Err(err) if err.is(ErrorClass::Busy) && attempt < self.config.busy_retries => {
                     attempt += 1;
@@ -338,7 +362,12 @@ impl PveBackend {
 
     /// Clones `template` under `name` and returns the new VMID: a linked clone, or a full one
     /// when the template's storage cannot link.
-    async fn clone_from(&self, template: u32, name: &str) -> Result<u32, PveError> {
+    async fn clone_from(
+        &self,
+        template: u32,
+        name: &str,
+        hold: &CloneHold,
+    ) -> Result<u32, PveError> {
         let mut full = false;
         for _ in 0..ID_ATTEMPTS {
             let vmid = self.nextid().await?;
@@ -355,7 +384,8 @@ impl PveBackend {
             if let (true, Some(storage)) = (full, &self.config.storage) {
                 args.extend(["--storage".to_owned(), storage.clone()]);
             }
-            match self.qm(args).await {
+            let invocation = self.invocation(Tool::Qm, args);
+            match self.run_holding(invocation, Some(Arc::clone(hold))).await {
                 Ok(_) => return Ok(vmid),
                 Err(err) if err.is(ErrorClass::IdTaken) => {
                     tracing::info!(vmid, %err, "VMID taken meanwhile; picking another");
@@ -581,6 +611,8 @@ impl Backend for PveBackend {
         let restricted = spec.network == NetworkMode::Restricted;
         let fail = |e: PveError| e.into_backend("clone");
         let info = self.template(template, restricted).await.map_err(fail)?;
+        let name_lock = Arc::clone(lock(&self.clones).entry(spec.name.clone()).or_default());
+        let hold: CloneHold = Arc::new(name_lock.lock_owned().await);
         // A restarted actor re-runs this phase: the VM may exist already, configured or not.
         if let Some(existing) = self.find_by_name(&spec.name).await.map_err(fail)? {
             if !existing.running() {
@@ -592,7 +624,10 @@ impl Backend for PveBackend {
             return Ok(handle(&spec.name, existing.vmid));
         }
         let started = Instant::now();
-        let vmid = self.clone_from(template, &spec.name).await.map_err(fail)?;
+        let vmid = self
+            .clone_from(template, &spec.name, &hold)
+            .await
+            .map_err(fail)?;
         self.configure(vmid, spec, &info).await.map_err(fail)?;
         tracing::info!(vm = %spec.name, vmid, template, elapsed_ms = started.elapsed().as_millis() as u64, "cloned");
         Ok(handle(&spec.name, vmid))
@@ -628,7 +663,7 @@ impl Backend for PveBackend {
             ],
             self.config.agent_ping_timeout.min(self.command_timeout),
         );
-        match self.run_once(invocation).await {
+        match self.run_once(invocation, None).await {
             Ok(_) => Ok(()),
             Err(PveError::Command(CommandError::Timeout { seconds, .. })) => Err(
                 BackendError::AgentUnavailable(format!("no answer to a ping within {seconds:.0}s")),
@@ -736,6 +771,13 @@ impl Backend for PveBackend {
             .map_err(|e| BackendError::operation("destroy", e.to_string()))?
             .map_err(fail)?;
         lock(&self.finished).retain(|(id, _), _| *id != vmid);
+        let mut clones = lock(&self.clones);
+        if clones
+            .get(&vm.name)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            clones.remove(&vm.name);
+        }
         Ok(())
     }
 
