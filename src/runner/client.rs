@@ -10,12 +10,12 @@
 //! daemon restart.
 
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use reqwest::blocking::{Body, Client, RequestBuilder, Response};
+use reqwest::blocking::{Client, RequestBuilder, Response};
 use reqwest::StatusCode;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -84,6 +84,8 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Uploads get a base allowance plus time for the bytes at a slow but plausible rate.
 const UPLOAD_BASE: Duration = Duration::from_secs(60);
 const UPLOAD_MIN_BYTES_PER_SEC: u64 = 256 * 1024;
+/// How much of an artifact is handed to the connection at a time.
+const UPLOAD_CHUNK: usize = 1024 * 1024;
 const BUNDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub struct GuestClient {
@@ -191,42 +193,106 @@ impl GuestClient {
 
     /// Streams one file to `PUT /guest/v1/artifacts/{rel}` without reading it into memory, and
     /// checks the digest the daemon reports (when it reports one) against the bytes sent.
+    ///
+    /// The body goes through reqwest's async client in `UPLOAD_CHUNK` pieces: the blocking
+    /// client hands a reader over in 8 KiB pieces, each costing syscalls and a thread wake-up,
+    /// which under a software-emulated guest cap an upload at a few MB/s.
     pub fn put_artifact(&self, rel: &[u8], file: &Path, len: u64) -> Result<(), RunnerError> {
         const WHAT: &str = "upload an artifact";
         let url = self.url(&format!("artifacts/{}", encode_path(rel)));
         let timeout = UPLOAD_BASE + Duration::from_secs(len / UPLOAD_MIN_BYTES_PER_SEC);
-        // Each attempt hashes what it sends with its own hasher (a failed attempt's reader may
-        // still be running); the last attempt's is the one the answer describes.
-        let last_hasher = Mutex::new(Arc::new(Mutex::new(Sha256::new())));
-        let resp = self.execute(WHAT, Retry::Transient, || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| RunnerError::io("start the upload runtime", e))?;
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .connect_timeout(Duration::from_secs(10))
+            .build()
+            .map_err(RunnerError::Client)?;
+        let started = Instant::now();
+        let mut delay = self.retry.initial_delay;
+        loop {
             let handle = File::open(file)
                 .map_err(|e| RunnerError::io(format!("open {}", file.display()), e))?;
+            // Each attempt hashes what it sends; the last attempt's is the one the answer describes.
             let hasher = Arc::new(Mutex::new(Sha256::new()));
-            *last_hasher.lock().unwrap_or_else(PoisonError::into_inner) = Arc::clone(&hasher);
-            let reader = HashingReader {
-                inner: handle.take(len),
-                hasher,
-            };
-            Ok(self
-                .authed(self.http.put(&url))
-                .timeout(timeout)
-                .body(Body::sized(reader, len)))
-        })?;
-        let hasher = Arc::clone(&last_hasher.lock().unwrap_or_else(PoisonError::into_inner));
-        let sent = hex::encode(
-            std::mem::take(&mut *hasher.lock().unwrap_or_else(PoisonError::into_inner)).finalize(),
-        );
-        // The answer should be an Artifact; an answer we cannot read is not worth failing an
-        // upload the daemon accepted.
-        if let Ok(artifact) = resp.json::<Artifact>() {
-            if !artifact.sha256.eq_ignore_ascii_case(&sent) {
-                return Err(RunnerError::DigestMismatch {
-                    stored: artifact.sha256,
-                    sent,
-                });
+            let attempt =
+                runtime.block_on(self.send_file(&client, &url, handle, len, timeout, &hasher));
+            let retry_left = started.elapsed() + delay < self.retry.budget;
+            match attempt {
+                Ok((status, text)) if status.is_success() => {
+                    let sent = hex::encode(
+                        std::mem::take(&mut *hasher.lock().unwrap_or_else(PoisonError::into_inner))
+                            .finalize(),
+                    );
+                    // The answer should be an Artifact; an answer we cannot read is not worth
+                    // failing an upload the daemon accepted.
+                    if let Ok(artifact) = serde_json::from_str::<Artifact>(&text) {
+                        if !artifact.sha256.eq_ignore_ascii_case(&sent) {
+                            return Err(RunnerError::DigestMismatch {
+                                stored: artifact.sha256,
+                                sent,
+                            });
+                        }
+                    }
+                    return Ok(());
+                }
+                Ok((status, text)) => {
+                    if !(Retry::Transient.on_status(status) && retry_left) {
+                        return Err(api_error_parts(WHAT, status, &text));
+                    }
+                    eprintln!("agentlab-runner: {WHAT}: daemon answered {status}; retrying");
+                }
+                Err(source) => {
+                    if !(Retry::Transient.on_transport(&source) && retry_left) {
+                        return Err(RunnerError::Transport { what: WHAT, source });
+                    }
+                    eprintln!("agentlab-runner: {WHAT}: {source}; retrying");
+                }
             }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(self.retry.max_delay);
         }
-        Ok(())
+    }
+
+    async fn send_file(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        file: File,
+        len: u64,
+        timeout: Duration,
+        hasher: &Arc<Mutex<Sha256>>,
+    ) -> Result<(StatusCode, String), reqwest::Error> {
+        use futures_util::StreamExt;
+        use tokio::io::AsyncReadExt;
+        let hasher = Arc::clone(hasher);
+        let chunks = tokio_util::io::ReaderStream::with_capacity(
+            tokio::fs::File::from_std(file).take(len),
+            UPLOAD_CHUNK,
+        )
+        .map(move |chunk| {
+            if let Ok(bytes) = &chunk {
+                hasher
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .update(bytes);
+            }
+            chunk
+        });
+        let mut request = client
+            .put(url)
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_LENGTH, len)
+            .body(reqwest::Body::wrap_stream(chunks));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let text = response.text().await?;
+        Ok((status, text))
     }
 
     fn authed(&self, req: RequestBuilder) -> RequestBuilder {
@@ -272,7 +338,11 @@ impl GuestClient {
 fn api_error(what: &'static str, resp: Response) -> RunnerError {
     let status = resp.status();
     let text = resp.text().unwrap_or_default();
-    let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+    api_error_parts(what, status, &text)
+}
+
+fn api_error_parts(what: &'static str, status: StatusCode, text: &str) -> RunnerError {
+    let (code, message) = match serde_json::from_str::<ErrorBody>(text) {
         Ok(body) => (body.error.code, body.error.message),
         Err(_) => (
             status
@@ -287,22 +357,5 @@ fn api_error(what: &'static str, resp: Response) -> RunnerError {
         status: status.as_u16(),
         code,
         message,
-    }
-}
-
-/// Hashes the bytes as reqwest pulls them, so an upload is read from disk once.
-struct HashingReader<R> {
-    inner: R,
-    hasher: Arc<Mutex<Sha256>>,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .update(&buf[..n]);
-        Ok(n)
     }
 }
