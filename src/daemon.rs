@@ -22,6 +22,7 @@ use crate::config::tuning::{Tuning, TuningHandle};
 use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
 use crate::metrics::{Metrics, MetricsError};
+use crate::pve::PveBackend;
 use crate::qemu::{QemuBackend, QemuDirs};
 use crate::store::{Store, StoreError};
 
@@ -88,6 +89,7 @@ pub enum BuiltBackend {
 
 async fn build_backend(
     config: &Config,
+    profiles: &Profiles,
     guest_addr: std::net::SocketAddr,
     sink: Arc<dyn GuestSink>,
 ) -> Result<BuiltBackend, DaemonError> {
@@ -101,6 +103,21 @@ async fn build_backend(
                 sink,
             )?)))
         }
+        BackendKind::Pve => {
+            for warning in crate::pve::config::profile_warnings(&config.pve, profiles.all()) {
+                tracing::warn!("{warning}");
+            }
+            // Guests on the bridge reach the daemon at guest_url; a loopback one cannot work.
+            let url = config.resolved_guest_url(guest_addr);
+            if url.contains("://127.") || url.contains("://localhost") || url.contains("://[::1]") {
+                tracing::warn!(%url, "sandboxes cannot reach a loopback guest_url: set guest_url (and guest_listen) to the bridge address, e.g. http://10.77.0.1:8848 (docs/proxmox.md)");
+            }
+            let backend =
+                PveBackend::with_duct(config.pve.clone(), config.proxmox_command_timeout)?;
+            let node = backend.preflight().await?;
+            tracing::info!(%node, snippets = %config.pve.snippets_dir.display(), bridge = %config.pve.bridge, "Proxmox VE backend ready");
+            Ok(BuiltBackend::Other(Arc::new(backend)))
+        }
         BackendKind::Qemu => {
             if config.guest_listen.port() == 0 {
                 tracing::warn!(
@@ -113,9 +130,6 @@ async fn build_backend(
             backend.preflight().await?;
             Ok(BuiltBackend::Other(Arc::new(backend)))
         }
-        BackendKind::Pve => Err(DaemonError::Unsupported(
-            "backend `pve` is not available in this build".to_owned(),
-        )),
     }
 }
 
@@ -195,7 +209,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             context: "reading the guest API's address".into(),
             source,
         })?;
-    let built = build_backend(&config, guest_addr, Arc::clone(&reports)).await?;
+    let built = build_backend(&config, &profiles, guest_addr, Arc::clone(&reports)).await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),

@@ -14,6 +14,7 @@ pub mod http;
 pub mod metrics;
 pub mod model;
 pub mod paths;
+pub mod pve;
 pub mod qemu;
 pub mod runner;
 pub mod store;

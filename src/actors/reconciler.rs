@@ -2,7 +2,8 @@
 //! - a RUNNING job with no actor is resumed from its persisted phase;
 //! - a sandbox whose job is over but whose VM may remain (a failed or interrupted destroy) is
 //!   destroyed, unless it is KEPT (its lease decides);
-//! - a VM the backend lists under our name prefix that the store does not hold live is destroyed.
+//! - a VM the backend lists under our name prefix that the store does not hold live is destroyed;
+//! - what the backend keeps outside its VMs for VMs that are gone (pve snippets) is swept.
 
 use std::collections::HashSet;
 
@@ -20,6 +21,8 @@ pub struct ReconcileReport {
     pub destroyed_sandboxes: Vec<String>,
     /// VMs destroyed because the store did not know them.
     pub destroyed_orphans: Vec<String>,
+    /// What `Backend::sweep` removed.
+    pub swept: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +78,12 @@ pub async fn reconcile(
                 tracing::warn!(vm = %vm.name, error = %PhaseError::from(err), "destroying an orphan VM failed")
             }
         }
+    }
+    // After the orphans, so that their leftovers go in the same pass. A failed sweep is retried
+    // on the next pass and does not hold up resuming jobs.
+    match svc.backend.sweep().await {
+        Ok(swept) => report.swept = swept,
+        Err(err) => tracing::warn!(%err, "sweeping leftovers of gone VMs failed"),
     }
     if report != ReconcileReport::default() {
         tracing::info!(?report, "reconciled");

@@ -189,6 +189,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`.
     async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError>;
+
+    /// Removes what the backend keeps outside its VMs (the Proxmox backend's cloud-init snippets)
+    /// for VMs that no longer exist, and names what it removed. The reconciler calls it after a
+    /// restart and on every pass; backends that keep everything inside the VM have nothing to do.
+    async fn sweep(&self) -> Result<Vec<String>, BackendError> {
+        Ok(Vec::new())
+    }
 }
 
 pub type SharedBackend = Arc<dyn Backend>;

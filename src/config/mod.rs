@@ -13,6 +13,7 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backend::fake::FakeConfig;
 use crate::backend::BackendKind;
+use crate::pve::PveConfig;
 use crate::qemu::QemuConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +127,8 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
     pub fake: FakeConfig,
+    /// The Proxmox VE backend's settings (`backend: pve`).
+    pub pve: PveConfig,
     /// The local QEMU backend (`backend: qemu`).
     pub qemu: QemuConfig,
 }
@@ -154,6 +157,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
             fake: FakeConfig::default(),
+            pve: PveConfig::default(),
             qemu: QemuConfig::default(),
         }
     }
@@ -196,6 +200,7 @@ impl Config {
                 *path = base.join(&*path);
             }
         }
+        config.pve.resolve_paths(base);
         config.validate(path)?;
         Ok(config)
     }
@@ -241,6 +246,20 @@ impl Config {
                 path,
                 "tuning",
                 "must be a file name in tuning_dir, without .yaml",
+            ));
+        }
+        if self.proxmox_command_timeout.is_zero() {
+            return Err(ConfigError::invalid(
+                path,
+                "proxmox_command_timeout",
+                "must be above 0",
+            ));
+        }
+        if let Err(err) = self.pve.validate() {
+            return Err(ConfigError::invalid(
+                path,
+                &format!("pve.{}", err.key),
+                err.message,
             ));
         }
         for (op, fault) in &self.fake.faults {
@@ -346,6 +365,21 @@ mod tests {
             parse("metrics_listen: \"\"\n").unwrap().metrics_listen,
             None
         );
+    }
+
+    #[test]
+    fn pve_section_defaults_and_errors_name_the_key() {
+        let config = parse("backend: pve\n").unwrap();
+        assert_eq!(config.pve.bridge, "vmbr1");
+        assert_eq!(config.pve.snippets_storage, "local");
+        let config = parse("backend: pve\npve: {node: pve1, bridge: vmbr2}\n").unwrap();
+        assert_eq!(config.pve.node.as_deref(), Some("pve1"));
+        let err = parse("pve: {bridge: \"vmbr1,firewall=0\"}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("key `pve.bridge`"), "{err}");
+        let err = parse("pve: {brige: vmbr1}\n").unwrap_err().to_string();
+        assert!(err.contains("pve") && err.contains("brige"), "{err}");
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub struct Daemon {
     pub dir: PathBuf,
     pub config: PathBuf,
     pub socket: PathBuf,
+    /// Extra environment for the daemon (the pve tests put the qm/pvesh stand-ins on PATH).
+    pub envs: Vec<(String, String)>,
     child: Option<Child>,
     client: reqwest::blocking::Client,
 }
@@ -31,6 +33,16 @@ pub fn test_tuning() -> String {
 impl Daemon {
     /// Writes a config for `backend` plus `extra` YAML lines into `dir` and starts the daemon.
     pub fn start(dir: &Path, backend: &str, extra: &str) -> Daemon {
+        Daemon::start_with_env(dir, backend, extra, Vec::new())
+    }
+
+    /// As `start`, with `envs` added to the daemon's environment.
+    pub fn start_with_env(
+        dir: &Path,
+        backend: &str,
+        extra: &str,
+        envs: Vec<(String, String)>,
+    ) -> Daemon {
         let config = dir.join("config.yaml");
         let socket = dir.join("agentlabd.sock");
         // A test that restarts the daemon under running VMs pins the guest port in `extra`.
@@ -57,6 +69,7 @@ impl Daemon {
             dir: dir.to_owned(),
             config,
             socket: socket.clone(),
+            envs,
             child: None,
             client: reqwest::blocking::Client::builder()
                 .unix_socket(socket)
@@ -77,6 +90,7 @@ impl Daemon {
         let child = Command::new(env!("CARGO_BIN_EXE_agentlabd"))
             .arg("--config")
             .arg(&self.config)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

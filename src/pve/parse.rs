@@ -1,0 +1,425 @@
+//! Reading what `qm` and `pvesh` print: `pvesh … --output-format json` lists, `qm config`'s
+//! `key: value` lines, and the guest agent's JSON replies. Proxmox has printed some numbers as
+//! strings and some booleans as 0/1 across versions, so the readers accept either.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+use crate::backend::ExecStatus;
+
+/// The lowest and highest VMIDs Proxmox accepts.
+pub const VMID_RANGE: std::ops::RangeInclusive<u32> = 100..=999_999_999;
+
+/// `pvesh get /cluster/nextid`: `101` as text, `"101"` as JSON.
+pub fn nextid(stdout: &str) -> Result<u32, String> {
+    let text = stdout.trim().trim_matches('"');
+    let id: u32 = text
+        .parse()
+        .map_err(|_| format!("`{text}` is not a VMID"))?;
+    if VMID_RANGE.contains(&id) {
+        Ok(id)
+    } else {
+        Err(format!("{id} is outside the VMID range"))
+    }
+}
+
+/// One entry of `pvesh get /nodes`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct NodeEntry {
+    pub node: String,
+    #[serde(default)]
+    pub status: Option<String>,
+}
+
+pub fn nodes(stdout: &str) -> Result<Vec<NodeEntry>, String> {
+    serde_json::from_str(stdout).map_err(|e| e.to_string())
+}
+
+/// One entry of `pvesh get /nodes/NODE/qemu`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VmEntry {
+    #[serde(deserialize_with = "flexible_u32")]
+    pub vmid: u32,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub status: String,
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub template: bool,
+    #[serde(default)]
+    pub lock: Option<String>,
+}
+
+impl VmEntry {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or_default()
+    }
+
+    pub fn running(&self) -> bool {
+        self.status == "running"
+    }
+}
+
+pub fn vms(stdout: &str) -> Result<Vec<VmEntry>, String> {
+    serde_json::from_str(stdout).map_err(|e| e.to_string())
+}
+
+/// `qm config ID`: `key: value` lines. Snapshot and pending sections (`[name]`) come after the
+/// current config and are not read; `#` lines are the description.
+pub fn qm_config(stdout: &str) -> BTreeMap<String, String> {
+    let mut config = BTreeMap::new();
+    for line in stdout.lines() {
+        if line.starts_with('[') {
+            break;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        if let Some((key, value)) = line.split_once(':') {
+            config.insert(key.trim().to_owned(), value.trim().to_owned());
+        }
+    }
+    config
+}
+
+/// What the backend needs to know of a template, once it has passed validation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateInfo {
+    /// The boot disk's config key (`scsi0`, `virtio0`, …): the disk `qm resize` grows.
+    pub root_disk: String,
+    /// Its size in bytes, when the config says.
+    pub root_size_bytes: Option<u64>,
+}
+
+const DISK_BUSES: [&str; 4] = ["scsi", "virtio", "sata", "ide"];
+
+fn is_disk_key(key: &str) -> bool {
+    DISK_BUSES.iter().any(|bus| {
+        key.strip_prefix(bus)
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
+
+/// A drive value's volume (before the first comma) and its `key=value` options.
+fn drive_parts(value: &str) -> (&str, BTreeMap<&str, &str>) {
+    let mut parts = value.split(',');
+    let first = parts.next().unwrap_or_default();
+    let (volume, mut options) = match first.split_once('=') {
+        Some(("file", volume)) => (volume, BTreeMap::new()),
+        _ => (first, BTreeMap::new()),
+    };
+    for part in parts {
+        if let Some((k, v)) = part.split_once('=') {
+            options.insert(k, v);
+        }
+    }
+    (volume, options)
+}
+
+fn is_cloudinit_drive(value: &str) -> bool {
+    drive_parts(value).0.contains("cloudinit")
+}
+
+fn is_hard_disk(value: &str) -> bool {
+    let (volume, options) = drive_parts(value);
+    options.get("media") != Some(&"cdrom") && volume != "none" && !volume.contains("cloudinit")
+}
+
+/// `agent: 1`, `agent: enabled=1,fstrim_cloned_disks=1`, `agent: 1,type=virtio`.
+pub fn agent_enabled(value: &str) -> bool {
+    let mut enabled = None;
+    for (index, part) in value.split(',').enumerate() {
+        match part.split_once('=') {
+            Some(("enabled", v)) => enabled = Some(v),
+            None if index == 0 => enabled = Some(part),
+            _ => {}
+        }
+    }
+    matches!(enabled.map(str::trim), Some("1" | "true" | "on" | "yes"))
+}
+
+/// Disk sizes as Proxmox writes them: `32G`, `2252M`, `512K`, `1T`, or bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let (digits, unit) = match text
+        .char_indices()
+        .find(|(_, c)| !c.is_ascii_digit() && *c != '.')
+    {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit {
+        "" => 0,
+        "K" | "k" => 10,
+        "M" | "m" => 20,
+        "G" | "g" => 30,
+        "T" | "t" => 40,
+        _ => return None,
+    };
+    if let Ok(whole) = digits.parse::<u64>() {
+        return whole.checked_mul(1u64 << shift);
+    }
+    let value: f64 = digits.parse().ok()?;
+    Some((value * (1u64 << shift) as f64) as u64)
+}
+
+/// Checks that `config` (of VM `vmid`) is a template the backend can clone and boot: a template,
+/// with the guest agent enabled, a cloud-init drive and a boot disk. The error says what to fix.
+pub fn template_info(vmid: u32, config: &BTreeMap<String, String>) -> Result<TemplateInfo, String> {
+    if config.is_empty() {
+        return Err(format!("VM {vmid} has an empty config"));
+    }
+    if config.get("template").map(String::as_str) != Some("1") {
+        return Err(format!(
+            "VM {vmid} is not a template (convert it with `qm template {vmid}`, see \
+             scripts/create_template.sh)"
+        ));
+    }
+    if !config.get("agent").is_some_and(|v| agent_enabled(v)) {
+        return Err(format!(
+            "template {vmid} does not enable the QEMU guest agent (`qm set {vmid} --agent \
+             enabled=1`, and install qemu-guest-agent in its image)"
+        ));
+    }
+    if !config
+        .iter()
+        .any(|(key, value)| is_disk_key(key) && is_cloudinit_drive(value))
+    {
+        return Err(format!(
+            "template {vmid} has no cloud-init drive (`qm set {vmid} --ide2 STORAGE:cloudinit`)"
+        ));
+    }
+    let boot_order: Vec<&str> = match config.get("boot") {
+        Some(boot) => boot
+            .split(',')
+            .find_map(|part| part.strip_prefix("order="))
+            .map(|order| order.split(';').collect())
+            .unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let candidates = boot_order
+        .into_iter()
+        .chain(config.get("bootdisk").map(String::as_str))
+        .map(str::to_owned)
+        .chain(config.keys().filter(|k| is_disk_key(k)).cloned());
+    for key in candidates {
+        let Some(value) = config.get(&key) else {
+            continue;
+        };
+        if is_disk_key(&key) && is_hard_disk(value) {
+            let size = drive_parts(value).1.get("size").and_then(|s| parse_size(s));
+            return Ok(TemplateInfo {
+                root_disk: key,
+                root_size_bytes: size,
+            });
+        }
+    }
+    Err(format!("template {vmid} has no boot disk"))
+}
+
+/// `qm guest exec ID --synchronous 0 -- …` prints `{"pid": N}` (pretty-printed).
+pub fn exec_pid(stdout: &str) -> Result<i64, String> {
+    let value: Value = serde_json::from_str(stdout).map_err(|e| e.to_string())?;
+    value
+        .get("pid")
+        .and_then(as_i64)
+        .ok_or_else(|| "no pid in the reply".to_owned())
+}
+
+/// `qm guest exec-status ID PID`: `{"exited": 0}` while running; `{"exited": 1, "exitcode": N}`
+/// or `{"exited": 1, "signal": N}` once done.
+pub fn exec_status(stdout: &str) -> Result<ExecStatus, String> {
+    let value: Value = serde_json::from_str(stdout).map_err(|e| e.to_string())?;
+    let exited = value
+        .get("exited")
+        .and_then(as_bool)
+        .ok_or_else(|| "no `exited` in the reply".to_owned())?;
+    if !exited {
+        return Ok(ExecStatus::Running);
+    }
+    let signal = value.get("signal").and_then(as_i64);
+    let code = value.get("exitcode").and_then(as_i64);
+    let narrow = |n: i64| i32::try_from(n).map_err(|_| format!("{n} is out of range"));
+    match (signal, code) {
+        (Some(signal), _) => Ok(ExecStatus::Signalled {
+            signal: narrow(signal)?,
+        }),
+        (None, Some(code)) => Ok(ExecStatus::Exited {
+            code: narrow(code)?,
+        }),
+        (None, None) => Err("the process exited with neither a code nor a signal".to_owned()),
+    }
+}
+
+/// `pvesh get …/firewall/options`: whether the firewall is on, and its outbound policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct FirewallOptions {
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub enable: bool,
+    #[serde(default)]
+    pub policy_out: Option<String>,
+}
+
+pub fn firewall_options(stdout: &str) -> Result<FirewallOptions, String> {
+    serde_json::from_str(stdout).map_err(|e| e.to_string())
+}
+
+fn as_i64(value: &Value) -> Option<i64> {
+    match value {
+        Value::Number(n) => n.as_i64(),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn as_bool(value: &Value) -> Option<bool> {
+    match value {
+        Value::Bool(b) => Some(*b),
+        Value::Null => Some(false),
+        other => as_i64(other).map(|n| n != 0),
+    }
+}
+
+fn flexible_u32<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
+    let value = Value::deserialize(de)?;
+    as_i64(&value)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| serde::de::Error::custom(format!("`{value}` is not a VMID")))
+}
+
+fn flexible_bool<'de, D: Deserializer<'de>>(de: D) -> Result<bool, D::Error> {
+    let value = Value::deserialize(de)?;
+    as_bool(&value).ok_or_else(|| serde::de::Error::custom(format!("`{value}` is not a boolean")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nextid_reads_text_and_json() {
+        assert_eq!(nextid("101\n"), Ok(101));
+        assert_eq!(nextid("\"102\"\n"), Ok(102));
+        assert!(nextid("").is_err());
+        assert!(nextid("99").is_err());
+        assert!(nextid("abc").is_err());
+    }
+
+    #[test]
+    fn vm_lists_read_numbers_and_strings() {
+        let text = r#"[{"vmid":101,"name":"sandbox-abc","status":"running","cpus":4,"maxmem":6442450944},
+                       {"vmid":"9000","name":"agentlab-template","status":"stopped","template":1},
+                       {"vmid":102,"status":"stopped","lock":"clone"}]"#;
+        let vms = vms(text).unwrap();
+        assert_eq!(vms.len(), 3);
+        assert!(vms[0].running() && !vms[0].template);
+        assert_eq!(vms[1].vmid, 9000);
+        assert!(vms[1].template);
+        assert_eq!(vms[2].name(), "");
+        assert_eq!(vms[2].lock.as_deref(), Some("clone"));
+        let nodes = nodes(r#"[{"node":"pve","status":"online","maxcpu":16}]"#).unwrap();
+        assert_eq!(nodes[0].node, "pve");
+    }
+
+    const TEMPLATE: &str = "agent: enabled=1,fstrim_cloned_disks=1\nboot: order=scsi0;ide2;net0\n\
+        cores: 2\nide2: local-lvm:vm-9000-cloudinit,media=cdrom\nmemory: 2048\n\
+        name: agentlab-template\nnet0: virtio=BC:24:11:00:00:01,bridge=vmbr1,firewall=1\n\
+        scsi0: local-lvm:base-9000-disk-0,discard=on,size=3584M\nscsihw: virtio-scsi-pci\n\
+        serial0: socket\ntemplate: 1\n\n[pending]\ntemplate: 0\n";
+
+    #[test]
+    fn a_good_template_gives_its_boot_disk() {
+        let config = qm_config(TEMPLATE);
+        assert_eq!(config.get("template").map(String::as_str), Some("1"));
+        let info = template_info(9000, &config).unwrap();
+        assert_eq!(info.root_disk, "scsi0");
+        assert_eq!(info.root_size_bytes, Some(3584 << 20));
+    }
+
+    #[test]
+    fn template_problems_say_what_to_fix() {
+        let without = |key: &str| {
+            let mut config = qm_config(TEMPLATE);
+            config.remove(key);
+            template_info(9000, &config).unwrap_err()
+        };
+        assert!(without("template").contains("qm template 9000"));
+        assert!(without("agent").contains("--agent enabled=1"));
+        assert!(without("ide2").contains("cloud-init drive"));
+        assert!(without("scsi0").contains("no boot disk"));
+        let mut config = qm_config(TEMPLATE);
+        config.insert("agent".into(), "0".into());
+        assert!(template_info(9000, &config)
+            .unwrap_err()
+            .contains("guest agent"));
+    }
+
+    #[test]
+    fn the_boot_disk_comes_from_the_boot_order_then_the_disks() {
+        let config = qm_config(
+            "template: 1\nagent: 1\nbootdisk: virtio0\nvirtio0: local-zfs:base-9000-disk-0,size=32G\n\
+             sata0: local-zfs:vm-9000-cloudinit,media=cdrom\n",
+        );
+        let info = template_info(9000, &config).unwrap();
+        assert_eq!(info.root_disk, "virtio0");
+        assert_eq!(info.root_size_bytes, Some(32 << 30));
+        let config = qm_config(
+            "template: 1\nagent: 1,type=virtio\nide0: local:9000/base-9000-disk-0.qcow2,size=10G\n\
+             ide2: local:9000/vm-9000-cloudinit.qcow2,media=cdrom\n",
+        );
+        assert_eq!(template_info(9000, &config).unwrap().root_disk, "ide0");
+    }
+
+    #[test]
+    fn agent_values() {
+        for on in [
+            "1",
+            "enabled=1",
+            "1,type=virtio",
+            "fstrim_cloned_disks=1,enabled=1",
+        ] {
+            assert!(agent_enabled(on), "{on}");
+        }
+        for off in ["0", "enabled=0", "fstrim_cloned_disks=1", ""] {
+            assert!(!agent_enabled(off), "{off}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("32G"), Some(32 << 30));
+        assert_eq!(parse_size("2252M"), Some(2252 << 20));
+        assert_eq!(parse_size("1.5G"), Some(3 << 29));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("12X"), None);
+    }
+
+    #[test]
+    fn guest_exec_replies() {
+        assert_eq!(exec_pid("{\n   \"pid\" : 1234\n}\n"), Ok(1234));
+        assert!(exec_pid("{}").is_err());
+        assert_eq!(
+            exec_status("{\n   \"exited\" : 0\n}\n"),
+            Ok(ExecStatus::Running)
+        );
+        assert_eq!(
+            exec_status(r#"{"exited":1,"exitcode":3,"out-data":"hi\n"}"#),
+            Ok(ExecStatus::Exited { code: 3 })
+        );
+        assert_eq!(
+            exec_status(r#"{"exited":true,"signal":9}"#),
+            Ok(ExecStatus::Signalled { signal: 9 })
+        );
+        assert!(exec_status(r#"{"exited":1}"#).is_err());
+    }
+
+    #[test]
+    fn firewall_options_read_0_1() {
+        let options = firewall_options(r#"{"enable":1,"policy_out":"DROP","dhcp":1}"#).unwrap();
+        assert!(options.enable);
+        assert_eq!(options.policy_out.as_deref(), Some("DROP"));
+        assert_eq!(firewall_options("{}").unwrap(), FirewallOptions::default());
+    }
+}
