@@ -23,9 +23,12 @@ use common::daemon::{repo_dir, Daemon};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
+/// These tests are about the backend, not admission: the governor's disk rule is off, as in the
+/// local backend's end-to-end tests (the machine running them may not have a profile's disk free).
 const TUNING: &str =
     "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 60s}\n\
-     intervals: {guest_poll: 250ms, reconcile: 5s}\n";
+     intervals: {guest_poll: 250ms, reconcile: 5s}\n\
+     governor: {budget: {disk_min_free_percent: null}}\n";
 
 /// The same command as the local backend's end-to-end job.
 const COMMAND: &str = "cat hello.txt; mkdir -p out; printf 'task=%s\\n' \"$AGENTLAB_TASK\" > out/report.txt; wc -c < hello.txt >> out/report.txt; echo artifact-written";
