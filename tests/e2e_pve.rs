@@ -20,6 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{repo_dir, Daemon};
+use common::vm::{git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -32,20 +33,6 @@ const TUNING: &str =
 
 /// The same command as the local backend's end-to-end job.
 const COMMAND: &str = "cat hello.txt; mkdir -p out; printf 'task=%s\\n' \"$AGENTLAB_TASK\" > out/report.txt; wc -c < hello.txt >> out/report.txt; echo artifact-written";
-
-fn images() -> PathBuf {
-    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join("target/guest-image/images"));
-    assert!(
-        dir.join("root.qcow2").exists(),
-        "no guest template in {}: build it with \
-         `AGENTLAB_DATA_DIR=target/guest-image scripts/build-guest-image.sh --runner target/debug/agentlab-runner` \
-         (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
 
 /// One node's worth of stand-in state, and the environment that points `qm`/`pvesh` at it.
 struct Node {
@@ -258,46 +245,6 @@ impl Node {
             files(self.dir.join("snippets"))
         );
     }
-}
-
-fn qemu_processes(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains("qemu-system") && text.contains(needle) {
-                found.push(text);
-            }
-        }
-    }
-    found
-}
-
-/// A small git repository on the host, as a job's `repo`.
-fn git_repo(dir: &Path) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("hello.txt"), "hello from the host repo\n").unwrap();
-    for args in [
-        &["init", "-q", "-b", "main"][..],
-        &["add", "."],
-        &["commit", "-q", "-m", "initial"],
-    ] {
-        let status = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.invalid",
-                "-C",
-            ])
-            .arg(&repo)
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(status.success(), "git {args:?}");
-    }
-    repo
 }
 
 fn client(daemon: &Daemon) -> reqwest::blocking::Client {

@@ -5,27 +5,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::{repo_dir, Daemon};
+use common::daemon::Daemon;
+use common::vm::{git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-
-fn images() -> PathBuf {
-    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join("target/guest-image/images"));
-    assert!(
-        dir.join("root.qcow2").exists(),
-        "no guest template in {}: build it with \
-         `AGENTLAB_DATA_DIR=target/guest-image scripts/build-guest-image.sh --runner target/debug/agentlab-runner` \
-         (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
 
 /// Starts the daemon on the QEMU backend with `tuning` as its tuning file. These tests are about
 /// the lifecycle, not admission: the governor's disk rule is off, since the machine running them
@@ -45,58 +31,17 @@ const TUNING: &str =
     "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}\n\
                       intervals: {guest_poll: 250ms, reconcile: 5s}\n";
 
-/// A small git repository on the host, as a job's `repo`.
-fn git_repo(dir: &Path) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(&repo).unwrap();
-    std::fs::write(repo.join("hello.txt"), "hello from the host repo\n").unwrap();
-    let git = |args: &[&str]| {
-        let status = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.invalid",
-                "-C",
-            ])
-            .arg(&repo)
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(status.success(), "git {args:?}");
-    };
-    git(&["init", "-q", "-b", "main"]);
-    git(&["add", "."]);
-    git(&["commit", "-q", "-m", "initial"]);
-    repo
-}
-
-/// qemu processes whose command line mentions `dir`.
-fn qemu_processes(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
-            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-            if text.contains("qemu-system") && text.contains(&needle) {
-                found.push(text);
-            }
-        }
-    }
-    found
-}
-
 fn assert_nothing_left(dir: &Path) {
     for _ in 0..100 {
-        if qemu_processes(dir).is_empty() {
+        if qemu_processes(&dir.display().to_string()).is_empty() {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
-        qemu_processes(dir).is_empty(),
+        qemu_processes(&dir.display().to_string()).is_empty(),
         "qemu left running: {:?}",
-        qemu_processes(dir)
+        qemu_processes(&dir.display().to_string())
     );
     let sandboxes = dir.join("data/sandboxes");
     let left: Vec<_> = std::fs::read_dir(&sandboxes)
@@ -250,7 +195,7 @@ fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
     first.wait_phase(&id, "run", Duration::from_secs(180));
     first.kill9();
     assert!(
-        !qemu_processes(dir.path()).is_empty(),
+        !qemu_processes(&dir.path().display().to_string()).is_empty(),
         "the VM outlives the daemon"
     );
 

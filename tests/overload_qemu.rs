@@ -15,27 +15,14 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::daemon::{repo_dir, Daemon};
+use common::vm::images;
 use serde_json::{json, Value};
 
 const JOBS: usize = 8;
-
-fn images() -> PathBuf {
-    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_dir().join("target/guest-image/images"));
-    assert!(
-        dir.join("root.qcow2").exists(),
-        "no guest template in {}: build it with \
-         `AGENTLAB_DATA_DIR=target/guest-image scripts/build-guest-image.sh --runner target/debug/agentlab-runner` \
-         (scripts/test.sh does)",
-        dir.display()
-    );
-    dir
-}
 
 /// Boot phases get 15 s; the disk rule is off (the VMs' qcow2 overlays are thin and tiny, and the
 /// machine's disk may be fuller than the rule allows); up to eight sandboxes may be alive.

@@ -212,6 +212,7 @@ pub fn request() -> JobRequest {
 
 pub mod daemon;
 pub mod mock;
+pub mod vm;
 
 pub fn temp_path(dir: &tempfile::TempDir, name: &str) -> PathBuf {
     dir.path().join(name)

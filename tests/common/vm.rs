@@ -1,0 +1,62 @@
+//! What the tests that boot real VMs share: the guest template, a host git repository to work on,
+//! and the qemu processes left running.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::daemon::repo_dir;
+
+pub fn images() -> PathBuf {
+    let dir = std::env::var_os("AGENTLAB_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join("target/guest-image/images"));
+    assert!(
+        dir.join("root.qcow2").exists(),
+        "no guest template in {}: build it with \
+         `AGENTLAB_DATA_DIR=target/guest-image scripts/build-guest-image.sh --runner target/debug/agentlab-runner` \
+         (scripts/test.sh does)",
+        dir.display()
+    );
+    dir
+}
+
+/// A small git repository on the host, as a job's `repo`.
+pub fn git_repo(dir: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    std::fs::write(repo.join("hello.txt"), "hello from the host repo\n").unwrap();
+    let git = |args: &[&str]| {
+        let status = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@example.invalid",
+                "-C",
+            ])
+            .arg(&repo)
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    };
+    git(&["init", "-q", "-b", "main"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "initial"]);
+    repo
+}
+
+/// qemu processes whose command line mentions `needle` (a test's folder, say).
+pub fn qemu_processes(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if text.contains("qemu-system") && text.contains(needle) {
+                found.push(text);
+            }
+        }
+    }
+    found
+}
