@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod governor;
 pub mod http;
+pub mod jobfiles;
 pub mod metrics;
 pub mod model;
 pub mod paths;

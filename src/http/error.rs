@@ -5,6 +5,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
+use crate::jobfiles::JobFilesError;
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,21 @@ impl From<StoreError> for ApiError {
                 if n == 1 { "" } else { "s" }
             )),
             other => ApiError::internal(other),
+        }
+    }
+}
+
+impl From<JobFilesError> for ApiError {
+    fn from(err: JobFilesError) -> Self {
+        match err {
+            JobFilesError::PathNotConfined(_) | JobFilesError::Incomplete(_) => {
+                ApiError::BadRequest(err.to_string())
+            }
+            JobFilesError::TooLarge { .. } => ApiError::PayloadTooLarge(err.to_string()),
+            JobFilesError::BundleTimeout { .. }
+            | JobFilesError::BundleFailed { .. }
+            | JobFilesError::Io { .. }
+            | JobFilesError::TaskFailed(_) => ApiError::internal(err),
         }
     }
 }

@@ -1,7 +1,6 @@
 //! Control API routes that read a job's output: its events (optionally followed as server-sent
 //! events), its logs (optionally followed), and its artifacts.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use actix_web::web::Bytes;
@@ -9,18 +8,17 @@ use actix_web::{web, HttpResponse};
 use futures_util::stream;
 use serde::Deserialize;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::{broadcast, mpsc};
 
 use super::error::ApiError;
 use super::jobs::load_job;
 use super::ApiState;
+use crate::jobfiles::{JobFiles, LogReader};
 use crate::model::Event;
-use crate::paths::join_confined;
 
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 const LOG_POLL: Duration = Duration::from_millis(200);
-const LOG_CHUNK: usize = 64 * 1024;
+const ARTIFACT_CHUNK: usize = 64 * 1024;
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/jobs/{id}/events", web::get().to(events))
@@ -158,34 +156,23 @@ struct LogsQuery {
     follow: Option<u8>,
 }
 
-pub fn log_path(state: &ApiState, job_id: &str) -> PathBuf {
-    state.svc.config.logs_dir().join(format!("{job_id}.log"))
-}
-
 async fn logs(
     state: web::Data<ApiState>,
     id: web::Path<String>,
     query: web::Query<LogsQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let job = load_job(&state, id.into_inner()).await?;
-    let path = log_path(&state, &job.id);
+    let files = JobFiles::new(&state.svc.config);
     let offset = query.offset.unwrap_or(0);
     if query.follow.unwrap_or(0) == 0 {
-        let mut text = Vec::new();
-        if let Ok(mut file) = tokio::fs::File::open(&path).await {
-            file.seek(std::io::SeekFrom::Start(offset))
-                .await
-                .map_err(ApiError::internal)?;
-            file.read_to_end(&mut text)
-                .await
-                .map_err(ApiError::internal)?;
-        }
+        let text = files.read_log(&job.id, offset).await?;
         return Ok(HttpResponse::Ok()
             .content_type("text/plain; charset=utf-8")
             .body(text));
     }
     let (tx, rx) = mpsc::channel(16);
-    actix_web::rt::spawn(follow_log(state.into_inner(), job.id, path, offset, tx));
+    let reader = files.log_reader(&job.id, offset);
+    actix_web::rt::spawn(follow_log(state.into_inner(), job.id, reader, tx));
     Ok(channel_body("text/plain; charset=utf-8", rx))
 }
 
@@ -193,11 +180,9 @@ async fn logs(
 async fn follow_log(
     state: std::sync::Arc<ApiState>,
     job_id: String,
-    path: PathBuf,
-    mut offset: u64,
+    mut reader: LogReader,
     tx: mpsc::Sender<Bytes>,
 ) {
-    let mut buffer = vec![0u8; LOG_CHUNK];
     loop {
         let id = job_id.clone();
         let ended = match state.svc.store.call(move |s| s.get_job(&id)).await {
@@ -205,17 +190,9 @@ async fn follow_log(
             _ => true,
         };
         // Read all there is; the job's end is checked first so its last lines are not missed.
-        if let Ok(mut file) = tokio::fs::File::open(&path).await {
-            if file.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                while let Ok(n) = file.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                    offset += n as u64;
-                    if tx.send(Bytes::copy_from_slice(&buffer[..n])).await.is_err() {
-                        return;
-                    }
-                }
+        while let Ok(Some(chunk)) = reader.next_chunk().await {
+            if tx.send(Bytes::from(chunk)).await.is_err() {
+                return;
             }
         }
         if ended || tx.is_closed() {
@@ -258,13 +235,10 @@ async fn download_artifact(
         .ok_or_else(|| {
             ApiError::NotFound(format!("job {} has no artifact `{relative}`", job.id))
         })?;
-    let dir = state.svc.config.artifacts_dir().join(&job.id);
-    let file_path = join_confined(&dir, &artifact.path)
-        .ok_or_else(|| ApiError::BadRequest(format!("bad artifact path `{relative}`")))?;
-    let file = tokio::fs::File::open(&file_path)
-        .await
-        .map_err(ApiError::internal)?;
-    let body = tokio_util::io::ReaderStream::with_capacity(file, LOG_CHUNK);
+    let file = JobFiles::new(&state.svc.config)
+        .open_artifact(&job.id, &artifact.path)
+        .await?;
+    let body = tokio_util::io::ReaderStream::with_capacity(file, ARTIFACT_CHUNK);
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")
         .insert_header(("X-Sha256", artifact.sha256.clone()))

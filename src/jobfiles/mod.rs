@@ -1,0 +1,236 @@
+//! A job's files on the host: its log, its artifacts, and the git bundle of its repository that
+//! the guest clones. This module owns where they live under `data_dir`, the caps on their sizes,
+//! the confinement of guest-given paths, and the file IO itself, always off the async executor
+//! (`tokio::fs` or `spawn_blocking`). HTTP handlers call it; they never touch these files.
+//!
+//! Layout (the folders come from the config, the per-job names from here):
+//! - `logs/JOB.log`: the job's stdout/stderr, appended by the guest, capped at `log_max_bytes`;
+//! - `artifacts/JOB/PATH`: each uploaded artifact, capped at `artifact_max_bytes` each, written to
+//!   `artifacts/.tmp/` first and renamed into place once complete;
+//! - `tmp/`: scratch for repository bundles, unlinked while they are streamed.
+
+mod artifacts;
+mod bundle;
+mod logs;
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::paths::join_confined;
+
+pub use artifacts::{ArtifactUpload, StoredArtifact};
+pub use bundle::RepoBundle;
+pub use logs::LogReader;
+
+/// What can go wrong with a job's files. `PathNotConfined` and `TooLarge` are the caller's fault;
+/// the others are the host's.
+#[derive(Debug, thiserror::Error)]
+pub enum JobFilesError {
+    #[error("artifact path `{0}` must be relative, without `..`")]
+    PathNotConfined(String),
+    #[error("{what} is over the {limit}-byte limit")]
+    TooLarge { what: String, limit: u64 },
+    #[error("upload of `{0}` ended before it was complete")]
+    Incomplete(String),
+    #[error("git bundle of {repo} timed out after {seconds} s")]
+    BundleTimeout { repo: String, seconds: u64 },
+    #[error("git bundle of {repo} failed: {stderr}")]
+    BundleFailed { repo: String, stderr: String },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("a file task stopped before finishing: {0}")]
+    TaskFailed(String),
+}
+
+impl JobFilesError {
+    fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> JobFilesError {
+        let context = context.into();
+        move |source| JobFilesError::Io { context, source }
+    }
+}
+
+/// The size caps the daemon's config sets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Cap on one artifact.
+    pub artifact_max_bytes: u64,
+    /// Cap on a job's stored log; past it the log ends with a truncation notice.
+    pub log_max_bytes: u64,
+}
+
+/// Where a daemon's job files live and how large they may grow. Cheap to build: it holds paths.
+#[derive(Debug, Clone)]
+pub struct JobFiles {
+    logs: PathBuf,
+    artifacts: PathBuf,
+    scratch: PathBuf,
+    limits: Limits,
+}
+
+impl JobFiles {
+    pub fn new(config: &Config) -> JobFiles {
+        JobFiles {
+            logs: config.logs_dir(),
+            artifacts: config.artifacts_dir(),
+            scratch: config.data_dir.join("tmp"),
+            limits: Limits {
+                artifact_max_bytes: config.artifact_max_bytes,
+                log_max_bytes: config.log_max_bytes,
+            },
+        }
+    }
+
+    /// The same layout under `data_dir`, with explicit limits (tests, tools).
+    pub fn under(data_dir: &Path, limits: Limits) -> JobFiles {
+        JobFiles {
+            logs: data_dir.join("logs"),
+            artifacts: data_dir.join("artifacts"),
+            scratch: data_dir.join("tmp"),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn log_path(&self, job_id: &str) -> PathBuf {
+        self.logs.join(format!("{job_id}.log"))
+    }
+
+    /// The folder holding the job's artifacts.
+    pub fn artifacts_dir(&self, job_id: &str) -> PathBuf {
+        self.artifacts.join(job_id)
+    }
+
+    /// Where the artifact `relative` of the job lives, if the path stays inside the job's folder.
+    pub fn artifact_path(&self, job_id: &str, relative: &str) -> Result<PathBuf, JobFilesError> {
+        join_confined(&self.artifacts_dir(job_id), relative)
+            .ok_or_else(|| JobFilesError::PathNotConfined(relative.to_owned()))
+    }
+
+    /// Opens a stored artifact for reading.
+    pub async fn open_artifact(
+        &self,
+        job_id: &str,
+        relative: &str,
+    ) -> Result<tokio::fs::File, JobFilesError> {
+        let path = self.artifact_path(job_id, relative)?;
+        tokio::fs::File::open(&path)
+            .await
+            .map_err(JobFilesError::io(format!("opening {}", path.display())))
+    }
+
+    /// Scratch folder for artifacts being uploaded: on the same file system as their destination,
+    /// so the final rename is atomic.
+    fn artifact_scratch(&self) -> PathBuf {
+        self.artifacts.join(".tmp")
+    }
+
+    /// Removes the job's log and artifacts; files already gone are not an error.
+    pub async fn remove_job(&self, job_id: &str) -> Result<(), JobFilesError> {
+        let log = self.log_path(job_id);
+        let dir = self.artifacts_dir(job_id);
+        spawn_blocking(move || {
+            remove_if_present(&log, std::fs::remove_file(&log))?;
+            remove_if_present(&dir, std::fs::remove_dir_all(&dir))
+        })
+        .await?
+    }
+}
+
+/// A removal's result, with "was not there" counted as done.
+fn remove_if_present(path: &Path, removed: std::io::Result<()>) -> Result<(), JobFilesError> {
+    match removed {
+        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(JobFilesError::Io {
+            context: format!("removing {}", path.display()),
+            source: err,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Runs blocking file work on tokio's blocking pool.
+async fn spawn_blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, JobFilesError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| JobFilesError::TaskFailed(e.to_string()))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn files(limits: Limits) -> (tempfile::TempDir, JobFiles) {
+        let dir = tempfile::tempdir().unwrap();
+        let files = JobFiles::under(dir.path(), limits);
+        (dir, files)
+    }
+
+    pub(crate) const ROOMY: Limits = Limits {
+        artifact_max_bytes: 1 << 20,
+        log_max_bytes: 1 << 20,
+    };
+
+    #[test]
+    fn layout_follows_the_config() {
+        let config = Config {
+            data_dir: PathBuf::from("/srv/agentlab"),
+            artifact_max_bytes: 7,
+            log_max_bytes: 9,
+            ..Config::default()
+        };
+        let files = JobFiles::new(&config);
+        assert_eq!(
+            files.log_path("j1"),
+            PathBuf::from("/srv/agentlab/logs/j1.log")
+        );
+        assert_eq!(
+            files.artifact_path("j1", "out/a.txt").unwrap(),
+            PathBuf::from("/srv/agentlab/artifacts/j1/out/a.txt")
+        );
+        assert_eq!(
+            files.limits(),
+            Limits {
+                artifact_max_bytes: 7,
+                log_max_bytes: 9
+            }
+        );
+    }
+
+    #[test]
+    fn artifact_paths_cannot_leave_the_job_folder() {
+        let (_dir, files) = files(ROOMY);
+        for bad in ["../j2/a", "/etc/passwd", "a/../../x", ""] {
+            let err = files.artifact_path("j1", bad).unwrap_err();
+            assert!(
+                matches!(&err, JobFilesError::PathNotConfined(p) if p == bad),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn remove_job_takes_its_log_and_artifacts_and_nothing_else() {
+        let (_dir, files) = files(ROOMY);
+        for job in ["j1", "j2"] {
+            files.append_log(job, b"line\n").await.unwrap();
+            let path = files.artifact_path(job, "out/a").unwrap();
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, "x").unwrap();
+        }
+        files.remove_job("j1").await.unwrap();
+        assert!(!files.log_path("j1").exists());
+        assert!(!files.artifacts_dir("j1").exists());
+        assert!(files.log_path("j2").exists());
+        assert!(files.artifact_path("j2", "out/a").unwrap().exists());
+        // Again: nothing left to remove is fine.
+        files.remove_job("j1").await.unwrap();
+    }
+}
