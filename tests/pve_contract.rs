@@ -419,7 +419,7 @@ async fn clone_issues_exactly_these_commands() {
     let text = std::fs::read_to_string(&snippet).unwrap();
     assert!(text.starts_with("#cloud-config\n") && text.contains("boot-secret"));
     // One guest contract: exactly the user-data of the local backend's seed.
-    let seed = agentlab::qemu::seed::render(NAME, &spec(NetworkMode::Restricted).cloud_init);
+    let seed = agentlab::cloudinit::render(NAME, &spec(NetworkMode::Restricted).cloud_init);
     assert_eq!(text, seed.unwrap().user_data);
     assert_eq!(
         std::fs::metadata(&snippet).unwrap().permissions().mode() & 0o777,

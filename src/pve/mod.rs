@@ -5,7 +5,7 @@
 //! - `errors`: turns a failed command's stderr into the cases the backend acts on;
 //! - `parse`: reads what `qm` and `pvesh` print;
 //! - `snippets`: the user-data each clone boots with, kept as a snippet file. The user-data is
-//!   the local backend's (`qemu::seed::render`): one guest contract for both backends;
+//!   the local backend's (`cloudinit::render`): one guest contract for both backends;
 //! - `backend`: `PveBackend`, the `Backend` trait in `qm` terms.
 
 pub mod backend;

@@ -21,11 +21,11 @@ use super::layout::{self, SandboxPaths, SandboxRecord, Template};
 use super::process;
 use super::qga::{ExecRequest, QgaClient, QgaError};
 use super::qmp::QmpClient;
-use super::seed::{self, SeedError, SeedTools};
 use super::tool::{self, ToolError};
 use crate::backend::{
     Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
+use crate::cloudinit::{self as seed, SeedError, SeedTools};
 use crate::model::{now_ms, VM_NAME_PREFIX};
 
 /// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the

@@ -9,7 +9,6 @@ pub mod layout;
 pub mod process;
 pub mod qga;
 pub mod qmp;
-pub mod seed;
 pub mod tool;
 mod wire;
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use tokio::process::Command;
 
-use super::tool::{self, ToolError};
 use crate::backend::CloudInitSpec;
+use crate::qemu::tool::{self, ToolError};
 
 /// Where the runner finds the daemon's URL and its one-time token.
 pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
