@@ -1,5 +1,7 @@
-//! The NoCloud seed: `meta-data` and `user-data` text for one sandbox, and the small vfat image
-//! labelled `cidata` that carries them to the guest as its second disk.
+//! Cloud-init documents for one sandbox, the same for every backend: `meta-data` and the
+//! `user-data` that writes the runner's bootstrap file and phones home. This is the guest contract
+//! (docs/guest.md); how the documents reach the guest is each backend's business (the local
+//! backend's NoCloud image in `qemu::seed`, a Proxmox snippet in `pve::snippets`).
 //!
 //! The YAML stays inside the subset both real cloud-init and the test image's parser accept:
 //! double-quoted one-line scalars, `|` block scalars for file contents, two-space indentation and
@@ -7,13 +9,8 @@
 //! backslashes, control and non-ASCII characters) are refused rather than escaped.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
-
-use tokio::process::Command;
 
 use crate::backend::CloudInitSpec;
-use crate::qemu::tool::{self, ToolError};
 
 /// Where the runner finds the daemon's URL and its one-time token.
 pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
@@ -21,32 +18,16 @@ pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
 /// How often cloud-init's phone_home retries.
 const PHONE_HOME_TRIES: u32 = 10;
 
-/// Big enough for the two text files, small enough to be made in milliseconds.
-const IMAGE_SIZE_KB: u32 = 1024;
-
+/// A field of the spec that cannot go into the documents as it is.
 #[derive(Debug, thiserror::Error)]
-pub enum SeedError {
-    #[error("cloud-init field {field} {reason}")]
-    InvalidField {
-        field: &'static str,
-        reason: &'static str,
-    },
-    #[error("{context}: {source}")]
-    Io {
-        context: String,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Tool(#[from] ToolError),
+#[error("cloud-init field {field} {reason}")]
+pub struct CloudInitError {
+    pub field: &'static str,
+    pub reason: &'static str,
 }
 
-fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> SeedError {
-    let context = context.into();
-    move |source| SeedError::Io { context, source }
-}
-
-/// The two files of a seed. `user_data` carries tokens, so the Debug form only gives its size.
+/// The two documents of a sandbox's seed. `user_data` carries tokens, so the Debug form only
+/// gives its size.
 #[derive(Clone, PartialEq, Eq)]
 pub struct SeedFiles {
     pub meta_data: String,
@@ -69,17 +50,9 @@ struct Bootstrap<'a> {
     token: &'a str,
 }
 
-/// The host tools that build the image.
-#[derive(Debug, Clone)]
-pub struct SeedTools {
-    pub mkfs_vfat: PathBuf,
-    pub mcopy: PathBuf,
-    pub timeout: Duration,
-}
-
 /// Renders the seed's files. `instance_id` names the VM for cloud-init; a new id makes cloud-init
 /// treat a boot as a first boot.
-pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, SeedError> {
+pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, CloudInitError> {
     check_hostname("instance_id", instance_id)?;
     check_hostname("hostname", &spec.hostname)?;
     check_scalar("guest_url", &spec.guest_url)?;
@@ -96,7 +69,7 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Seed
         url: &spec.guest_url,
         token: &spec.bootstrap_token,
     })
-    .map_err(|_| SeedError::InvalidField {
+    .map_err(|_| CloudInitError {
         field: "bootstrap_token",
         reason: "cannot be encoded as JSON",
     })?;
@@ -123,56 +96,9 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Seed
     })
 }
 
-/// Writes `files` into a fresh vfat image at `image`, labelled `cidata`. `staging` is a scratch
-/// folder (removed afterwards) on the same filesystem; both end up mode 0600/0700 because the
-/// user-data holds tokens.
-pub async fn write_image(
-    files: &SeedFiles,
-    image: &Path,
-    staging: &Path,
-    tools: &SeedTools,
-) -> Result<(), SeedError> {
-    remove_dir_if_present(staging).await?;
-    create_private_dir(staging).await?;
-    let meta_data = staging.join("meta-data");
-    let user_data = staging.join("user-data");
-    write_private_file(&meta_data, files.meta_data.as_bytes()).await?;
-    write_private_file(&user_data, files.user_data.as_bytes()).await?;
-
-    let partial = image.with_extension("img.partial");
-    remove_file_if_present(&partial).await?;
-    let mut mkfs = Command::new(&tools.mkfs_vfat);
-    mkfs.arg("-n")
-        .arg("cidata")
-        .arg("-C")
-        .arg(&partial)
-        .arg(IMAGE_SIZE_KB.to_string());
-    tool::run(mkfs, tools.timeout).await?;
-    set_private(&partial).await?;
-
-    let mut mcopy = Command::new(&tools.mcopy);
-    mcopy
-        .arg("-i")
-        .arg(&partial)
-        .arg(&meta_data)
-        .arg(&user_data)
-        .arg("::")
-        // mtools otherwise refuses images whose geometry it finds odd.
-        .env("MTOOLS_SKIP_CHECK", "1");
-    tool::run(mcopy, tools.timeout).await?;
-
-    tokio::fs::rename(&partial, image)
-        .await
-        .map_err(io_error(format!(
-            "renaming {} into place",
-            partial.display()
-        )))?;
-    remove_dir_if_present(staging).await
-}
-
 /// A hostname-like identifier: RFC 1123 labels, lower case.
-fn check_hostname(field: &'static str, value: &str) -> Result<(), SeedError> {
-    let invalid = |reason| Err(SeedError::InvalidField { field, reason });
+fn check_hostname(field: &'static str, value: &str) -> Result<(), CloudInitError> {
+    let invalid = |reason| Err(CloudInitError { field, reason });
     if value.is_empty() || value.len() > 63 {
         return invalid("must be 1 to 63 characters");
     }
@@ -189,9 +115,9 @@ fn check_hostname(field: &'static str, value: &str) -> Result<(), SeedError> {
 }
 
 /// A value that can sit between double quotes without any escape.
-fn check_scalar(field: &'static str, value: &str) -> Result<(), SeedError> {
+fn check_scalar(field: &'static str, value: &str) -> Result<(), CloudInitError> {
     if value.is_empty() {
-        return Err(SeedError::InvalidField {
+        return Err(CloudInitError {
             field,
             reason: "must not be empty",
         });
@@ -200,7 +126,7 @@ fn check_scalar(field: &'static str, value: &str) -> Result<(), SeedError> {
         .bytes()
         .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\')
     {
-        return Err(SeedError::InvalidField {
+        return Err(CloudInitError {
             field,
             reason: "may only hold printable ASCII without spaces, quotes or backslashes",
         });
@@ -208,59 +134,10 @@ fn check_scalar(field: &'static str, value: &str) -> Result<(), SeedError> {
     Ok(())
 }
 
-async fn create_private_dir(path: &Path) -> Result<(), SeedError> {
-    let mut builder = tokio::fs::DirBuilder::new();
-    builder.mode(0o700);
-    builder
-        .create(path)
-        .await
-        .map_err(io_error(format!("creating {}", path.display())))
-}
-
-async fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), SeedError> {
-    use tokio::io::AsyncWriteExt;
-    let mut file = tokio::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .await
-        .map_err(io_error(format!("creating {}", path.display())))?;
-    file.write_all(contents)
-        .await
-        .map_err(io_error(format!("writing {}", path.display())))?;
-    file.flush()
-        .await
-        .map_err(io_error(format!("writing {}", path.display())))
-}
-
-async fn set_private(path: &Path) -> Result<(), SeedError> {
-    use std::os::unix::fs::PermissionsExt;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .await
-        .map_err(io_error(format!("restricting {}", path.display())))
-}
-
-async fn remove_file_if_present(path: &Path) -> Result<(), SeedError> {
-    match tokio::fs::remove_file(path).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(io_error(format!("removing {}", path.display()))(e))
-        }
-        _ => Ok(()),
-    }
-}
-
-async fn remove_dir_if_present(path: &Path) -> Result<(), SeedError> {
-    match tokio::fs::remove_dir_all(path).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(io_error(format!("removing {}", path.display()))(e))
-        }
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn spec() -> CloudInitSpec {
@@ -339,7 +216,7 @@ phone_home:
         bad.hostname = "evil\nruncmd: [reboot]".into();
         assert!(matches!(
             render("sandbox-1", &bad),
-            Err(SeedError::InvalidField {
+            Err(CloudInitError {
                 field: "hostname",
                 ..
             })
@@ -348,7 +225,7 @@ phone_home:
         bad.phone_home_url = "http://x/\"quoted\"".into();
         assert!(matches!(
             render("sandbox-1", &bad),
-            Err(SeedError::InvalidField {
+            Err(CloudInitError {
                 field: "phone_home_url",
                 ..
             })
@@ -410,50 +287,5 @@ phone_home:
             read("meta-data.tree/local-hostname"),
             "sandbox-0123456789ab"
         );
-    }
-
-    #[tokio::test]
-    async fn writes_a_cidata_vfat_image() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("seed.img");
-        let files = render("sandbox-0123456789ab", &spec()).unwrap();
-        let tools = SeedTools {
-            mkfs_vfat: "mkfs.vfat".into(),
-            mcopy: "mcopy".into(),
-            timeout: Duration::from_secs(30),
-        };
-        // Twice: a rerun (an idempotent clone redoing residue) replaces the image.
-        for _ in 0..2 {
-            write_image(&files, &image, &dir.path().join("seed.d"), &tools)
-                .await
-                .unwrap();
-        }
-        assert!(!dir.path().join("seed.d").exists());
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(&image).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-
-        let label = std::process::Command::new("mlabel")
-            .args(["-s", "-i"])
-            .arg(&image)
-            .arg("::")
-            .env("MTOOLS_SKIP_CHECK", "1")
-            .output()
-            .unwrap();
-        let label = String::from_utf8_lossy(&label.stdout).to_string();
-        assert!(label.to_lowercase().contains("cidata"), "{label}");
-        let read = |name: &str| {
-            let out = std::process::Command::new("mtype")
-                .arg("-i")
-                .arg(&image)
-                .arg(format!("::{name}"))
-                .env("MTOOLS_SKIP_CHECK", "1")
-                .output()
-                .unwrap();
-            assert!(out.status.success());
-            String::from_utf8(out.stdout).unwrap()
-        };
-        assert_eq!(read("user-data"), files.user_data);
-        assert_eq!(read("meta-data"), files.meta_data);
     }
 }

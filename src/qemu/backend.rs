@@ -21,11 +21,12 @@ use super::layout::{self, SandboxPaths, SandboxRecord, Template};
 use super::process;
 use super::qga::{ExecRequest, QgaClient, QgaError};
 use super::qmp::QmpClient;
+use super::seed::{self, SeedError, SeedTools};
 use super::tool::{self, ToolError};
 use crate::backend::{
     Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
-use crate::cloudinit::{self as seed, SeedError, SeedTools};
+use crate::cloudinit;
 use crate::model::{now_ms, VM_NAME_PREFIX};
 
 /// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the
@@ -241,7 +242,7 @@ impl QemuBackend {
         &self,
         spec: &SandboxSpec,
         paths: &SandboxPaths,
-        seed_files: &seed::SeedFiles,
+        seed_files: &cloudinit::SeedFiles,
     ) -> Result<(), BackendError> {
         let template = Template::resolve(
             &self.dirs.images,
@@ -396,7 +397,8 @@ impl Backend for QemuBackend {
                 spec.name
             )));
         }
-        let seed_files = seed::render(&spec.name, &spec.cloud_init).map_err(seed_error)?;
+        let seed_files =
+            cloudinit::render(&spec.name, &spec.cloud_init).map_err(|e| seed_error(e.into()))?;
         let handle = Self::handle(&paths, &spec.name);
         let _guard = self.lock_vm(&spec.name).await;
 
@@ -650,7 +652,7 @@ fn tool_error(operation: &'static str, error: ToolError) -> BackendError {
 
 fn seed_error(error: SeedError) -> BackendError {
     match error {
-        SeedError::InvalidField { .. } => BackendError::InvalidInput(error.to_string()),
+        SeedError::Render(_) => BackendError::InvalidInput(error.to_string()),
         SeedError::Io { context, source } => BackendError::io(context, source),
         SeedError::Tool(e) => tool_error("clone", e),
     }

@@ -9,6 +9,7 @@ pub mod layout;
 pub mod process;
 pub mod qga;
 pub mod qmp;
+pub mod seed;
 pub mod tool;
 mod wire;
 

@@ -8,11 +8,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentlab::backend::{Backend, NetworkMode, VmHandle};
-use agentlab::cloudinit::{self as seed, SeedFiles, SeedTools};
+use agentlab::cloudinit::SeedFiles;
 use agentlab::model::now_ms;
 use agentlab::qemu::layout::{self, SandboxPaths, SandboxRecord, Template};
 use agentlab::qemu::qga::QgaClient;
 use agentlab::qemu::qmp::QmpClient;
+use agentlab::qemu::seed::{self, SeedTools};
 use agentlab::qemu::{process, tool, QemuBackend, QemuConfig, QemuDirs};
 use tokio::process::Command;
 
