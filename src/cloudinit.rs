@@ -1,6 +1,6 @@
 //! Cloud-init documents for one sandbox, the same for every backend: `meta-data` and the
 //! `user-data` that writes the runner's bootstrap file and phones home. This is the guest contract
-//! (docs/guest.md); how the documents reach the guest is each backend's business (the local
+//! (docs/guest-contract.md); how the documents reach the guest is each backend's business (the local
 //! backend's NoCloud image in `qemu::seed`, a Proxmox snippet in `pve::snippets`).
 //!
 //! The YAML stays inside the subset both real cloud-init and the test image's parser accept:
