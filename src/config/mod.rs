@@ -3,6 +3,8 @@
 
 pub mod governor;
 pub mod profile;
+pub mod pve;
+pub mod qemu;
 pub mod tuning;
 
 use std::net::SocketAddr;
@@ -13,8 +15,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::backend::fake::FakeConfig;
 use crate::backend::BackendKind;
-use crate::pve::PveConfig;
-use crate::qemu::QemuConfig;
+use pve::PveConfig;
+use qemu::QemuConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

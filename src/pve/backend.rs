@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 
 use super::command::{CommandError, CommandOutput, CommandRunner, DuctRunner, Invocation, Tool};
-use super::config::PveConfig;
 use super::errors::{ErrorClass, PveError};
 use super::parse::{self, TemplateInfo, VmEntry};
 use super::snippets;
@@ -28,6 +27,7 @@ use crate::backend::{
     Backend, BackendError, BackendKind, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
     VmHandle, VmState,
 };
+use crate::config::pve::PveConfig;
 use crate::model::VM_NAME_PREFIX;
 
 /// How many VMIDs a clone tries before giving up: another creator may take each one between

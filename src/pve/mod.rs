@@ -10,11 +10,10 @@
 
 pub mod backend;
 pub mod command;
-pub mod config;
 pub mod errors;
 pub mod parse;
 pub mod snippets;
 
+pub use crate::config::pve::PveConfig;
 pub use backend::PveBackend;
 pub use command::{CommandRunner, DuctRunner, Invocation, Tool};
-pub use config::PveConfig;

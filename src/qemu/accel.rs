@@ -9,8 +9,8 @@ use std::time::Duration;
 use tokio::process::Command;
 use tokio::sync::OnceCell;
 
-use super::config::Accel;
 use super::tool;
+use crate::config::qemu::Accel;
 
 /// The accelerator a VM actually runs with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

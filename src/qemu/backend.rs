@@ -15,7 +15,6 @@ use tokio::process::Command;
 use tokio::sync::OwnedMutexGuard;
 
 use super::accel::AccelChooser;
-use super::config::QemuConfig;
 use super::launch::{self, LaunchPlan};
 use super::layout::{self, SandboxPaths, SandboxRecord, Template};
 use super::process;
@@ -27,6 +26,7 @@ use crate::backend::{
     Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
 use crate::cloudinit;
+use crate::config::qemu::QemuConfig;
 use crate::model::{now_ms, VM_NAME_PREFIX};
 
 /// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the

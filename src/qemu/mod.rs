@@ -3,7 +3,6 @@
 
 pub mod accel;
 pub mod backend;
-pub mod config;
 pub mod launch;
 pub mod layout;
 pub mod process;
@@ -13,5 +12,5 @@ pub mod seed;
 pub mod tool;
 mod wire;
 
+pub use crate::config::qemu::{Accel, QemuConfig};
 pub use backend::{QemuBackend, QemuDirs, GUEST_URL};
-pub use config::{Accel, QemuConfig};
