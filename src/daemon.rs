@@ -104,7 +104,7 @@ async fn build_backend(
             )?)))
         }
         BackendKind::Pve => {
-            for warning in crate::config::pve::profile_warnings(&config.pve, profiles.all()) {
+            for warning in crate::pve::config::profile_warnings(&config.pve, profiles.all()) {
                 tracing::warn!("{warning}");
             }
             // Guests on the bridge reach the daemon at guest_url; a loopback one cannot work.

@@ -11,41 +11,13 @@
 
 pub mod fake;
 
+pub use crate::config::backends::{BackendKind, NetworkMode};
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-
-/// Which backend a daemon runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BackendKind {
-    Qemu,
-    Pve,
-    Fake,
-}
-
-impl BackendKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BackendKind::Qemu => "qemu",
-            BackendKind::Pve => "pve",
-            BackendKind::Fake => "fake",
-        }
-    }
-}
-
-/// How a guest may reach the network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum NetworkMode {
-    /// Only the daemon's guest endpoint is reachable.
-    #[default]
-    Restricted,
-    /// Outbound traffic is allowed too.
-    Egress,
-}
 
 /// What the guest's cloud-init receives.
 #[derive(Clone, PartialEq, Eq)]

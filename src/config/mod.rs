@@ -1,6 +1,9 @@
 //! The daemon's configuration: the YAML file given by `--config`, its defaults, and the loading of
-//! every file the daemon reads at start-up (profiles and tuning live in their own modules).
+//! every file the daemon reads at start-up (profiles and tuning live in their own modules, and so
+//! do the backends' sections: plain data the backends import, never the other way round).
 
+pub mod backends;
+pub mod fake;
 pub mod governor;
 pub mod profile;
 pub mod pve;
@@ -13,8 +16,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-use crate::backend::fake::FakeConfig;
-use crate::backend::BackendKind;
+use backends::BackendKind;
+use fake::FakeConfig;
 use pve::PveConfig;
 use qemu::QemuConfig;
 
@@ -280,7 +283,7 @@ impl Config {
     pub fn resolved_guest_url(&self, bound: SocketAddr) -> String {
         match (&self.guest_url, self.backend) {
             (Some(url), _) => url.trim_end_matches('/').to_owned(),
-            (None, BackendKind::Qemu) => crate::qemu::GUEST_URL.to_owned(),
+            (None, BackendKind::Qemu) => qemu::GUEST_URL.to_owned(),
             (None, _) => format!("http://{bound}"),
         }
     }

@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// How a guest of the local QEMU backend reaches the daemon's guest API: a `guestfwd` on the
+/// user-mode network to the daemon's `guest_listen`. The daemon builds `CloudInitSpec::guest_url`
+/// and the phone-home URL from it; it is `guest_url`'s default on that backend.
+pub const GUEST_URL: &str = "http://10.0.2.100";
+
 /// How guests are accelerated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

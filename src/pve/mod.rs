@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod command;
+pub mod config;
 pub mod errors;
 pub mod parse;
 pub mod snippets;

@@ -29,10 +29,8 @@ use crate::cloudinit;
 use crate::config::qemu::QemuConfig;
 use crate::model::{now_ms, VM_NAME_PREFIX};
 
-/// How a guest reaches the daemon's guest API: a `guestfwd` on the user-mode network to the
-/// daemon's `guest_listen`. The daemon builds `CloudInitSpec::guest_url` and the phone-home URL
-/// from it.
-pub const GUEST_URL: &str = "http://10.0.2.100";
+/// How a guest reaches the daemon's guest API (the config's default `guest_url` on this backend).
+pub use crate::config::qemu::GUEST_URL;
 
 /// The PATH a guest command gets when the caller sets an environment without one: `guest-exec`
 /// replaces the agent's environment entirely, and the runner needs `git` on PATH.

@@ -1,0 +1,54 @@
+//! The `fake:` section of the daemon's config: the in-process fake backend's latency per
+//! operation, its injected faults, and where it keeps its VM list (tests and benchmarks only).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The operations whose latency and faults can be configured. `boot` is the guest's time from
+/// start to phone-home, `run` the command's run time, `upload` the runner's upload time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FakeOp {
+    Clone,
+    Start,
+    Boot,
+    AgentPing,
+    Exec,
+    ExecStatus,
+    Run,
+    Upload,
+    Destroy,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Latency {
+    pub min_ms: u64,
+    pub max_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fault {
+    /// Probability in [0, 1] that the operation fails.
+    pub fail_rate: f64,
+    /// The first N calls fail.
+    pub fail_times: u32,
+    /// The first N calls panic.
+    pub panic_times: u32,
+    /// Every call hangs forever.
+    pub hang: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FakeConfig {
+    pub latency: BTreeMap<FakeOp, Latency>,
+    pub faults: BTreeMap<FakeOp, Fault>,
+    /// The simulated command's exit code.
+    pub exit_code: i32,
+    /// Where the fake keeps its VM list, so leaks survive a daemon restart. None: memory only.
+    pub state_file: Option<PathBuf>,
+}
