@@ -1,12 +1,30 @@
 #!/usr/bin/env bash
-# The test command: installs what the tests need, builds the guest image the VM tests boot, and
-# runs every test (unit, integration, and the end-to-end tests that boot real QEMU VMs).
+# The test command: installs what the tests need, checks formatting and lints, builds the guest
+# image the VM tests boot, and runs every test (unit, integration, and the end-to-end tests that
+# boot real QEMU VMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 # shellcheck disable=SC1091
 [ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+
+# Formatting and lints gate the run before any test does. rustup's minimal profile has neither
+# rustfmt nor clippy: add them when rustup can, else say exactly what is missing.
+for component in rustfmt:fmt clippy:clippy; do
+  if ! cargo "${component#*:}" --version >/dev/null 2>&1; then
+    if command -v rustup >/dev/null 2>&1; then
+      rustup component add "${component%%:*}" || true
+    fi
+    if ! cargo "${component#*:}" --version >/dev/null 2>&1; then
+      echo "test.sh: \`cargo ${component#*:}\` is not available: install the ${component%%:*} component" \
+        "(rustup component add ${component%%:*})" >&2
+      exit 1
+    fi
+  fi
+done
+cargo fmt --check
+cargo clippy --all-targets -- -D warnings
 
 cargo build --all-targets
 if [ -x scripts/build-guest-image.sh ]; then
