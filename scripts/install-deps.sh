@@ -68,7 +68,8 @@ search_path=${AGENTLAB_DEPS_PATH:-$PATH:/usr/sbin:/sbin}
 extra_programs=()
 [ "$(id -u)" -eq 0 ] || extra_programs+=(fakeroot:fakeroot)
 
-pkg_installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+# Not `dpkg-query | grep -q`: under pipefail, grep leaving early can fail the pipe with SIGPIPE.
+pkg_installed() { [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == *"ok installed" ]]; }
 has_program() { PATH=$search_path command -v "$1" >/dev/null 2>&1; }
 
 # Prints "package<TAB>what is missing" for each missing thing; nothing when all is there.
@@ -173,7 +174,9 @@ if ! command -v cargo >/dev/null 2>&1; then
 	else
 		# Debian 12's own rustc is too old for the dependencies; rustup installs a current one.
 		log "installing Rust with rustup"
-		curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+		# rustfmt and clippy too: the test command checks formatting and lints.
+		curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
+			sh -s -- -y --profile minimal --component rustfmt --component clippy
 	fi
 fi
 log "ok: $(PATH=$search_path qemu-system-x86_64 --version | head -n 1); qemu-img $(PATH=$search_path qemu-img --version | head -n 1 | awk '{ print $3 }')"
