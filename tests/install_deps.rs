@@ -3,6 +3,8 @@
 //! program and the Debian package that brings it. The program list is the script's own: asked to
 //! look in an empty folder, it names every program it wants.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
