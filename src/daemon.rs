@@ -14,7 +14,7 @@ use crate::actors::collector::LeaseCollector;
 use crate::actors::governor::ResourceGovernor;
 use crate::actors::guest_reports::GuestReports;
 use crate::actors::supervisor::{Shutdown, Supervisor};
-use crate::actors::{Clock, Hub, Services};
+use crate::actors::{Clock, Hub, LiveConfig, Services};
 use crate::backend::fake::{FakeBackend, SharedFake};
 use crate::backend::{BackendError, BackendKind, GuestSink, SharedBackend};
 use crate::config::profile::{yaml_files, Profiles};
@@ -226,6 +226,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         metrics: Metrics::new()?,
         guest_url,
         clock: Clock::new(),
+        live: LiveConfig::new(&config),
     });
     let sampler = tokio::task::spawn_blocking(crate::governor::sampler::HostSampler::new)
         .await
@@ -273,7 +274,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&daemon.svc, &config_path),
+            _ = hangup.recv() => {
+                // Reading files is blocking work: off the executor.
+                let (svc, path) = (Arc::clone(&daemon.svc), config_path.clone());
+                if let Err(err) = tokio::task::spawn_blocking(move || reload(&svc, &path)).await {
+                    tracing::error!(%err, "reload failed");
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -283,7 +290,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     Ok(())
 }
 
-/// SIGHUP: puts new tuning and profiles in force; an invalid file keeps the old values.
+/// SIGHUP: puts new tuning, profiles and the config file's reloadable keys in force; an invalid
+/// file keeps the old values.
 fn reload(svc: &Services, config_path: &Path) {
     let tuning_path = svc.config.tuning_path();
     match svc.tuning.reload(&tuning_path) {
@@ -297,5 +305,15 @@ fn reload(svc: &Services, config_path: &Path) {
         }
         Err(err) => tracing::error!(%err, "profiles not reloaded; the old ones stay in force"),
     }
-    tracing::debug!(config = %config_path.display(), "the config file itself is read at start-up only");
+    match Config::load(config_path) {
+        Ok(config) => {
+            svc.live.apply(&config);
+            tracing::info!(
+                file = %config_path.display(),
+                provisioning_timeout = %humantime::format_duration(config.provisioning_timeout),
+                "config reloaded (listeners, paths and the backend change only with a restart)"
+            );
+        }
+        Err(err) => tracing::error!(%err, "config not reloaded; the old values stay in force"),
+    }
 }

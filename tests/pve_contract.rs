@@ -1080,7 +1080,7 @@ fn the_recorder_refuses_control_characters_like_the_real_runner() {
 /// of VMs that are gone: the upstream shell backend leaked both.
 #[actix_rt::test]
 async fn reconciliation_destroys_unknown_vms_and_sweeps_their_snippets() {
-    use agentlab::actors::{reconciler, Clock, Hub, Services};
+    use agentlab::actors::{reconciler, Clock, Hub, LiveConfig, Services};
     use agentlab::config::profile::Profiles;
     use agentlab::config::tuning::{Tuning, TuningHandle};
     use agentlab::config::Config;
@@ -1112,6 +1112,7 @@ async fn reconciliation_destroys_unknown_vms_and_sweeps_their_snippets() {
         metrics: Metrics::new().unwrap(),
         guest_url: "http://10.77.0.1:8848".into(),
         clock: Clock::new(),
+        live: LiveConfig::new(&Config::default()),
     };
     let report = reconciler::reconcile(&svc, &Default::default())
         .await

@@ -12,7 +12,9 @@ pub mod reconciler;
 pub mod sandbox;
 pub mod supervisor;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::backend::SharedBackend;
 use crate::config::profile::Profiles;
@@ -55,6 +57,35 @@ pub struct Services {
     /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
     pub guest_url: String,
     pub clock: Clock,
+    /// The config file's values that SIGHUP puts in force without a restart.
+    pub live: LiveConfig,
+}
+
+/// The config file's keys that a reload changes in a running daemon (the others need a restart:
+/// listeners, paths, the backend). Read on every use, so a reload applies to the next phase.
+#[derive(Debug)]
+pub struct LiveConfig {
+    provisioning_timeout_ms: AtomicU64,
+}
+
+impl LiveConfig {
+    pub fn new(config: &Config) -> LiveConfig {
+        let live = LiveConfig {
+            provisioning_timeout_ms: AtomicU64::new(0),
+        };
+        live.apply(config);
+        live
+    }
+
+    /// Puts a freshly loaded config's reloadable values in force.
+    pub fn apply(&self, config: &Config) {
+        let ms = u64::try_from(config.provisioning_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.provisioning_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn provisioning_timeout(&self) -> Duration {
+        Duration::from_millis(self.provisioning_timeout_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Wall-clock milliseconds for leases and deadlines, advanced by tokio's monotonic clock from an
@@ -87,6 +118,11 @@ impl Default for Clock {
 }
 
 impl Services {
+    /// The overall limit on clone → guest agent, as last (re)loaded.
+    pub fn provisioning_timeout(&self) -> Duration {
+        self.live.provisioning_timeout()
+    }
+
     pub fn profiles(&self) -> Arc<Profiles> {
         match self.profiles.read() {
             Ok(guard) => Arc::clone(&guard),

@@ -1,4 +1,4 @@
-//! Control API routes for sandboxes: list, show, destroy.
+//! Control API routes for sandboxes: list, show, destroy (through the Supervisor).
 
 use actix_web::{web, HttpResponse};
 use serde::Deserialize;
@@ -6,9 +6,8 @@ use serde_json::json;
 
 use super::error::ApiError;
 use super::ApiState;
-use crate::actors::lifecycle::destroy_sandbox;
-use crate::actors::supervisor::CancelJob;
-use crate::model::{JobStatus, Sandbox, SandboxState};
+use crate::actors::supervisor::{DestroyRefused, DestroySandbox};
+use crate::model::{Sandbox, SandboxState};
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/sandboxes", web::get().to(list))
@@ -54,40 +53,30 @@ async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpR
     Ok(HttpResponse::Ok().json(load(&state, id.into_inner()).await?))
 }
 
-/// A sandbox whose job still runs is destroyed by cancelling the job (its actor owns the VM);
-/// otherwise (kept, or a failed destroy) it is destroyed here, in the background.
+/// The Supervisor destroys it: a running job's sandbox by ending the job through its actor, a
+/// kept one (or one whose destroy failed) in the background.
 async fn destroy(
     state: web::Data<ApiState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let sandbox = load(&state, id.into_inner()).await?;
-    if sandbox.state == SandboxState::Destroyed {
-        return Err(ApiError::Conflict(format!(
-            "sandbox {} is already destroyed",
-            sandbox.id
-        )));
+    let id = id.into_inner();
+    let request = DestroySandbox {
+        sandbox_id: id.clone(),
+    };
+    match state
+        .supervisor
+        .send(request)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        Ok(()) => {}
+        Err(refused @ DestroyRefused::Missing(_)) => {
+            return Err(ApiError::NotFound(refused.to_string()))
+        }
+        Err(refused @ DestroyRefused::AlreadyDestroyed(_)) => {
+            return Err(ApiError::Conflict(refused.to_string()))
+        }
+        Err(DestroyRefused::Store(err)) => return Err(err.into()),
     }
-    let job_id = sandbox.job_id.clone();
-    let job = state.svc.store.call(move |s| s.get_job(&job_id)).await?;
-    if job.is_some_and(|j| !j.status.is_terminal()) {
-        let cancel = CancelJob {
-            job_id: sandbox.job_id.clone(),
-            status: JobStatus::Cancelled,
-            reason: "sandbox destroyed by request".into(),
-        };
-        state
-            .supervisor
-            .send(cancel)
-            .await
-            .map_err(ApiError::internal)??;
-    } else {
-        let svc = std::sync::Arc::clone(&state.svc);
-        let target = sandbox.clone();
-        actix_web::rt::spawn(async move {
-            if let Err(err) = destroy_sandbox(&svc, &target).await {
-                tracing::warn!(sandbox = %target.id, %err, "destroy by request failed");
-            }
-        });
-    }
-    Ok(HttpResponse::Accepted().json(load(&state, sandbox.id).await?))
+    Ok(HttpResponse::Accepted().json(load(&state, id).await?))
 }

@@ -25,6 +25,13 @@ pub struct PendingOutcome {
     pub error: Option<String>,
 }
 
+/// When a phase that begins now must end: the clock's now and the phase's time limit, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseLimit {
+    pub now_ms: i64,
+    pub limit_ms: i64,
+}
+
 /// What the guest has reported so far for a job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestProgress {
@@ -232,18 +239,33 @@ impl Store {
     }
 
     /// Records that a phase began: the job's and sandbox's current phase, a phase run, an event.
+    /// Returns the phase's deadline: `limit.now_ms + limit.limit_ms` when the phase is new, and
+    /// the deadline it got when it first began when a restarted actor re-enters it, so a resumed
+    /// phase never gets a fresh full timeout.
     pub fn begin_phase(
         &self,
         job_id: &str,
         sandbox_id: &str,
         phase: Phase,
-    ) -> Result<Event, StoreError> {
+        limit: PhaseLimit,
+    ) -> Result<(Event, i64), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_ms();
+        let current: Option<(Option<String>, Option<i64>)> = tx
+            .query_row(
+                "SELECT phase, phase_deadline_ms FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let deadline = match current {
+            Some((Some(current), Some(deadline))) if current == phase.as_str() => deadline,
+            _ => limit.now_ms.saturating_add(limit.limit_ms),
+        };
         tx.execute(
-            "UPDATE jobs SET phase = ?2 WHERE id = ?1",
-            params![job_id, phase.as_str()],
+            "UPDATE jobs SET phase = ?2, phase_deadline_ms = ?3 WHERE id = ?1",
+            params![job_id, phase.as_str(), deadline],
         )?;
         tx.execute(
             "UPDATE sandboxes SET phase = ?2, state = ?3, updated_ms = ?4 WHERE id = ?1",
@@ -266,7 +288,7 @@ impl Store {
         )?;
         let event = insert_event(&tx, job_id, "phase_started", Some(phase), phase.as_str())?;
         tx.commit()?;
-        Ok(event)
+        Ok((event, deadline))
     }
 
     /// Records how a phase ended (`ok`, `failed`, `timeout`, `cancelled`); returns the event and

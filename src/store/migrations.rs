@@ -91,6 +91,21 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX tokens_by_job ON tokens (job_id);
     "#,
+    // 2: what the restart policy counts and a resumed phase keeps, persisted across restarts.
+    r#"
+    -- Each time a job's actor died without finishing, or the daemon stopped under it uncleanly.
+    CREATE TABLE crashes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX crashes_by_job ON crashes (job_id, at_ms);
+    -- When the current phase must end, set when it first began: a resumed phase keeps it.
+    ALTER TABLE jobs ADD COLUMN phase_deadline_ms INTEGER;
+    -- Set when a graceful shutdown suspended the job; a RUNNING job without it was interrupted.
+    ALTER TABLE jobs ADD COLUMN suspended_ms INTEGER;
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use agentlab::actors::collector::LeaseCollector;
 use agentlab::actors::governor::ResourceGovernor;
 use agentlab::actors::guest_reports::GuestReports;
 use agentlab::actors::supervisor::{Admit, Supervisor};
-use agentlab::actors::{Clock, Hub, Services};
+use agentlab::actors::{Clock, Hub, LiveConfig, Services};
 use agentlab::backend::fake::{FakeBackend, FakeConfig, SharedFake};
 use agentlab::config::profile::Profiles;
 use agentlab::config::tuning::{Tuning, TuningHandle};
@@ -120,6 +120,7 @@ impl Harness {
             provisioning_timeout: Duration::from_secs(3600),
             ..Config::default()
         };
+        let live = LiveConfig::new(&config);
         let svc = Arc::new(Services {
             config: Arc::new(config),
             store,
@@ -130,6 +131,7 @@ impl Harness {
             metrics: Metrics::new().unwrap(),
             guest_url: "http://10.0.2.100".into(),
             clock: Clock::new(),
+            live,
         });
         let host = ManualSampler::new(readings);
         let (supervisor, governor) =
