@@ -49,6 +49,9 @@ pub struct Fault {
     pub fail_times: u32,
     /// The first N calls panic.
     pub panic_times: u32,
+    /// The Nth call (counting from 1) panics, once; 0: none. Makes an actor crash in the middle of
+    /// a phase that calls the operation repeatedly.
+    pub panic_on_call: u32,
     /// Every call hangs forever.
     pub hang: bool,
 }
@@ -188,7 +191,8 @@ impl FakeBackend {
         if fault.hang {
             std::future::pending::<()>().await;
         }
-        if counters.panicked.fetch_add(1, Ordering::SeqCst) < fault.panic_times {
+        let call = counters.panicked.fetch_add(1, Ordering::SeqCst);
+        if call < fault.panic_times || call.checked_add(1) == Some(fault.panic_on_call) {
             panic!("fake backend: injected panic in {op:?}");
         }
         if counters.failed.fetch_add(1, Ordering::SeqCst) < fault.fail_times {
