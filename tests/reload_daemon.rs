@@ -13,7 +13,8 @@ use serde_json::json;
 fn sighup_puts_a_new_provisioning_timeout_in_force() {
     let dir = tempfile::tempdir().unwrap();
     // Guests take 5 s to boot; the provisioning budget starts at 10 minutes.
-    let fake = "fake:\n  latency:\n    boot: {min_ms: 5000, max_ms: 5000}\nprovisioning_timeout: 10m\n";
+    let fake =
+        "fake:\n  latency:\n    boot: {min_ms: 5000, max_ms: 5000}\nprovisioning_timeout: 10m\n";
     let daemon = Daemon::start(dir.path(), "fake", fake);
     let config = std::fs::read_to_string(&daemon.config).unwrap();
     std::fs::write(
@@ -31,7 +32,10 @@ fn sighup_puts_a_new_provisioning_timeout_in_force() {
     let job = daemon.wait_terminal(&id, Duration::from_secs(30));
     assert_eq!(job["status"], "TIMEOUT", "{job}");
     let error = job["error"].as_str().unwrap();
-    assert!(error.contains("phase cloud_init timed out after 1s"), "{error}");
+    assert!(
+        error.contains("phase cloud_init timed out after 1s"),
+        "{error}"
+    );
 
     // A config the daemon cannot use keeps the values in force, and says why.
     std::fs::write(&daemon.config, "provisioning_timeout: soon\n").unwrap();
@@ -41,7 +45,10 @@ fn sighup_puts_a_new_provisioning_timeout_in_force() {
         assert!(Instant::now() < deadline, "no error: {}", daemon.log());
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert!(daemon.log().contains("provisioning_timeout"), "the error names the key");
+    assert!(
+        daemon.log().contains("provisioning_timeout"),
+        "the error names the key"
+    );
     let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     let job = daemon.wait_terminal(&id, Duration::from_secs(30));
     assert_eq!(job["status"], "TIMEOUT", "still 1s: {job}");

@@ -99,10 +99,17 @@ fn a_daemon_that_keeps_dying_under_a_job_ends_it_at_the_restart_limit() {
         assert_eq!(job.status, JobStatus::Failed, "{job:?}");
         let error = job.error.unwrap();
         assert!(error.contains("crashed 4 times"), "{error}");
-        assert!(error.contains("the daemon stopped while the job ran"), "{error}");
+        assert!(
+            error.contains("the daemon stopped while the job ran"),
+            "{error}"
+        );
         assert!(h.fake.vm_names().is_empty(), "{:?}", h.fake.vm_names());
         assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
-        assert_eq!(h.fake.creations(&sandbox_name_for(&id)), 0, "never cloned again");
+        assert_eq!(
+            h.fake.creations(&sandbox_name_for(&id)),
+            0,
+            "never cloned again"
+        );
     });
 }
 

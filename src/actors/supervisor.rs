@@ -300,7 +300,13 @@ impl Supervisor {
 
     /// Ends a job that has no actor: destroys its VM and records the verdict. While it runs the
     /// job is neither resumed by the reconciler nor respawned.
-    fn teardown(&mut self, job_id: String, status: JobStatus, reason: String, ctx: &mut Context<Self>) {
+    fn teardown(
+        &mut self,
+        job_id: String,
+        status: JobStatus,
+        reason: String,
+        ctx: &mut Context<Self>,
+    ) {
         if !self.tearing_down.insert(job_id.clone()) {
             return;
         }
@@ -532,19 +538,21 @@ impl Handler<CancelJob> for Supervisor {
                 _ => Ok(CancelPath::Ended(false)),
             }
         };
-        Box::pin(decided.into_actor(self).map(move |path: Result<CancelPath, StoreError>, supervisor, ctx| {
-            match path? {
-                CancelPath::Ended(ended) => Ok(ended),
-                CancelPath::Teardown => {
-                    match supervisor.running.get(&job_id) {
-                        // An actor was spawned meanwhile (a resume): it ends the job.
-                        Some(entry) => entry.signals.cancel(status, reason),
-                        None => supervisor.teardown(job_id, status, reason, ctx),
+        Box::pin(decided.into_actor(self).map(
+            move |path: Result<CancelPath, StoreError>, supervisor, ctx| {
+                match path? {
+                    CancelPath::Ended(ended) => Ok(ended),
+                    CancelPath::Teardown => {
+                        match supervisor.running.get(&job_id) {
+                            // An actor was spawned meanwhile (a resume): it ends the job.
+                            Some(entry) => entry.signals.cancel(status, reason),
+                            None => supervisor.teardown(job_id, status, reason, ctx),
+                        }
+                        Ok(true)
                     }
-                    Ok(true)
                 }
-            }
-        }))
+            },
+        ))
     }
 }
 
