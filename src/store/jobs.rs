@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::events::insert_event;
+use super::paging::{JobCursor, Page};
 use super::{parse_column, Store, StoreError};
 use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
 
@@ -36,6 +37,8 @@ pub struct GuestProgress {
 const JOB_COLUMNS: &str =
     "id, request_json, status, phase, sandbox_id, exit_code, error, restarts, \
      created_ms, started_ms, finished_ms, deadline_ms";
+/// How many columns `JOB_COLUMNS` names: a query may select more after them.
+const JOB_COLUMN_COUNT: usize = 12;
 
 fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
     let request_json: String = row.get(1)?;
@@ -165,23 +168,34 @@ impl Store {
         .transpose()
     }
 
-    /// Newest first.
-    pub fn list_jobs(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<Job>, StoreError> {
+    /// One page of jobs, newest first, optionally with one status, starting after `after`.
+    pub fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        after: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<Page<Job, JobCursor>, StoreError> {
         let conn = self.conn();
-        match status {
-            Some(status) => query_jobs(
-                &conn,
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE status = ?1 ORDER BY seq DESC LIMIT ?2"
-                ),
-                params![status.as_str(), limit],
-            ),
-            None => query_jobs(
-                &conn,
-                &format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"),
-                [limit],
-            ),
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS}, seq FROM jobs
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR seq < ?2)
+             ORDER BY seq DESC LIMIT ?3"
+        ))?;
+        let mut rows = stmt.query(params![
+            status.map(|s| s.as_str()),
+            after.map(|c| c.0),
+            i64::from(limit) + 1
+        ])?;
+        let mut jobs = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(JOB_COLUMN_COUNT)?;
+            jobs.push((job_from_row(row)?, seq));
         }
+        let page = Page::from_rows(jobs, limit, |(_, seq)| JobCursor(*seq));
+        Ok(Page {
+            items: page.items.into_iter().map(|(job, _)| job).collect(),
+            next: page.next,
+        })
     }
 
     /// Queued jobs, oldest first.

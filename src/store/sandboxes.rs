@@ -1,12 +1,38 @@
 //! Sandboxes: one row per VM, written before the VM is cloned so that a restart always knows the
-//! name of every VM it may have made.
+//! name of every VM it may have made; and their leases.
+//!
+//! A lease counts only while a sandbox is KEPT (after its job): it is set to now + the sandbox's
+//! ttl when the sandbox turns KEPT, and a renew moves it. While the job runs, its run timeout
+//! limits it, and a renew only sets the ttl the lease gets once kept.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, Row};
 
+use super::paging::{Page, SandboxCursor};
 use super::{parse_column, Store, StoreError};
-use crate::model::{now_ms, Sandbox, SandboxState};
+use crate::model::{now_ms, JobStatus, Sandbox, SandboxState};
+
+/// The longest lease a sandbox can get, from its profile, its job or a renew: a typo must not keep
+/// a VM for years.
+pub const MAX_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
+
+fn max_lease_ms() -> i64 {
+    i64::try_from(MAX_LEASE.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// What a renew did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseRenewal {
+    /// The sandbox is KEPT; its lease now ends at `sandbox.lease_expires_at_ms`.
+    Extended(Sandbox),
+    /// Its job still runs; the sandbox gets the new ttl as its lease once kept.
+    AfterJob(Sandbox),
+    /// Nothing to renew (destroyed, being destroyed, or its job ended without keeping it).
+    Refused(String),
+    NotFound,
+}
 
 const SANDBOX_COLUMNS: &str =
     "id, job_id, backend, vm_ref, state, phase, profile, cores, memory_mb, \
@@ -121,15 +147,138 @@ impl Store {
         )
     }
 
-    /// Live sandboxes whose lease ended before `now_ms`.
-    pub fn expired_sandboxes(&self, now_ms: i64) -> Result<Vec<Sandbox>, StoreError> {
+    /// One page of sandboxes, newest first, optionally in one state, starting after `after`.
+    pub fn list_sandboxes_page(
+        &self,
+        state: Option<SandboxState>,
+        after: Option<&SandboxCursor>,
+        limit: u32,
+    ) -> Result<Page<Sandbox, SandboxCursor>, StoreError> {
+        let (after_ms, after_id) = match after {
+            Some(c) => (Some(c.created_ms), Some(c.id.as_str())),
+            None => (None, None),
+        };
+        let rows = self.query_sandboxes(
+            &format!(
+                "SELECT {SANDBOX_COLUMNS} FROM sandboxes
+                 WHERE (?1 IS NULL OR state = ?1)
+                   AND (?2 IS NULL OR (created_ms, id) < (?2, ?3))
+                 ORDER BY created_ms DESC, id DESC LIMIT ?4"
+            ),
+            params![
+                state.map(|s| s.as_str()),
+                after_ms,
+                after_id,
+                i64::from(limit) + 1
+            ],
+        )?;
+        Ok(Page::from_rows(rows, limit, |s| SandboxCursor {
+            created_ms: s.created_at_ms,
+            id: s.id.clone(),
+        }))
+    }
+
+    /// KEPT sandboxes whose lease ended before `now_ms`.
+    pub fn expired_kept_sandboxes(&self, now_ms: i64) -> Result<Vec<Sandbox>, StoreError> {
         self.query_sandboxes(
             &format!(
                 "SELECT {SANDBOX_COLUMNS} FROM sandboxes
-                 WHERE state != 'DESTROYED' AND lease_expires_ms < ?1 ORDER BY lease_expires_ms"
+                 WHERE state = 'KEPT' AND lease_expires_ms < ?1 ORDER BY lease_expires_ms"
             ),
             [now_ms],
         )
+    }
+
+    /// KEPT → DESTROYING, only if its lease still ran out by `now_ms` (a renew may have come in
+    /// between); true if the caller now destroys it.
+    pub fn begin_lease_expiry(&self, id: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let changed = conn.execute(
+            "UPDATE sandboxes SET state = 'DESTROYING', updated_ms = ?3
+             WHERE id = ?1 AND state = 'KEPT' AND lease_expires_ms < ?2",
+            params![id, now_ms, self::now_ms()],
+        )?;
+        Ok(changed > 0)
+    }
+
+    /// Keeps the sandbox after its job: KEPT, with its lease from `now_ms` for the ttl a renew set
+    /// while the job ran, else `ttl` (the job's or its profile's), at most [`MAX_LEASE`].
+    pub fn keep_sandbox(&self, id: &str, now_ms: i64, ttl: Duration) -> Result<(), StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE sandboxes SET state = 'KEPT', updated_ms = ?5,
+                 lease_expires_ms = ?2 + MIN(COALESCE(lease_ttl_ms, ?3), ?4)
+             WHERE id = ?1",
+            params![id, now_ms, ttl_ms, max_lease_ms(), self::now_ms()],
+        )?;
+        Ok(())
+    }
+
+    /// Renews a sandbox's lease to `ttl` from `now_ms`: a KEPT sandbox's lease ends then; a
+    /// sandbox whose job still runs gets `ttl` once kept. `ttl` must be within [`MAX_LEASE`]
+    /// (the caller checks; it is capped here too).
+    pub fn renew_lease(
+        &self,
+        id: &str,
+        now_ms: i64,
+        ttl: Duration,
+    ) -> Result<LeaseRenewal, StoreError> {
+        let ttl_ms = i64::try_from(ttl.as_millis())
+            .unwrap_or(i64::MAX)
+            .min(max_lease_ms());
+        let extends = {
+            let mut conn = self.conn();
+            let tx = conn.transaction()?;
+            let row: Option<(String, Option<String>, bool)> = tx
+                .query_row(
+                    "SELECT s.state, j.status, s.keepalive
+                     FROM sandboxes s LEFT JOIN jobs j ON j.id = s.job_id WHERE s.id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                )
+                .optional()?;
+            let Some((state, status, keepalive)) = row else {
+                return Ok(LeaseRenewal::NotFound);
+            };
+            let state: SandboxState = parse_column("sandboxes", &state)?;
+            let status: Option<JobStatus> = status.map(|s| parse_column("jobs", &s)).transpose()?;
+            let job_running = status.is_some_and(|s| !s.is_terminal());
+            let extends = match state {
+                SandboxState::Kept => true,
+                SandboxState::Destroying | SandboxState::Destroyed => {
+                    return Ok(LeaseRenewal::Refused(format!(
+                        "sandbox {id} is {state}; only a KEPT sandbox or one whose job still runs has a lease to renew"
+                    )));
+                }
+                _ if job_running && !keepalive => {
+                    return Ok(LeaseRenewal::Refused(format!(
+                        "sandbox {id} will not be kept after its job (its profile has keepalive: false), so it has no lease to renew"
+                    )));
+                }
+                _ if job_running => false,
+                _ => {
+                    return Ok(LeaseRenewal::Refused(format!(
+                        "sandbox {id} is {state} and its job is over without keeping it; only a KEPT sandbox or one whose job still runs has a lease to renew"
+                    )));
+                }
+            };
+            // Either way the ttl is remembered; a kept sandbox's lease also moves now. For a
+            // running one the expiry is only an estimate: it does not count until kept.
+            tx.execute(
+                "UPDATE sandboxes SET lease_ttl_ms = ?2, lease_expires_ms = ?3 + ?2,
+                     updated_ms = ?4
+                 WHERE id = ?1",
+                params![id, ttl_ms, now_ms, self::now_ms()],
+            )?;
+            tx.commit()?;
+            extends
+        };
+        Ok(match self.get_sandbox(id)? {
+            None => LeaseRenewal::NotFound,
+            Some(sandbox) if extends => LeaseRenewal::Extended(sandbox),
+            Some(sandbox) => LeaseRenewal::AfterJob(sandbox),
+        })
     }
 
     pub fn set_vm_ref(&self, id: &str, vm_ref: &str) -> Result<(), StoreError> {

@@ -134,7 +134,7 @@ impl Harness {
         let host = ManualSampler::new(readings);
         let (supervisor, governor) =
             agentlab::actors::start_supervisor(Arc::clone(&svc), Box::new(host.clone()));
-        LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+        LeaseCollector::new(Arc::clone(&svc)).start();
         Harness {
             svc,
             fake,
