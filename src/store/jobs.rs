@@ -472,3 +472,56 @@ fn phase_runs(conn: &rusqlite::Connection, job_id: &str) -> Result<Vec<PhaseRun>
     }
     Ok(runs)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::new_id;
+
+    fn submit(store: &Store) -> String {
+        let id = new_id();
+        let request = JobRequest {
+            profile: "balanced".into(),
+            task: "t".into(),
+            ..JobRequest::default()
+        };
+        store
+            .insert_job(
+                &NewJob {
+                    id: id.clone(),
+                    request,
+                    deadline_ms: None,
+                },
+                1000,
+            )
+            .unwrap();
+        id
+    }
+
+    #[test]
+    fn pages_of_jobs_run_newest_first_and_hold_each_once() {
+        let store = Store::open_in_memory().unwrap();
+        let ids: Vec<String> = (0..5).map(|_| submit(&store)).collect();
+        store
+            .finish_job(&ids[1], JobStatus::Cancelled, None, None)
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = store.list_jobs(None, after, 2).unwrap();
+            pages += 1;
+            seen.extend(page.items.into_iter().map(|j| j.id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+        assert_eq!(seen, newest_first);
+        assert_eq!(pages, 3);
+        let queued = store.list_jobs(Some(JobStatus::Queued), None, 10).unwrap();
+        assert_eq!(queued.items.len(), 4);
+        assert!(queued.next.is_none());
+    }
+}

@@ -214,7 +214,10 @@ mod tests {
             .issue_token(&old, crate::store::TokenKind::Session, 1)
             .unwrap();
         store
-            .begin_phase(&old, &sandbox_name_for(&old), crate::model::Phase::Clone)
+            .begin_phase(&old, &sandbox_name_for(&old), crate::model::Phase::Destroy)
+            .unwrap();
+        store
+            .set_sandbox_state(&sandbox_name_for(&old), SandboxState::Destroyed, None)
             .unwrap();
         artifact(&store, &old, "out/a.txt", 0);
         store

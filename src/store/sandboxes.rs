@@ -343,3 +343,189 @@ impl Store {
         Ok(counts)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{new_id, sandbox_name_for, JobRequest};
+    use crate::store::NewJob;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    /// A RUNNING job with a RUNNING sandbox created at `created_ms`.
+    fn running(store: &Store, keepalive: bool, created_ms: i64) -> String {
+        let job_id = new_id();
+        let request = JobRequest {
+            profile: "interactive-dev".into(),
+            task: "t".into(),
+            ..JobRequest::default()
+        };
+        store
+            .insert_job(
+                &NewJob {
+                    id: job_id.clone(),
+                    request,
+                    deadline_ms: None,
+                },
+                1000,
+            )
+            .unwrap();
+        let sb = store
+            .insert_sandbox(&Sandbox {
+                id: sandbox_name_for(&job_id),
+                job_id: job_id.clone(),
+                backend: "fake".into(),
+                vm_ref: None,
+                state: SandboxState::Running,
+                phase: None,
+                profile: "interactive-dev".into(),
+                cores: 1,
+                memory_mb: 512,
+                disk_gb: 1,
+                keepalive,
+                lease_expires_at_ms: created_ms,
+                created_at_ms: created_ms,
+                updated_at_ms: created_ms,
+                destroyed_at_ms: None,
+                error: None,
+            })
+            .unwrap();
+        store.start_job(&job_id, &sb.id).unwrap();
+        sb.id
+    }
+
+    fn job_of(store: &Store, id: &str) -> String {
+        store.get_sandbox(id).unwrap().unwrap().job_id
+    }
+
+    fn lease(store: &Store, id: &str) -> i64 {
+        store.get_sandbox(id).unwrap().unwrap().lease_expires_at_ms
+    }
+
+    #[test]
+    fn keeping_starts_the_lease_from_then_and_caps_it() {
+        let store = Store::open_in_memory().unwrap();
+        let id = running(&store, true, 0);
+        store.keep_sandbox(&id, 1_000_000, 30 * MINUTE).unwrap();
+        let kept = store.get_sandbox(&id).unwrap().unwrap();
+        assert_eq!(kept.state, SandboxState::Kept);
+        assert_eq!(kept.lease_expires_at_ms, 1_000_000 + 30 * 60_000);
+
+        let long = running(&store, true, 0);
+        store
+            .keep_sandbox(&long, 0, Duration::from_secs(10 * 365 * 86400))
+            .unwrap();
+        assert_eq!(lease(&store, &long), max_lease_ms());
+    }
+
+    #[test]
+    fn a_renew_while_the_job_runs_becomes_the_lease_once_kept() {
+        let store = Store::open_in_memory().unwrap();
+        let id = running(&store, true, 0);
+        let renewed = store.renew_lease(&id, 5_000, 90 * MINUTE).unwrap();
+        assert!(matches!(renewed, LeaseRenewal::AfterJob(_)), "{renewed:?}");
+        assert_eq!(
+            store.get_sandbox(&id).unwrap().unwrap().state,
+            SandboxState::Running,
+            "a renew does not keep it"
+        );
+        assert!(store.expired_kept_sandboxes(i64::MAX).unwrap().is_empty());
+        // The job's own ttl (30m) loses to the renewed one.
+        store.keep_sandbox(&id, 1_000_000, 30 * MINUTE).unwrap();
+        assert_eq!(lease(&store, &id), 1_000_000 + 90 * 60_000);
+    }
+
+    #[test]
+    fn a_kept_lease_moves_and_only_expired_kept_sandboxes_are_collected() {
+        let store = Store::open_in_memory().unwrap();
+        let id = running(&store, true, 0);
+        let other = running(&store, true, 0);
+        store.keep_sandbox(&id, 0, MINUTE).unwrap();
+        assert_eq!(
+            store
+                .expired_kept_sandboxes(60_001)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.id)
+                .collect::<Vec<_>>(),
+            vec![id.clone()],
+            "the running one is never collected"
+        );
+        let renewed = store.renew_lease(&id, 50_000, 10 * MINUTE).unwrap();
+        let LeaseRenewal::Extended(sandbox) = renewed else {
+            panic!("{renewed:?}");
+        };
+        assert_eq!(sandbox.lease_expires_at_ms, 50_000 + 600_000);
+        // A collector that listed it before the renew loses the race.
+        assert!(!store.begin_lease_expiry(&id, 60_001).unwrap());
+        assert!(store.begin_lease_expiry(&id, 650_001).unwrap());
+        assert_eq!(
+            store.get_sandbox(&id).unwrap().unwrap().state,
+            SandboxState::Destroying
+        );
+        assert!(store.get_sandbox(&other).unwrap().is_some());
+    }
+
+    #[test]
+    fn a_renew_is_refused_without_a_lease_to_renew() {
+        let store = Store::open_in_memory().unwrap();
+        assert_eq!(
+            store.renew_lease("sandbox-none", 0, MINUTE).unwrap(),
+            LeaseRenewal::NotFound
+        );
+        let not_kept = running(&store, false, 0);
+        let destroyed = running(&store, true, 0);
+        store
+            .set_sandbox_state(&destroyed, SandboxState::Destroyed, None)
+            .unwrap();
+        let over = running(&store, true, 0);
+        store
+            .finish_job(&job_of(&store, &over), JobStatus::Failed, None, None)
+            .unwrap();
+        for (id, says) in [
+            (&not_kept, "keepalive: false"),
+            (&destroyed, "DESTROYED"),
+            (&over, "its job is over"),
+        ] {
+            match store.renew_lease(id, 0, MINUTE).unwrap() {
+                LeaseRenewal::Refused(message) => assert!(message.contains(says), "{message}"),
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn pages_of_sandboxes_hold_each_one_once() {
+        let store = Store::open_in_memory().unwrap();
+        // Equal creation times: the id breaks the tie, so none is skipped or repeated.
+        let mut all: Vec<String> = (0..7)
+            .map(|i| running(&store, false, 1000 + i / 3))
+            .collect();
+        let mut seen = Vec::new();
+        let mut after = None;
+        loop {
+            let page = store.list_sandboxes_page(None, after.as_ref(), 3).unwrap();
+            assert!(page.items.len() <= 3);
+            seen.extend(page.items.iter().map(|s| s.id.clone()));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let newest_first: Vec<i64> = seen
+            .iter()
+            .map(|id| store.get_sandbox(id).unwrap().unwrap().created_at_ms)
+            .collect();
+        assert!(
+            newest_first.windows(2).all(|w| w[0] >= w[1]),
+            "{newest_first:?}"
+        );
+        seen.sort();
+        all.sort();
+        assert_eq!(seen, all);
+        let kept = store
+            .list_sandboxes_page(Some(SandboxState::Kept), None, 3)
+            .unwrap();
+        assert!(kept.items.is_empty() && kept.next.is_none());
+    }
+}
