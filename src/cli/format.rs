@@ -631,6 +631,46 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_shows_only_while_the_sandbox_is_kept() {
+        assert_eq!(until(1_000, 2_000), "passed");
+        assert_eq!(until(30 * 60_000, 0), "in 30m");
+        assert_eq!(until(3 * 86_400_000, 0), "in 3d");
+        let now = 1_700_000_000_000;
+        let mut sandbox = Sandbox {
+            id: "sandbox-1".into(),
+            job_id: "j1".into(),
+            backend: "fake".into(),
+            vm_ref: None,
+            state: crate::model::SandboxState::Running,
+            phase: None,
+            profile: "interactive-dev".into(),
+            cores: 2,
+            memory_mb: 2048,
+            disk_gb: 10,
+            keepalive: true,
+            lease_expires_at_ms: now + 7_200_000,
+            created_at_ms: now,
+            updated_at_ms: now,
+            destroyed_at_ms: None,
+            error: None,
+        };
+        assert!(!sandbox_detail(&sandbox, now).contains("lease"));
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(list.trim_end().ends_with("ago   -"), "{list}");
+        sandbox.state = crate::model::SandboxState::Kept;
+        let detail = sandbox_detail(&sandbox, now);
+        assert!(
+            detail.contains("lease:        until 2023-11-15T00:13:20Z (in 2h)"),
+            "{detail}"
+        );
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(
+            list.contains("LEASE") && list.ends_with("in 2h\n"),
+            "{list}"
+        );
+    }
+
+    #[test]
     fn tables_align_columns() {
         let t = table(
             &["A", "BB", "C"],
