@@ -13,6 +13,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::actors::collector::LeaseCollector;
 use crate::actors::governor::ResourceGovernor;
 use crate::actors::guest_reports::GuestReports;
+use crate::actors::retention::RetentionCollector;
 use crate::actors::supervisor::{Shutdown, Supervisor};
 use crate::actors::{Clock, Hub, LiveConfig, Services};
 use crate::backend::fake::{FakeBackend, SharedFake};
@@ -233,7 +234,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
     let (supervisor, governor) =
         crate::actors::start_supervisor(Arc::clone(&svc), Box::new(sampler));
-    LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+    LeaseCollector::new(Arc::clone(&svc)).start();
+    RetentionCollector::new(Arc::clone(&svc)).start();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = actix_web::web::Data::new(ApiState {
         svc: Arc::clone(&svc),

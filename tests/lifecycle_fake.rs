@@ -1,5 +1,6 @@
 //! The lifecycle on the fake backend: the happy path, each phase's failure and timeout, cancels,
-//! the restart policy under injected panics, leases, and recovery after the daemon dies.
+//! the restart policy under injected panics, and recovery after the daemon dies (leases are in
+//! leases_fake.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -290,26 +291,6 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
         assert_eq!(h.job(&second).await.status, JobStatus::Cancelled);
         assert_eq!(h.wait_terminal(&first).await.status, JobStatus::Completed);
         assert_eq!(h.fake.creations(&sandbox_name_for(&second)), 0);
-    });
-}
-
-#[test]
-fn an_expired_lease_stops_the_job() {
-    run_paused(async {
-        let config = slow_run(3_600_000);
-        let mut tuning = short_tuning();
-        tuning.phase_timeouts.run = Duration::from_secs(7200);
-        let h = Harness::start(config, tuning, None);
-        let id = h
-            .submit(agentlab::model::JobRequest {
-                ttl_minutes: Some(1),
-                ..request()
-            })
-            .await;
-        let job = h.wait_terminal(&id).await;
-        assert_eq!(job.status, JobStatus::Timeout, "{job:?}");
-        assert!(job.error.unwrap().contains("lease expired"));
-        assert!(h.fake.vm_names().is_empty());
     });
 }
 

@@ -219,9 +219,14 @@ impl Lifecycle {
             .await?;
         if self.profile.keepalive && verdict.command_finished {
             let id = self.sandbox.id.clone();
+            let (now, ttl_minutes) = (
+                self.svc.clock.now_ms(),
+                self.request.ttl_minutes.unwrap_or(self.profile.ttl_minutes),
+            );
+            let ttl = Duration::from_secs(u64::from(ttl_minutes) * 60);
             self.svc
                 .store
-                .call(move |s| s.set_sandbox_state(&id, SandboxState::Kept, None))
+                .call(move |s| s.keep_sandbox(&id, now, ttl))
                 .await?;
         } else {
             self.destroy_phase().await?;

@@ -1,6 +1,6 @@
 //! The actor runtime: a Supervisor spawns one SandboxActor per job's VM, whose lifecycle drives
 //! the VM through its phases; the ResourceGovernor decides when a queued job may start; a collector
-//! ends expired leases; a reconciler repairs the difference between the store and the backend
+//! ends expired leases, another removes what is past retention; a reconciler repairs the difference between the store and the backend
 //! after a crash.
 
 pub mod collector;
@@ -9,6 +9,7 @@ pub mod guest_reports;
 pub mod hub;
 pub mod lifecycle;
 pub mod reconciler;
+pub mod retention;
 pub mod sandbox;
 pub mod supervisor;
 

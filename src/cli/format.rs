@@ -236,6 +236,23 @@ pub fn job_summary(job: &Job) -> String {
     out
 }
 
+/// How far off `ms` is from `now_ms`: `in 25m`, `in 3h`, or `passed` once it is behind.
+pub fn until(ms: i64, now_ms: i64) -> String {
+    let secs = (ms - now_ms) / 1000;
+    match secs {
+        ..=0 => "passed".into(),
+        1..60 => format!("in {secs}s"),
+        60..3600 => format!("in {}m", secs / 60),
+        3600..86400 => format!("in {}h", secs / 3600),
+        _ => format!("in {}d", secs / 86400),
+    }
+}
+
+/// A lease counts only while the sandbox is KEPT (after its job); otherwise there is none to show.
+fn lease_ends(s: &Sandbox) -> Option<i64> {
+    (s.state == crate::model::SandboxState::Kept).then_some(s.lease_expires_at_ms)
+}
+
 pub fn sandbox_list(sandboxes: &[Sandbox], now_ms: i64) -> String {
     if sandboxes.is_empty() {
         return "no sandboxes\n".into();
@@ -252,18 +269,19 @@ pub fn sandbox_list(sandboxes: &[Sandbox], now_ms: i64) -> String {
                 s.profile.clone(),
                 format!("{}c/{}M/{}G", s.cores, s.memory_mb, s.disk_gb),
                 age(s.created_at_ms, now_ms),
+                lease_ends(s).map_or_else(|| "-".into(), |at| until(at, now_ms)),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "JOB", "STATE", "PHASE", "BACKEND", "PROFILE", "SIZE", "CREATED",
+            "ID", "JOB", "STATE", "PHASE", "BACKEND", "PROFILE", "SIZE", "CREATED", "LEASE",
         ],
         &rows,
     )
 }
 
-pub fn sandbox_detail(s: &Sandbox) -> String {
+pub fn sandbox_detail(s: &Sandbox, now_ms: i64) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
@@ -287,7 +305,12 @@ pub fn sandbox_detail(s: &Sandbox) -> String {
         ),
     );
     field("keepalive", s.keepalive.to_string());
-    field("lease until", timestamp(s.lease_expires_at_ms));
+    if let Some(at) = lease_ends(s) {
+        field(
+            "lease",
+            format!("until {} ({})", timestamp(at), until(at, now_ms)),
+        );
+    }
     field("created", timestamp(s.created_at_ms));
     field("updated", timestamp(s.updated_at_ms));
     if let Some(at) = s.destroyed_at_ms {
@@ -605,6 +628,46 @@ mod tests {
         assert_eq!(duration(-1.0), "-");
         assert_eq!(age(0, 90_000), "1m ago");
         assert_eq!(timestamp(1_700_000_000_000), "2023-11-14T22:13:20Z");
+    }
+
+    #[test]
+    fn a_lease_shows_only_while_the_sandbox_is_kept() {
+        assert_eq!(until(1_000, 2_000), "passed");
+        assert_eq!(until(30 * 60_000, 0), "in 30m");
+        assert_eq!(until(3 * 86_400_000, 0), "in 3d");
+        let now = 1_700_000_000_000;
+        let mut sandbox = Sandbox {
+            id: "sandbox-1".into(),
+            job_id: "j1".into(),
+            backend: "fake".into(),
+            vm_ref: None,
+            state: crate::model::SandboxState::Running,
+            phase: None,
+            profile: "interactive-dev".into(),
+            cores: 2,
+            memory_mb: 2048,
+            disk_gb: 10,
+            keepalive: true,
+            lease_expires_at_ms: now + 7_200_000,
+            created_at_ms: now,
+            updated_at_ms: now,
+            destroyed_at_ms: None,
+            error: None,
+        };
+        assert!(!sandbox_detail(&sandbox, now).contains("lease"));
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(list.trim_end().ends_with("ago   -"), "{list}");
+        sandbox.state = crate::model::SandboxState::Kept;
+        let detail = sandbox_detail(&sandbox, now);
+        assert!(
+            detail.contains("lease:        until 2023-11-15T00:13:20Z (in 2h)"),
+            "{detail}"
+        );
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(
+            list.contains("LEASE") && list.ends_with("in 2h\n"),
+            "{list}"
+        );
     }
 
     #[test]

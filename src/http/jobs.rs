@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::ApiState;
+use super::{paging, ApiState};
 use crate::actors::supervisor::{Admit, CancelJob};
 use crate::model::{new_id, Job, JobRequest, JobStatus};
 use crate::paths::is_safe_relative;
@@ -110,6 +110,15 @@ pub fn validate(
             return Err(ApiError::BadRequest(format!("`{field}` must be above 0")));
         }
     }
+    let max_ttl_minutes = crate::store::MAX_LEASE.as_secs() / 60;
+    if request
+        .ttl_minutes
+        .is_some_and(|m| u64::from(m) > max_ttl_minutes)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "`ttl_minutes` must be at most {max_ttl_minutes} (the longest lease)"
+        )));
+    }
     Ok(())
 }
 
@@ -176,8 +185,10 @@ async fn submit(
 struct ListQuery {
     status: Option<String>,
     limit: Option<u32>,
+    after: Option<String>,
 }
 
+/// Newest first, a page at a time; `next` is the cursor of the following page, null on the last.
 async fn list(
     state: web::Data<ApiState>,
     query: web::Query<ListQuery>,
@@ -188,13 +199,17 @@ async fn list(
         .map(|s| s.to_ascii_uppercase().parse::<JobStatus>())
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
-    let jobs = state
+    let limit = paging::limit(query.limit)?;
+    let after = paging::cursor(query.after.as_deref())?;
+    let page = state
         .svc
         .store
-        .call(move |s| s.list_jobs(status, limit))
+        .call(move |s| s.list_jobs(status, after, limit))
         .await?;
-    Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
+    Ok(HttpResponse::Ok().json(json!({
+        "jobs": page.items,
+        "next": page.next.map(|c| c.to_string()),
+    })))
 }
 
 pub async fn load_job(state: &ApiState, id: String) -> Result<Job, ApiError> {
@@ -292,6 +307,10 @@ mod tests {
             },
             JobRequest {
                 run_timeout_seconds: Some(0),
+                ..ok_request()
+            },
+            JobRequest {
+                ttl_minutes: Some(7 * 24 * 60 + 1),
                 ..ok_request()
             },
         ];

@@ -1,6 +1,7 @@
-//! The daemon's state in SQLite (bundled, WAL, versioned migrations): jobs, sandboxes, events,
-//! phase runs, artifacts and tokens. Every write that changes a job's course happens in one
-//! transaction with the event that records it, so a crash never leaves the two apart.
+//! The daemon's state in SQLite (bundled, WAL, versioned migrations): jobs, sandboxes (and their
+//! leases), events, phase runs, artifacts and tokens; paging of the lists; retention. Every write
+//! that changes a job's course happens in one transaction with the event that records it, so a
+//! crash never leaves the two apart.
 //!
 //! The `Store` methods are blocking. Async code reaches them through [`Store::call`], which runs the
 //! closure on tokio's blocking pool, never on an executor thread.
@@ -11,6 +12,8 @@ mod crashes;
 mod events;
 mod jobs;
 mod migrations;
+mod paging;
+mod retention;
 mod sandboxes;
 mod tokens;
 
@@ -22,6 +25,9 @@ use rusqlite::Connection;
 
 pub use admission::{AdmissionView, Holding, QueuedJob};
 pub use jobs::{GuestProgress, NewJob, PendingOutcome, PhaseLimit};
+pub use paging::{BadCursor, JobCursor, Page, SandboxCursor};
+pub use retention::{job_artifacts_path, job_log_path};
+pub use sandboxes::{LeaseRenewal, MAX_LEASE};
 pub use tokens::TokenKind;
 
 #[derive(Debug, thiserror::Error)]

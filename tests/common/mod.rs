@@ -106,6 +106,21 @@ impl Harness {
         tuning: Tuning,
         db: Option<&Path>,
     ) -> Harness {
+        let config = Config {
+            provisioning_timeout: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        Harness::start_configured(readings, config, fake, tuning, db)
+    }
+
+    /// With the daemon config given (its data dir, retention, …).
+    pub fn start_configured(
+        readings: HostReadings,
+        config: Config,
+        fake: FakeConfig,
+        tuning: Tuning,
+        db: Option<&Path>,
+    ) -> Harness {
         let store = match db {
             Some(path) => Store::open(path).unwrap(),
             None => Store::open_in_memory().unwrap(),
@@ -116,10 +131,6 @@ impl Harness {
             hub: Arc::clone(&hub),
         });
         let fake = Arc::new(FakeBackend::new(fake, sink).unwrap());
-        let config = Config {
-            provisioning_timeout: Duration::from_secs(3600),
-            ..Config::default()
-        };
         let live = LiveConfig::new(&config);
         let svc = Arc::new(Services {
             config: Arc::new(config),
@@ -136,7 +147,7 @@ impl Harness {
         let host = ManualSampler::new(readings);
         let (supervisor, governor) =
             agentlab::actors::start_supervisor(Arc::clone(&svc), Box::new(host.clone()));
-        LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+        LeaseCollector::new(Arc::clone(&svc)).start();
         Harness {
             svc,
             fake,
