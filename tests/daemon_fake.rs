@@ -223,17 +223,32 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
     let tuning = dir.path().join("tuning/default.yaml");
-    // No host keeps 99.9% of its disk free: the disk rule holds every job.
-    let strict = common::daemon::test_tuning()
-        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
-    assert_ne!(strict, common::daemon::test_tuning());
+    // No host has a petabyte of memory available: with no progress floor, that signal holds
+    // every job (a static rule would fail it at once instead, as nothing runs).
+    let strict = {
+        let mut t: agentlab::config::tuning::Tuning =
+            yaml_serde::from_str(&common::daemon::test_tuning()).unwrap();
+        t.governor.progress_floor = 0;
+        // Only that signal, whatever else loads the machine running the tests.
+        t.governor.signals = agentlab::config::governor::Signals {
+            cpu_pressure: None,
+            io_pressure: None,
+            io_stall: None,
+            memory_pressure: None,
+            memory_stall: None,
+            iowait: None,
+            memory_available_mb: Some(agentlab::config::governor::Threshold::new(1e12, 2e12)),
+            load_per_core: None,
+        };
+        yaml_serde::to_string(&t).unwrap()
+    };
     std::fs::write(&tuning, &strict).unwrap();
     let daemon = Daemon::start(dir.path(), "fake", "");
     let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     let governor = |d: &Daemon| d.get("/v1/governor").1;
     let mut answer = governor(&daemon);
     for _ in 0..100 {
-        if answer["queue"]["waiting"]["reason"] == "disk" {
+        if answer["queue"]["waiting"]["reason"] == "memory" {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -242,11 +257,11 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     assert_eq!(answer["enabled"], true, "{answer}");
     assert_eq!(answer["queue"]["head"], id.as_str(), "{answer}");
     assert_eq!(answer["queue"]["length"], 1);
-    assert_eq!(answer["queue"]["waiting"]["reason"], "disk", "{answer}");
+    assert_eq!(answer["queue"]["waiting"]["reason"], "memory", "{answer}");
     assert!(answer["queue"]["waiting"]["detail"]
         .as_str()
         .unwrap()
-        .contains("99.9%"));
+        .contains("available memory"));
     assert!(answer["readings"]["cpu"]["logical_cpus"].as_u64().unwrap() > 0);
     assert!(
         answer["readings"]["memory"]["total_bytes"]
@@ -262,7 +277,18 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
         "{source}"
     );
     assert!(answer["cost"]["samples"].as_u64().unwrap() >= 1);
-    assert_eq!(daemon.job(&id)["queue_position"], 1);
+    let job = daemon.job(&id);
+    assert_eq!(job["queue_position"], 1);
+    // The job itself says what it waits for.
+    assert_eq!(job["queue"]["position"], 1, "{job}");
+    assert_eq!(job["queue"]["reason"], "memory", "{job}");
+    assert!(
+        job["queue"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("memory: available memory"),
+        "{job}"
+    );
     assert_eq!(
         daemon.get("/v1/status").1["governor"]["queue"]["head"],
         id.as_str()
@@ -277,7 +303,7 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     let text = String::from_utf8_lossy(&cli.stdout);
     assert!(text.contains("governor:     on"), "{text}");
     assert!(text.contains(&format!("the head {id} waits")), "{text}");
-    assert!(text.contains("for disk: storage:"), "{text}");
+    assert!(text.contains("for memory: available memory"), "{text}");
 
     std::fs::write(&tuning, common::daemon::test_tuning()).unwrap();
     daemon.signal("HUP");

@@ -418,6 +418,14 @@ async fn admission_round(
         .collect();
     let answer = match governor {
         Some(governor) => {
+            // One measurement for every VM; a failure keeps the governor's last one.
+            let disk = match svc.backend.disk_usage().await {
+                Ok(usage) => Some(usage),
+                Err(err) => {
+                    tracing::warn!(%err, "measuring sandbox disks failed; the last measurement stands");
+                    None
+                }
+            };
             let ask = Ask {
                 committed: crate::governor::tally(&view.holdings, &profiles, |d| {
                     crate::governor::effective(svc.backend.as_ref(), d)
@@ -437,6 +445,7 @@ async fn admission_round(
                     })
                     .collect(),
                 now_ms: now,
+                disk,
             };
             match governor.send(ask).await {
                 Ok(answer) => answer,

@@ -13,8 +13,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, GuestSink, SandboxSpec, VmHandle,
-    VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink,
+    Provisioning, SandboxSpec, VmHandle, VmState,
 };
 
 /// The operations whose latency and faults can be configured. `boot` is the guest's time from
@@ -65,6 +65,17 @@ pub struct FakeConfig {
     pub exit_code: i32,
     /// Where the fake keeps its VM list, so leaks survive a daemon restart. None: memory only.
     pub state_file: Option<PathBuf>,
+    /// What `disk_usage` reports. None: the trait's default (thick, nothing measured).
+    pub disk: Option<FakeDisk>,
+}
+
+/// The fake's storage: thin or thick, and what every VM's disk takes on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeDisk {
+    pub thin: bool,
+    /// Bytes each VM's disk occupies.
+    pub allocated_bytes: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +103,7 @@ pub struct FakeBackend {
     /// When clone was first called for each name: benchmarks time submit → clone with it.
     clone_called: Mutex<HashMap<String, std::time::Instant>>,
     next_pid: AtomicI64,
+    disk: Mutex<Option<FakeDisk>>,
 }
 
 const ALL_OPS: [FakeOp; 9] = [
@@ -135,6 +147,7 @@ impl FakeBackend {
             _ => BTreeMap::new(),
         };
         Ok(FakeBackend {
+            disk: Mutex::new(config.disk),
             config,
             sink,
             vms: Arc::new(Mutex::new(vms)),
@@ -160,6 +173,11 @@ impl FakeBackend {
 
     pub fn calls(&self, op: FakeOp) -> u32 {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    /// Changes what `disk_usage` reports from now on.
+    pub fn set_disk(&self, disk: Option<FakeDisk>) {
+        *lock(&self.disk) = disk;
     }
 
     pub fn vm_names(&self) -> Vec<String> {
@@ -388,5 +406,22 @@ impl Backend for SharedFake {
                 vm_ref: format!("fake:{name}"),
             })
             .collect())
+    }
+
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        let Some(disk) = *lock(&self.0.disk) else {
+            return Ok(DiskUsage::thick());
+        };
+        Ok(DiskUsage {
+            provisioning: if disk.thin {
+                Provisioning::Thin
+            } else {
+                Provisioning::Thick
+            },
+            allocated: lock(&self.0.vms)
+                .keys()
+                .map(|name| (name.clone(), disk.allocated_bytes))
+                .collect(),
+        })
     }
 }

@@ -11,7 +11,7 @@
 
 pub mod fake;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -117,6 +117,35 @@ pub enum VmState {
     Missing,
 }
 
+/// How a backend's storage provisions sandbox disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// A disk takes its whole virtual size when it is made (plain LVM, preallocated files), or
+    /// the backend cannot tell: the governor counts virtual sizes.
+    #[default]
+    Thick,
+    /// A disk takes only what the guest has written (qcow2 overlays, LVM-thin, ZFS zvols): the
+    /// governor counts what each disk really takes plus a growth reserve.
+    Thin,
+}
+
+/// What the backend's sandbox disks really take on its storage, measured once for all VMs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub provisioning: Provisioning,
+    /// Bytes each live VM's disks occupy on the storage, by VM name. A VM the storage could not
+    /// measure is left out (it counts as having written nothing yet).
+    pub allocated: HashMap<String, u64>,
+}
+
+impl DiskUsage {
+    /// What a backend that cannot tell reports: thick, nothing measured.
+    pub fn thick() -> DiskUsage {
+        DiskUsage::default()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("VM {0} does not exist")]
@@ -195,6 +224,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// restart and on every pass; backends that keep everything inside the VM have nothing to do.
     async fn sweep(&self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// How this backend's storage provisions disks, and what each live VM's disks really take
+    /// there, in one measurement for all VMs (the governor asks once per admission round). The
+    /// default is thick with nothing measured, which keeps the governor counting virtual sizes.
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        Ok(DiskUsage::thick())
     }
 }
 

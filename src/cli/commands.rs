@@ -109,7 +109,7 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
         }
         Command::Job(JobCommand::Show { id }) => {
             let text = client.get_text(&job_path(id))?;
-            show(out, json, &text, format::job_detail)
+            show(out, json, &text, format::shown_job)
         }
         Command::Job(JobCommand::Logs { id, follow }) => {
             if *follow {

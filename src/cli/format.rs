@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::governor::status::GovernorStatus;
+use crate::governor::status::{GovernorStatus, JobQueue};
 use crate::model::{Artifact, Job, PhaseRun, Sandbox};
 
 /// `1.2s`, `2m03s`, `1h02m`.
@@ -152,10 +152,29 @@ pub fn phase_table(phases: &[PhaseRun]) -> String {
     table(&["PHASE", "DURATION", "RESULT"], &rows)
 }
 
+/// A job as `GET /v1/jobs/{id}` answers: the job and, while it is queued, what it waits for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShownJob {
+    #[serde(flatten)]
+    pub job: Job,
+    #[serde(default)]
+    pub queue: Option<JobQueue>,
+}
+
+/// `agentlab job show`: the job, with what it waits for while queued.
+pub fn shown_job(shown: &ShownJob) -> String {
+    job_detail_waiting(&shown.job, shown.queue.as_ref())
+}
+
 pub fn job_detail(job: &Job) -> String {
+    job_detail_waiting(job, None)
+}
+
+fn job_detail_waiting(job: &Job, queue: Option<&JobQueue>) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
-        let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
+        // At least one space, so a label longer than the column stays readable.
+        let _ = writeln!(out, "{:<13} {}", format!("{name}:"), value);
     };
     field("id", job.id.clone());
     field("status", job.status.to_string());
@@ -164,6 +183,9 @@ pub fn job_detail(job: &Job) -> String {
     }
     if let Some(position) = job.queue_position {
         field("queue position", position.to_string());
+    }
+    if let Some(queue) = queue {
+        field("waiting for", clip(&queue.waiting_for, 300));
     }
     field("profile", job.profile.clone());
     field("task", clip(&job.task, 200));
@@ -704,6 +726,26 @@ mod tests {
             ),
             "{summary}"
         );
+    }
+
+    #[test]
+    fn a_queued_job_shows_what_it_waits_for() {
+        let mut value = serde_json::to_value(Job {
+            status: crate::model::JobStatus::Queued,
+            queue_position: Some(1),
+            ..job()
+        })
+        .unwrap();
+        value["queue"] = serde_json::json!({"position": 1, "reason": "disk",
+            "waiting_for": "disk: storage: 60.0 GB free", "since_ms": 5});
+        let shown: ShownJob = serde_json::from_value(value).unwrap();
+        let detail = shown_job(&shown);
+        assert!(detail.contains("queue position: 1"), "{detail}");
+        assert!(
+            detail.contains("waiting for:  disk: storage: 60.0 GB free"),
+            "{detail}"
+        );
+        assert!(!job_detail(&job()).contains("waiting for"));
     }
 
     #[test]

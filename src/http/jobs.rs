@@ -1,14 +1,17 @@
-//! Control API routes for jobs: submit (with validation), list, show, cancel.
+//! Control API routes for jobs: submit (with validation), list, show (with, for a queued job, its
+//! place in the queue and what it waits for), cancel.
 
 use std::path::Path;
 
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
 use super::{paging, ApiState};
+use crate::actors::governor::GetHeadWait;
 use crate::actors::supervisor::{Admit, CancelJob};
+use crate::governor::status::JobQueue;
 use crate::model::{new_id, Job, JobRequest, JobStatus};
 use crate::paths::is_safe_relative;
 use crate::store::NewJob;
@@ -222,8 +225,32 @@ pub async fn load_job(state: &ApiState, id: String) -> Result<Job, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("job {shown} does not exist")))
 }
 
+/// A job as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Serialize)]
+struct ShownJob {
+    #[serde(flatten)]
+    job: Job,
+    /// While it is queued: its place and what it waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<JobQueue>,
+}
+
 async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(load_job(&state, id.into_inner()).await?))
+    let job = load_job(&state, id.into_inner()).await?;
+    let queue = match (job.status, job.queue_position) {
+        (JobStatus::Queued, Some(position)) => {
+            // The job still shows if the governor cannot answer; only the reason is missing.
+            match state.governor.send(GetHeadWait).await {
+                Ok(head) => Some(head.for_job(&job.id, position)),
+                Err(err) => {
+                    tracing::warn!(%err, "the governor did not say why the queue waits");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    Ok(HttpResponse::Ok().json(ShownJob { job, queue }))
 }
 
 async fn cancel(

@@ -11,6 +11,11 @@
 //! Every phase is idempotent for its VM name (see `backend` module docs): `clone_vm` finds a VM
 //! already cloned under the name and configures it again, starting a running VM succeeds, and a
 //! missing VM is destroyed already.
+//!
+//! Disk usage for the governor comes from the node's storages and their image volumes (`pvesh get
+//! /nodes/NODE/storage`, `…/storage/ID/content`), one listing per storage for all VMs, kept for
+//! `DISK_USAGE_MAX_AGE` so that admission rounds (up to one per second while jobs wait) do not
+//! run `pvesh` each time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +30,8 @@ use super::errors::{ErrorClass, PveError};
 use super::parse::{self, TemplateInfo, VmEntry};
 use super::snippets;
 use crate::backend::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
-    VmHandle, VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, NetworkMode,
+    SandboxSpec, VmHandle, VmState,
 };
 use crate::model::VM_NAME_PREFIX;
 
@@ -41,6 +46,10 @@ const STATUS_RETRY_WAIT: Duration = Duration::from_millis(500);
 
 /// The guest's `env(1)`, for commands given an environment: `qm guest exec` has no option for it.
 const GUEST_ENV: &str = "/usr/bin/env";
+
+/// How long a disk-usage measurement is reused: disks grow over minutes, and each `pvesh` costs
+/// the node a fraction of a CPU second.
+const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Held while a `qm clone` for a name runs, by the blocking thread that waits for it: a clone
 /// whose caller was cancelled goes on to the end, and a re-run for the same name must wait for it
@@ -70,6 +79,8 @@ pub struct PveBackend {
     /// One lock per VM name, held across a clone (see `CloneHold`).
     clones: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     issued: AtomicU64,
+    /// The last disk-usage measurement, and when it was taken.
+    disk_usage: Mutex<Option<(Instant, DiskUsage)>>,
 }
 
 /// Whether a VMID still holds the VM a handle names.
@@ -103,6 +114,7 @@ impl PveBackend {
             finished: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
+            disk_usage: Mutex::new(None),
         })
     }
 
@@ -240,6 +252,40 @@ impl PveBackend {
             })
             .await
             .cloned()
+    }
+
+    /// Measures what our sandboxes' disks take: the storages, each image storage's volumes, and
+    /// the VMs they belong to.
+    async fn measure_disks(&self) -> Result<DiskUsage, PveError> {
+        let node = self.node().await?;
+        let path = format!("/nodes/{node}/storage");
+        let text = self.pvesh_json(&path).await?;
+        let storages = parse::storages(&text)
+            .map_err(|problem| unreadable(&format!("pvesh get {path}"), problem, &text))?;
+        let mut volumes = Vec::new();
+        for storage in storages.iter().filter(|s| s.holds_images()) {
+            if storage.storage.contains('/') || storage.storage.chars().any(char::is_control) {
+                continue;
+            }
+            let path = format!("/nodes/{node}/storage/{}/content", storage.storage);
+            let invocation = self.invocation(
+                Tool::Pvesh,
+                [
+                    "get",
+                    &path,
+                    "--content",
+                    "images",
+                    "--output-format",
+                    "json",
+                ],
+            );
+            let text = self.run(invocation).await?;
+            let list = parse::volumes(&text)
+                .map_err(|problem| unreadable(&format!("pvesh get {path}"), problem, &text))?;
+            volumes.push((storage.storage.clone(), list));
+        }
+        let vms = self.list().await?;
+        Ok(parse::disk_usage(&storages, &volumes, &vms))
     }
 
     /// Every VM on our node.
@@ -807,6 +853,20 @@ impl Backend for PveBackend {
             .collect();
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
+    }
+
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        if let Some((at, usage)) = lock(&self.disk_usage).as_ref() {
+            if at.elapsed() < DISK_USAGE_MAX_AGE {
+                return Ok(usage.clone());
+            }
+        }
+        let usage = self
+            .measure_disks()
+            .await
+            .map_err(|e| e.into_backend("disk usage"))?;
+        *lock(&self.disk_usage) = Some((Instant::now(), usage.clone()));
+        Ok(usage)
     }
 
     /// Removes the snippets (and half-written snippet files) of VMs that no longer exist. The

@@ -24,7 +24,8 @@ use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
 use super::tool::{self, ToolError};
 use crate::backend::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, Provisioning,
+    SandboxSpec, VmHandle, VmState,
 };
 use crate::model::{now_ms, VM_NAME_PREFIX};
 
@@ -601,6 +602,38 @@ impl Backend for QemuBackend {
         }
         vms.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(vms)
+    }
+
+    /// qcow2 overlays are thin: each sandbox takes what its folder's files occupy on the host.
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        let vms = self.list_vms().await?;
+        let dir = self.dirs.sandboxes.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut allocated = HashMap::new();
+            for vm in vms {
+                let folder = SandboxPaths::new(&dir, &vm.name).dir;
+                match layout::allocated_bytes(&folder) {
+                    Ok(bytes) => {
+                        allocated.insert(vm.name, bytes);
+                    }
+                    // Destroyed since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(BackendError::io(
+                            format!("measuring {}", folder.display()),
+                            e,
+                        ))
+                    }
+                }
+            }
+            Ok(allocated)
+        })
+        .await
+        .map_err(|e| BackendError::operation("disk usage", e.to_string()))??;
+        Ok(DiskUsage {
+            provisioning: Provisioning::Thin,
+            allocated: measured,
+        })
     }
 }
 
