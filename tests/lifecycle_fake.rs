@@ -358,10 +358,15 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
             (running, queued)
         }
     });
-    // A VM under our prefix that the store never knew.
+    // A VM of ours the store never knew, and two under our prefix that are not ours: one of
+    // another daemon's, one made by hand (no owner).
     let mut vms: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    vms["sandbox-orphan00000"] = serde_json::json!({"job_id": "nobody", "running": true});
+    vms["sandbox-orphan00000"] =
+        serde_json::json!({"job_id": "nobody", "running": true, "owner": common::TEST_INSTANCE});
+    vms["sandbox-theirs00000"] =
+        serde_json::json!({"job_id": "nobody", "running": true, "owner": "0000-another-daemon"});
+    vms["sandbox-byhand00000"] = serde_json::json!({"job_id": "nobody", "running": true});
     std::fs::write(&state, vms.to_string()).unwrap();
 
     run_paused(async move {
@@ -378,10 +383,10 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
         assert_eq!(resumed.status, JobStatus::Failed, "{resumed:?}");
         assert!(resumed.error.unwrap().contains("phase run failed"));
         assert_eq!(h.wait_terminal(&queued).await.status, JobStatus::Completed);
-        assert!(
-            h.fake.vm_names().is_empty(),
-            "leaked: {:?}",
-            h.fake.vm_names()
+        assert_eq!(
+            h.fake.vm_names(),
+            ["sandbox-byhand00000", "sandbox-theirs00000"],
+            "ours leaked, or theirs were destroyed"
         );
         let open = h.svc.store.call(|s| s.running_jobs()).await.unwrap();
         assert!(open.is_empty());

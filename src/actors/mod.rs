@@ -55,6 +55,8 @@ pub struct Services {
     /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
     pub guest_url: String,
     pub clock: Clock,
+    /// This daemon's instance id, which its VMs carry, and the foreign VMs last seen.
+    pub instance: crate::instance::Instance,
 }
 
 /// Wall-clock milliseconds for leases and deadlines, advanced by tokio's monotonic clock from an
