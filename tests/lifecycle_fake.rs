@@ -271,6 +271,35 @@ fn cancelling_a_running_job_destroys_its_vm() {
 }
 
 #[test]
+fn a_vm_that_now_carries_another_daemons_id_is_never_destroyed() {
+    run_paused(async {
+        let h = Harness::start(slow_run(600_000), short_tuning(), None);
+        let id = h.submit(request()).await;
+        h.wait_phase(&id, Phase::Run).await;
+        // Another daemon on the host took the VM over (its id is on it now).
+        let name = sandbox_name_for(&id);
+        h.fake.insert_vm(&name, Some("0000-another-daemon"));
+        let cancel = CancelJob {
+            job_id: id.clone(),
+            status: JobStatus::Cancelled,
+            reason: "by request".into(),
+        };
+        assert!(h.supervisor.send(cancel).await.unwrap().unwrap());
+        assert_eq!(h.wait_terminal(&id).await.status, JobStatus::Cancelled);
+        assert_eq!(h.fake.vm_names(), [name.clone()], "left alone");
+        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        // No longer ours: the reconciler reports it as foreign and still leaves it.
+        h.supervisor.send(Reconcile).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let foreign = h.svc.instance.foreign();
+        assert_eq!(foreign.len(), 1, "{foreign:?}");
+        assert_eq!(foreign[0].name, name);
+        assert_eq!(foreign[0].owner.as_deref(), Some("0000-another-daemon"));
+        assert_eq!(h.fake.vm_names(), [name]);
+    });
+}
+
+#[test]
 fn cancelling_a_queued_job_ends_it_without_a_vm() {
     run_paused(async {
         let mut tuning = short_tuning();
