@@ -484,24 +484,11 @@ fn without_linked_clones_the_backend_falls_back_to_a_full_clone() {
 fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_know() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::new(dir.path(), &[]);
-    let mut first = node.daemon("");
-    let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 8; echo finished-after-restart"}));
-    first.wait_phase(&id, "run", Duration::from_secs(180));
-    first.kill9();
-    assert!(
-        !qemu_processes(&node.dir.display().to_string()).is_empty(),
-        "the VM outlives the daemon"
-    );
-
-    // Behind the dead daemon's back: a sandbox VM carrying its id that it never recorded (as if
-    // its store had lost the row), two under our prefix that are not its own (one cloned by hand
-    // with no owner tag, one tagged by another daemon), and the snippet of a VM someone
-    // destroyed with qm.
-    let instance = std::fs::read_to_string(node.dir.join("data/instance-id")).unwrap();
-    let ours = format!("agentlab-owner-{}", instance.trim());
+    // Under our prefix but not this daemon's: cloned by hand (no owner tag), and tagged by
+    // another daemon on the node. Made before the daemon starts, so that only what follows the
+    // kill below races the dead daemon's last commands.
     for (vmid, name, tags) in [
         ("200", "sandbox-0000deadbeef", None),
-        ("201", "sandbox-0000deadbee1", Some(ours.as_str())),
         (
             "202",
             "sandbox-0000deadbee2",
@@ -516,6 +503,32 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_k
             node.run("qm", &["set", vmid, "--tags", tags]);
         }
     }
+    let mut first = node.daemon("");
+    let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 8; echo finished-after-restart"}));
+    first.wait_phase(&id, "run", Duration::from_secs(180));
+    first.kill9();
+    assert!(
+        !qemu_processes(&node.dir.display().to_string()).is_empty(),
+        "the VM outlives the daemon"
+    );
+
+    // Behind the dead daemon's back: a sandbox VM carrying its id that it never recorded (as if
+    // its store had lost the row), and the snippet of a VM someone destroyed with qm.
+    let instance = std::fs::read_to_string(node.dir.join("data/instance-id")).unwrap();
+    let ours = format!("agentlab-owner-{}", instance.trim());
+    node.run(
+        "qm",
+        &[
+            "clone",
+            "9000",
+            "201",
+            "--name",
+            "sandbox-0000deadbee1",
+            "--full",
+            "0",
+        ],
+    );
+    node.run("qm", &["set", "201", "--tags", &ours]);
     std::fs::write(
         node.dir.join("snippets/agentlab-sandbox-00000000gone.yaml"),
         "#cloud-config\n",
