@@ -286,7 +286,7 @@ fn a_vm_that_now_carries_another_daemons_id_is_never_destroyed() {
         };
         assert!(h.supervisor.send(cancel).await.unwrap().unwrap());
         assert_eq!(h.wait_terminal(&id).await.status, JobStatus::Cancelled);
-        assert_eq!(h.fake.vm_names(), [name.clone()], "left alone");
+        assert_eq!(h.fake.vm_names(), std::slice::from_ref(&name), "left alone");
         assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
         // No longer ours: the reconciler reports it as foreign and still leaves it.
         h.supervisor.send(Reconcile).await.unwrap();

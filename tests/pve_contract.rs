@@ -1219,13 +1219,14 @@ async fn the_owner_tag_joins_the_templates_tags_and_the_listing_reports_it() {
         (Some("agentlab-owner-"), None),
         (None, None),
     ] {
-        let mut model = rig.model();
-        let config = &mut model.vms.get_mut(&100).unwrap().config;
-        match tags {
-            Some(tags) => config.insert("tags".into(), tags.into()),
-            None => config.remove("tags"),
-        };
-        drop(model);
+        {
+            let mut model = rig.model();
+            let config = &mut model.vms.get_mut(&100).unwrap().config;
+            match tags {
+                Some(tags) => config.insert("tags".into(), tags.into()),
+                None => config.remove("tags"),
+            };
+        }
         let listed = rig.backend.list_vms().await.unwrap();
         assert_eq!(
             listed,
