@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod governor;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod model;
 pub mod paths;

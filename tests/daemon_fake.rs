@@ -582,3 +582,53 @@ fn lists_page_with_a_cursor_and_return_each_item_once() {
     );
     assert!(!stderr.contains("more:"), "{stderr}");
 }
+
+#[test]
+fn status_shows_the_instance_id_and_the_foreign_vms_the_reconciler_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fake-vms.json");
+    // A daemon whose id is known, and VMs it finds at start-up: one of its own the store never
+    // recorded, one of another daemon's, one with no owner at all.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/instance-id"), "0199-ours\n").unwrap();
+    let vms = json!({
+        "sandbox-orphan0000": {"job_id": "j", "running": true, "owner": "0199-ours"},
+        "sandbox-theirs0000": {"job_id": "j", "running": true, "owner": "0199-theirs"},
+        "sandbox-byhand0000": {"job_id": "j", "running": false}
+    });
+    std::fs::write(&state, vms.to_string()).unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        "fake",
+        &format!("fake:\n  state_file: {}\n", state.display()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = daemon.get("/v1/status");
+        if status["foreign_vms"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+        {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["instance_id"], "0199-ours");
+    assert_eq!(
+        status["foreign_vms"],
+        json!([
+            {"name": "sandbox-byhand0000", "vm_ref": "fake:sandbox-byhand0000", "owner": null},
+            {"name": "sandbox-theirs0000", "vm_ref": "fake:sandbox-theirs0000", "owner": "0199-theirs"}
+        ])
+    );
+    let left: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let mut names: Vec<&String> = left.as_object().unwrap().keys().collect();
+    names.sort();
+    assert_eq!(names, ["sandbox-byhand0000", "sandbox-theirs0000"]);
+    assert!(
+        daemon.log().contains("did not make"),
+        "foreign VMs are logged: {}",
+        daemon.log()
+    );
+}

@@ -485,6 +485,7 @@ impl Lifecycle {
                 guest_url,
                 bootstrap_token: bootstrap,
             },
+            owner: self.svc.instance.id.to_string(),
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
         let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());
@@ -670,18 +671,27 @@ pub async fn destroy_sandbox(svc: &Services, sandbox: &Sandbox) -> Result<(), Ph
 }
 
 /// A crash between clone and recording the VM leaves no vm_ref; the name still finds the VM.
+/// A VM that now carries another daemon's id is not ours any more and is left alone: the
+/// sandbox counts as destroyed, and the reconciler lists the VM as foreign.
 async fn destroy_vm_named(svc: &Services, sandbox: &Sandbox) -> Result<(), PhaseError> {
+    let listed = svc
+        .backend
+        .find_vm(&sandbox.id)
+        .await?
+        .filter(|l| sandbox.vm_ref.as_ref().is_none_or(|r| *r == l.vm.vm_ref));
+    let ours = svc.instance.id.as_str();
+    if let Some(owner) = listed.as_ref().and_then(|l| l.owner.as_deref()) {
+        if owner != ours {
+            tracing::warn!(sandbox = %sandbox.id, %owner, "the sandbox's VM carries another daemon's id; left alone");
+            return Ok(());
+        }
+    }
     let vm = match &sandbox.vm_ref {
         Some(vm_ref) => Some(VmHandle {
             name: sandbox.id.clone(),
             vm_ref: vm_ref.clone(),
         }),
-        None => svc
-            .backend
-            .list_vms()
-            .await?
-            .into_iter()
-            .find(|vm| vm.name == sandbox.id),
+        None => listed.map(|listed| listed.vm),
     };
     if let Some(vm) = vm {
         svc.backend.destroy_vm(&vm).await?;

@@ -58,6 +58,8 @@ pub struct Services {
     /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
     pub guest_url: String,
     pub clock: Clock,
+    /// This daemon's instance id, which its VMs carry, and the foreign VMs last seen.
+    pub instance: crate::instance::Instance,
     /// The config file's values that SIGHUP puts in force without a restart.
     pub live: LiveConfig,
 }

@@ -13,7 +13,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink, ListedVm,
     Provisioning, SandboxSpec, VmHandle, VmState,
 };
 
@@ -82,6 +82,10 @@ pub struct FakeDisk {
 struct FakeVm {
     job_id: String,
     running: bool,
+    /// The instance id it was cloned with; a test writes another (or none) into the state file
+    /// to stand for a VM someone else made.
+    #[serde(default)]
+    owner: Option<String>,
     #[serde(skip)]
     procs: HashMap<i64, ExecStatus>,
 }
@@ -182,6 +186,20 @@ impl FakeBackend {
 
     pub fn vm_names(&self) -> Vec<String> {
         lock(&self.vms).keys().cloned().collect()
+    }
+
+    /// Adds a stopped VM behind the daemon's back, carrying `owner` (None: no owner at all), as
+    /// one made by hand or by another daemon.
+    pub fn insert_vm(&self, name: &str, owner: Option<&str>) {
+        lock(&self.vms).insert(
+            name.to_owned(),
+            FakeVm {
+                job_id: String::new(),
+                running: false,
+                owner: owner.map(str::to_owned),
+                procs: HashMap::new(),
+            },
+        );
     }
 
     fn latency(&self, op: FakeOp) -> Option<Duration> {
@@ -321,6 +339,7 @@ impl Backend for SharedFake {
             vms.entry(spec.name.clone()).or_insert_with(|| FakeVm {
                 job_id: spec.job_id.clone(),
                 running: false,
+                owner: Some(spec.owner.clone()),
                 procs: HashMap::new(),
             });
             fresh
@@ -398,12 +417,15 @@ impl Backend for SharedFake {
         })
     }
 
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError> {
         Ok(lock(&self.0.vms)
-            .keys()
-            .map(|name| VmHandle {
-                name: name.clone(),
-                vm_ref: format!("fake:{name}"),
+            .iter()
+            .map(|(name, vm)| ListedVm {
+                vm: VmHandle {
+                    name: name.clone(),
+                    vm_ref: format!("fake:{name}"),
+                },
+                owner: vm.owner.clone(),
             })
             .collect())
     }

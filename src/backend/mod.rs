@@ -82,6 +82,9 @@ pub struct SandboxSpec {
     pub disk_gb: u64,
     pub network: NetworkMode,
     pub cloud_init: CloudInitSpec,
+    /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
+    /// daemon tells its own VMs from everyone else's.
+    pub owner: String,
 }
 
 /// A VM the backend made, as the store records it. `vm_ref` is backend-specific (a VMID for pve,
@@ -90,6 +93,15 @@ pub struct SandboxSpec {
 pub struct VmHandle {
     pub name: String,
     pub vm_ref: String,
+}
+
+/// A VM as `list_vms` reports it: its handle and the instance id it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedVm {
+    pub vm: VmHandle,
+    /// The owner recorded with the VM (`SandboxSpec::owner` at its clone); None when it carries
+    /// none, as a VM made by hand does.
+    pub owner: Option<String>,
 }
 
 /// A command to start in the guest through the guest agent.
@@ -216,8 +228,25 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError>;
 
-    /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`.
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError>;
+    /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`, with its owner.
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError>;
+
+    /// The VM made under `name`, if any. A backend whose clone can outlive its cancelled caller
+    /// (pve's `qm clone` in a blocking thread) waits for that clone first, so that what it makes
+    /// is found and never lingers.
+    async fn find_vm(&self, name: &str) -> Result<Option<ListedVm>, BackendError> {
+        Ok(self
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|listed| listed.vm.name == name))
+    }
+
+    /// The accelerator VMs run with, once known (`kvm`, `tcg`); None where the backend does not
+    /// choose one or has not decided yet.
+    fn accelerator(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Removes what the backend keeps outside its VMs (the Proxmox backend's cloud-init snippets)
     /// for VMs that no longer exist, and names what it removed. The reconciler calls it after a

@@ -367,6 +367,13 @@ pub struct DaemonStatus {
     pub sandboxes: std::collections::BTreeMap<String, u64>,
     pub queue_length: Option<u64>,
     pub shutting_down: Option<bool>,
+    /// The daemon's instance id, which its VMs carry.
+    pub instance_id: Option<String>,
+    /// `kvm` or `tcg` on the local backend once known.
+    pub accelerator: Option<String>,
+    /// VMs under our name prefix the daemon did not make, and leaves alone.
+    #[serde(default)]
+    pub foreign_vms: Vec<crate::instance::ForeignVm>,
     /// `GET /v1/governor`'s answer; kept loose so a daemon of another version still prints.
     pub governor: Option<Value>,
 }
@@ -385,6 +392,10 @@ pub fn status(s: &DaemonStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "version:      {}", opt(&s.version));
     let _ = writeln!(out, "backend:      {}", opt(&s.backend));
+    let _ = writeln!(out, "instance:     {}", opt(&s.instance_id));
+    if let Some(accelerator) = &s.accelerator {
+        let _ = writeln!(out, "accelerator:  {accelerator}");
+    }
     let _ = writeln!(
         out,
         "uptime:       {}",
@@ -395,6 +406,21 @@ pub fn status(s: &DaemonStatus) -> String {
     let _ = writeln!(out, "sandboxes:    {}", counts(&s.sandboxes));
     if s.shutting_down == Some(true) {
         let _ = writeln!(out, "shutting down: yes");
+    }
+    if !s.foreign_vms.is_empty() {
+        let _ = writeln!(out, "foreign VMs (not made by this daemon; left alone):");
+        let rows: Vec<Vec<String>> = s
+            .foreign_vms
+            .iter()
+            .map(|vm| {
+                vec![
+                    vm.name.clone(),
+                    vm.vm_ref.clone(),
+                    vm.owner.clone().unwrap_or_else(|| "none".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["NAME", "REF", "OWNER"], &rows));
     }
     if let Some(governor) = s
         .governor
@@ -773,6 +799,36 @@ mod tests {
         assert!(text.contains("jobs:         QUEUED 1, RUNNING 2"), "{text}");
         assert!(text.contains("uptime:       1m15s"), "{text}");
         assert!(!text.contains("shutting"), "{text}");
+        assert!(!text.contains("foreign"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_the_instance_and_lists_foreign_vms() {
+        let s: DaemonStatus = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "backend": "pve", "instance_id": "0199-ours",
+            "accelerator": "kvm",
+            "foreign_vms": [
+                {"name": "sandbox-byhand", "vm_ref": "200", "owner": null},
+                {"name": "sandbox-theirs", "vm_ref": "201", "owner": "0199-theirs"}
+            ]
+        }))
+        .unwrap();
+        let text = status(&s);
+        assert!(text.contains("instance:     0199-ours\n"), "{text}");
+        assert!(text.contains("accelerator:  kvm\n"), "{text}");
+        assert!(text.contains("foreign VMs"), "{text}");
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.starts_with("sandbox-"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["sandbox-byhand", "200", "none"],
+                ["sandbox-theirs", "201", "0199-theirs"]
+            ]
+        );
     }
 
     #[test]

@@ -52,9 +52,17 @@ pub struct VmEntry {
     pub template: bool,
     #[serde(default)]
     pub lock: Option<String>,
+    /// Proxmox's tag list, `a;b` (absent without tags).
+    #[serde(default)]
+    pub tags: Option<String>,
 }
 
 impl VmEntry {
+    /// The instance id the VM's owner tag carries, if it has one.
+    pub fn owner(&self) -> Option<String> {
+        owner_in_tags(self.tags.as_deref().unwrap_or_default())
+    }
+
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
     }
@@ -86,6 +94,39 @@ pub fn qm_config(stdout: &str) -> BTreeMap<String, String> {
     config
 }
 
+/// The tag that marks a VM as made by the agentlabd instance whose id follows. Proxmox tags take
+/// `[a-z0-9_][a-z0-9_+.-]*` and are lowercased, which instance ids already are.
+pub const OWNER_TAG_PREFIX: &str = "agentlab-owner-";
+
+/// A tag list as Proxmox takes and prints it: separated by `;` (`,` and spaces are accepted on
+/// input too).
+pub fn split_tags(text: &str) -> Vec<String> {
+    text.split([';', ',', ' ', '\t'])
+        .filter(|tag| !tag.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The owner named by the first owner tag in `tags`.
+pub fn owner_in_tags(tags: &str) -> Option<String> {
+    split_tags(tags)
+        .into_iter()
+        .find_map(|tag| tag.strip_prefix(OWNER_TAG_PREFIX).map(str::to_owned))
+        .filter(|owner| !owner.is_empty())
+}
+
+/// The `--tags` value of a clone: the tags it got from its template, except owner tags (a clone
+/// has one owner: us), and ours.
+pub fn tags_with_owner(template_tags: &[String], owner: &str) -> String {
+    let mut tags: Vec<String> = template_tags
+        .iter()
+        .filter(|tag| !tag.starts_with(OWNER_TAG_PREFIX))
+        .cloned()
+        .collect();
+    tags.push(format!("{OWNER_TAG_PREFIX}{owner}"));
+    tags.join(";")
+}
+
 /// What the backend needs to know of a template, once it has passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateInfo {
@@ -93,6 +134,8 @@ pub struct TemplateInfo {
     pub root_disk: String,
     /// Its size in bytes, when the config says.
     pub root_size_bytes: Option<u64>,
+    /// The template's tags, which `qm clone` copies; a clone keeps them next to its owner tag.
+    pub tags: Vec<String>,
 }
 
 const DISK_BUSES: [&str; 4] = ["scsi", "virtio", "sata", "ide"];
@@ -215,6 +258,7 @@ pub fn template_info(vmid: u32, config: &BTreeMap<String, String>) -> Result<Tem
             return Ok(TemplateInfo {
                 root_disk: key,
                 root_size_bytes: size,
+                tags: split_tags(config.get("tags").map(String::as_str).unwrap_or_default()),
             });
         }
     }

@@ -1,5 +1,6 @@
 //! Where things live on disk: the template a sandbox is cloned from, the per-sandbox folder and its
-//! files, and `sandbox.json`, the record that lets a restarted daemon find and start its VMs.
+//! files, and `sandbox.json`, the record that lets a restarted daemon find and start its VMs and
+//! tells whose they are (its `owner`, written first thing into a new folder).
 
 use std::path::{Path, PathBuf};
 
@@ -123,6 +124,10 @@ pub struct SandboxRecord {
     pub memory_mb: u64,
     pub disk_gb: u64,
     pub network: NetworkMode,
+    /// The instance id of the daemon that made the sandbox (`crate::instance`); None in a
+    /// record from before instance ids.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// The files of one sandbox folder.

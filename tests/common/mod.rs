@@ -26,6 +26,13 @@ use agentlab::store::{NewJob, Store};
 
 pub const PROFILES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
 
+/// The instance id of every harness, so that a restarted harness owns what the first one made.
+pub const TEST_INSTANCE: &str = "0000-test-instance";
+
+pub fn test_instance() -> agentlab::instance::Instance {
+    agentlab::instance::Instance::new(agentlab::instance::InstanceId::parse(TEST_INSTANCE).unwrap())
+}
+
 /// Runs a test body in an actix system whose clock is paused: timers fire as soon as nothing else
 /// can run, so minute-long timeouts take no real time.
 pub fn run_paused<F: Future>(body: F) -> F::Output {
@@ -143,6 +150,7 @@ impl Harness {
             guest_url: "http://10.0.2.100".into(),
             clock: Clock::new(),
             live,
+            instance: test_instance(),
         });
         let host = ManualSampler::new(readings);
         let (supervisor, governor) =

@@ -268,7 +268,8 @@ async fn storage_volumes(state: &State, storage: &str) -> Result<Vec<Value>> {
     Ok(list)
 }
 
-/// `GET /nodes/NODE/qemu`: one entry per VM, `template: 1` on templates, the lock if any.
+/// `GET /nodes/NODE/qemu`: one entry per VM, `template: 1` on templates, the lock and tags if
+/// any.
 async fn vm_list(state: &State) -> Result<Vec<(u32, Value)>> {
     let mut list = Vec::new();
     for (vmid, conf) in state.all()? {
@@ -292,6 +293,10 @@ async fn vm_list(state: &State) -> Result<Vec<(u32, Value)>> {
         }
         if let Some(lock) = conf.get("lock") {
             entry["lock"] = lock.into();
+        }
+        // Proxmox lists the config's tags as they are stored: `a;b`.
+        if let Some(tags) = conf.get("tags").filter(|t| !t.is_empty()) {
+            entry["tags"] = tags.into();
         }
         list.push((vmid, entry));
     }
