@@ -316,11 +316,16 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
 fn a_full_queue_answers_429_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
+    // One job runs (for ten minutes) in the only slot, one waits behind it: the queue is full.
     let tuning = common::daemon::test_tuning()
         .replace("queue_max: 1000", "queue_max: 1")
-        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
+        .replace("max_concurrent: 4", "max_concurrent: 1");
+    assert!(tuning.contains("max_concurrent: 1\n"), "{tuning}");
     std::fs::write(dir.path().join("tuning/default.yaml"), tuning).unwrap();
-    let daemon = Daemon::start(dir.path(), "fake", "");
+    let state = dir.path().join("fake-vms.json");
+    let daemon = Daemon::start(dir.path(), "fake", &slow_fake(&state));
+    let running = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_phase(&running, "run", Duration::from_secs(30));
     daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     let (status, answer) =
         daemon.post_json("/v1/jobs", &json!({"profile": "balanced", "task": "y"}));

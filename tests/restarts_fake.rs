@@ -299,8 +299,10 @@ fn nothing_is_admitted_before_the_start_up_reconcile_removed_what_it_must() {
     // A VM under our prefix that the store does not know, left by a daemon that died.
     std::fs::write(
         &state,
-        serde_json::json!({"sandbox-orphan00000": {"job_id": "nobody", "running": true}})
-            .to_string(),
+        serde_json::json!({"sandbox-orphan00000": {
+            "job_id": "nobody", "running": true, "owner": common::TEST_INSTANCE
+        }})
+        .to_string(),
     )
     .unwrap();
     run_paused(async move {

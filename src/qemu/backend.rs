@@ -29,8 +29,8 @@ use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
 use super::tool::{self, ToolError};
 use crate::backend::{
-    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, Provisioning,
-    SandboxSpec, VmHandle, VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm,
+    Provisioning, SandboxSpec, VmHandle, VmState,
 };
 use crate::model::{now_ms, VM_NAME_PREFIX};
 

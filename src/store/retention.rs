@@ -271,13 +271,13 @@ mod tests {
         assert_eq!(removed, vec![old.clone(), never_ran.clone()]);
         assert!(store.get_job(&old).unwrap().is_none());
         for table in [
-                "events",
-                "phase_runs",
-                "artifacts",
-                "tokens",
-                "crashes",
-                "sandboxes",
-            ] {
+            "events",
+            "phase_runs",
+            "artifacts",
+            "tokens",
+            "crashes",
+            "sandboxes",
+        ] {
             assert_eq!(
                 count(&store, table, &old),
                 0,
