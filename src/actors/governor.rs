@@ -482,7 +482,8 @@ impl ResourceGovernor {
                 waiting = Some((
                     "max_concurrent".to_owned(),
                     format!(
-                        "admission.max_concurrent ({}) jobs are running",
+                        "admission.max_concurrent ({}) sandboxes are live (running, kept or \
+                         being destroyed)",
                         tuning.admission.max_concurrent
                     ),
                     Vec::new(),

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::error::ApiError;
 use super::{paging, ApiState};
 use crate::actors::governor::GetHeadWait;
-use crate::actors::supervisor::{Admit, CancelJob};
+use crate::actors::supervisor::{Admit, CancelJob, IsReady};
 use crate::governor::status::JobQueue;
 use crate::model::{new_id, Job, JobRequest, JobStatus};
 use crate::paths::is_safe_relative;
@@ -238,6 +238,22 @@ struct ShownJob {
 async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let job = load_job(&state, id.into_inner()).await?;
     let queue = match (job.status, job.queue_position) {
+        (JobStatus::Queued, Some(position))
+            if !state
+                .supervisor
+                .send(IsReady)
+                .await
+                .map_err(ApiError::internal)? =>
+        {
+            Some(JobQueue {
+                position,
+                reason: "startup".to_owned(),
+                waiting_for: "the start-up reconcile (resuming interrupted jobs, removing \
+                              leftover VMs) to finish"
+                    .to_owned(),
+                since_ms: None,
+            })
+        }
         (JobStatus::Queued, Some(position)) => {
             // The job still shows if the governor cannot answer; only the reason is missing.
             match state.governor.send(GetHeadWait).await {
