@@ -49,7 +49,8 @@ pub enum ReconcileError {
     Backend(#[from] BackendError),
 }
 
-/// `active` holds the jobs that have an actor now; they are left alone.
+/// `active` holds the jobs that have an actor now or whose teardown is under way; they are left
+/// alone.
 pub async fn reconcile(
     svc: &Services,
     active: &HashSet<String>,
@@ -71,7 +72,12 @@ pub async fn reconcile(
     let running: HashSet<&str> = running_jobs.iter().map(|j| j.id.as_str()).collect();
 
     for sandbox in &live {
-        if running.contains(sandbox.job_id.as_str()) || sandbox.state == SandboxState::Kept {
+        // A job in `active` is being destroyed by the Supervisor right now (a teardown or a
+        // destroy by request): one destroy at a time.
+        if running.contains(sandbox.job_id.as_str())
+            || sandbox.state == SandboxState::Kept
+            || active.contains(&sandbox.job_id)
+        {
             continue;
         }
         match destroy_sandbox(svc, sandbox).await {
