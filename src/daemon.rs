@@ -1,5 +1,6 @@
-//! agentlabd's start and stop: opens the store, loads profiles and tuning, builds the backend,
-//! starts the actors and servers, reloads tuning and profiles on SIGHUP, and on SIGTERM stops
+//! agentlabd's start and stop: reads (or makes) the daemon's instance id, opens the store, loads
+//! profiles and tuning, builds the backend (the local backend's KVM probe starts here, in the
+//! background, so the first job does not wait for it), starts the actors and servers, reloads tuning and profiles on SIGHUP, and on SIGTERM stops
 //! admitting work and suspends in-flight jobs at points they resume from.
 
 use std::path::{Path, PathBuf};
@@ -13,14 +14,16 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::actors::collector::LeaseCollector;
 use crate::actors::governor::ResourceGovernor;
 use crate::actors::guest_reports::GuestReports;
+use crate::actors::retention::RetentionCollector;
 use crate::actors::supervisor::{Shutdown, Supervisor};
-use crate::actors::{Clock, Hub, Services};
+use crate::actors::{Clock, Hub, LiveConfig, Services};
 use crate::backend::fake::{FakeBackend, SharedFake};
-use crate::backend::{BackendError, BackendKind, GuestSink, SharedBackend};
+use crate::backend::{Backend, BackendError, BackendKind, GuestSink, SharedBackend};
 use crate::config::profile::{yaml_files, Profiles};
 use crate::config::tuning::{Tuning, TuningHandle};
 use crate::config::{Config, ConfigError};
 use crate::http::{ApiState, HttpError};
+use crate::instance::{Instance, InstanceError, InstanceId};
 use crate::metrics::{Metrics, MetricsError};
 use crate::pve::PveBackend;
 use crate::qemu::{QemuBackend, QemuDirs};
@@ -38,6 +41,8 @@ pub enum DaemonError {
     Http(#[from] HttpError),
     #[error("backend: {0}")]
     Backend(#[from] BackendError),
+    #[error("instance id: {0}")]
+    Instance(#[from] InstanceError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -92,6 +97,7 @@ async fn build_backend(
     profiles: &Profiles,
     guest_addr: std::net::SocketAddr,
     sink: Arc<dyn GuestSink>,
+    instance: &InstanceId,
 ) -> Result<BuiltBackend, DaemonError> {
     match config.backend {
         BackendKind::Fake => {
@@ -126,8 +132,18 @@ async fn build_backend(
                 );
             }
             let dirs = QemuDirs::resolve(&config.qemu, &config.data_dir);
-            let backend = QemuBackend::new(config.qemu.clone(), dirs, guest_addr)?;
+            let backend = QemuBackend::new(config.qemu.clone(), dirs, guest_addr)?
+                .with_instance(instance.as_str());
             backend.preflight().await?;
+            // Detached: it logs its answer, and the first start waits for it if need be.
+            match backend.start_accel_probe().await {
+                Some(_probe) => tracing::info!("KVM probe started"),
+                None => {
+                    if let Some(accel) = backend.accelerator() {
+                        tracing::info!(accel, "accelerator configured");
+                    }
+                }
+            }
             Ok(BuiltBackend::Other(Arc::new(backend)))
         }
     }
@@ -189,6 +205,12 @@ impl Started {
 pub async fn start(config: Config) -> Result<Started, DaemonError> {
     let started = Instant::now();
     create_dirs(&config)?;
+    let instance_id = {
+        let data_dir = config.data_dir.clone();
+        tokio::task::spawn_blocking(move || InstanceId::load_or_create(&data_dir))
+            .await
+            .map_err(|e| DaemonError::Unsupported(e.to_string()))??
+    };
     let store = {
         let path = config.db_path();
         tokio::task::spawn_blocking(move || Store::open(&path))
@@ -209,7 +231,14 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             context: "reading the guest API's address".into(),
             source,
         })?;
-    let built = build_backend(&config, &profiles, guest_addr, Arc::clone(&reports)).await?;
+    let built = build_backend(
+        &config,
+        &profiles,
+        guest_addr,
+        Arc::clone(&reports),
+        &instance_id,
+    )
+    .await?;
     let backend: SharedBackend = match &built {
         BuiltBackend::Fake(fake) => Arc::new(SharedFake(Arc::clone(fake))),
         BuiltBackend::Other(backend) => Arc::clone(backend),
@@ -226,13 +255,16 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         metrics: Metrics::new()?,
         guest_url,
         clock: Clock::new(),
+        live: LiveConfig::new(&config),
+        instance: Instance::new(instance_id),
     });
     let sampler = tokio::task::spawn_blocking(crate::governor::sampler::HostSampler::new)
         .await
         .map_err(|e| DaemonError::Unsupported(e.to_string()))?;
     let (supervisor, governor) =
         crate::actors::start_supervisor(Arc::clone(&svc), Box::new(sampler));
-    LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+    LeaseCollector::new(Arc::clone(&svc)).start();
+    RetentionCollector::new(Arc::clone(&svc)).start();
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = actix_web::web::Data::new(ApiState {
         svc: Arc::clone(&svc),
@@ -247,6 +279,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         socket = %config.socket_path.display(),
         guest = %guest_addr,
         backend = svc.backend.kind().as_str(),
+        instance = %svc.instance.id,
         startup_ms = started.elapsed().as_millis() as u64,
         "agentlabd ready"
     );
@@ -273,7 +306,13 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     let mut interrupt = signal(SignalKind::interrupt()).map_err(signal_error)?;
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(&daemon.svc, &config_path),
+            _ = hangup.recv() => {
+                // Reading files is blocking work: off the executor.
+                let (svc, path) = (Arc::clone(&daemon.svc), config_path.clone());
+                if let Err(err) = tokio::task::spawn_blocking(move || reload(&svc, &path)).await {
+                    tracing::error!(%err, "reload failed");
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
@@ -283,7 +322,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
     Ok(())
 }
 
-/// SIGHUP: puts new tuning and profiles in force; an invalid file keeps the old values.
+/// SIGHUP: puts new tuning, profiles and the config file's reloadable keys in force; an invalid
+/// file keeps the old values.
 fn reload(svc: &Services, config_path: &Path) {
     let tuning_path = svc.config.tuning_path();
     match svc.tuning.reload(&tuning_path) {
@@ -297,5 +337,15 @@ fn reload(svc: &Services, config_path: &Path) {
         }
         Err(err) => tracing::error!(%err, "profiles not reloaded; the old ones stay in force"),
     }
-    tracing::debug!(config = %config_path.display(), "the config file itself is read at start-up only");
+    match Config::load(config_path) {
+        Ok(config) => {
+            svc.live.apply(&config);
+            tracing::info!(
+                file = %config_path.display(),
+                provisioning_timeout = %humantime::format_duration(config.provisioning_timeout),
+                "config reloaded (listeners, paths and the backend change only with a restart)"
+            );
+        }
+        Err(err) => tracing::error!(%err, "config not reloaded; the old values stay in force"),
+    }
 }

@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod governor;
 pub mod http;
+pub mod instance;
 pub mod jobfiles;
 pub mod metrics;
 pub mod model;

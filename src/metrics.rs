@@ -25,6 +25,8 @@ pub struct Metrics {
     pub provisioning_duration: Histogram,
     pub api_duration: HistogramVec,
     pub lease_gc_duration: Histogram,
+    /// What the retention collector removed: `kind` = jobs, artifacts, files.
+    pub retention_removed: IntCounterVec,
     pub phase_duration: HistogramVec,
     pub phase_transitions: IntCounterVec,
     pub actor_restarts: IntCounterVec,
@@ -192,6 +194,13 @@ impl Metrics {
                 "Lease GC run time",
                 fast_buckets,
             ))?,
+            retention_removed: IntCounterVec::new(
+                Opts::new(
+                    "agentlab_retention_removed_total",
+                    "Jobs, artifacts and files removed for being past retention",
+                ),
+                &["kind"],
+            )?,
             phase_duration: HistogramVec::new(
                 seconds(
                     "agentlab_phase_duration_seconds",
@@ -232,6 +241,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.lease_gc_duration.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.retention_removed.clone()))?;
         metrics
             .registry
             .register(Box::new(metrics.phase_duration.clone()))?;

@@ -223,17 +223,32 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
     let tuning = dir.path().join("tuning/default.yaml");
-    // No host keeps 99.9% of its disk free: the disk rule holds every job.
-    let strict = common::daemon::test_tuning()
-        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
-    assert_ne!(strict, common::daemon::test_tuning());
+    // No host has a petabyte of memory available: with no progress floor, that signal holds
+    // every job (a static rule would fail it at once instead, as nothing runs).
+    let strict = {
+        let mut t: agentlab::config::tuning::Tuning =
+            yaml_serde::from_str(&common::daemon::test_tuning()).unwrap();
+        t.governor.progress_floor = 0;
+        // Only that signal, whatever else loads the machine running the tests.
+        t.governor.signals = agentlab::config::governor::Signals {
+            cpu_pressure: None,
+            io_pressure: None,
+            io_stall: None,
+            memory_pressure: None,
+            memory_stall: None,
+            iowait: None,
+            memory_available_mb: Some(agentlab::config::governor::Threshold::new(1e12, 2e12)),
+            load_per_core: None,
+        };
+        yaml_serde::to_string(&t).unwrap()
+    };
     std::fs::write(&tuning, &strict).unwrap();
     let daemon = Daemon::start(dir.path(), "fake", "");
     let id = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     let governor = |d: &Daemon| d.get("/v1/governor").1;
     let mut answer = governor(&daemon);
     for _ in 0..100 {
-        if answer["queue"]["waiting"]["reason"] == "disk" {
+        if answer["queue"]["waiting"]["reason"] == "memory" {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -242,11 +257,11 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     assert_eq!(answer["enabled"], true, "{answer}");
     assert_eq!(answer["queue"]["head"], id.as_str(), "{answer}");
     assert_eq!(answer["queue"]["length"], 1);
-    assert_eq!(answer["queue"]["waiting"]["reason"], "disk", "{answer}");
+    assert_eq!(answer["queue"]["waiting"]["reason"], "memory", "{answer}");
     assert!(answer["queue"]["waiting"]["detail"]
         .as_str()
         .unwrap()
-        .contains("99.9%"));
+        .contains("available memory"));
     assert!(answer["readings"]["cpu"]["logical_cpus"].as_u64().unwrap() > 0);
     assert!(
         answer["readings"]["memory"]["total_bytes"]
@@ -262,7 +277,18 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
         "{source}"
     );
     assert!(answer["cost"]["samples"].as_u64().unwrap() >= 1);
-    assert_eq!(daemon.job(&id)["queue_position"], 1);
+    let job = daemon.job(&id);
+    assert_eq!(job["queue_position"], 1);
+    // The job itself says what it waits for.
+    assert_eq!(job["queue"]["position"], 1, "{job}");
+    assert_eq!(job["queue"]["reason"], "memory", "{job}");
+    assert!(
+        job["queue"]["waiting_for"]
+            .as_str()
+            .unwrap()
+            .starts_with("memory: available memory"),
+        "{job}"
+    );
     assert_eq!(
         daemon.get("/v1/status").1["governor"]["queue"]["head"],
         id.as_str()
@@ -277,7 +303,7 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
     let text = String::from_utf8_lossy(&cli.stdout);
     assert!(text.contains("governor:     on"), "{text}");
     assert!(text.contains(&format!("the head {id} waits")), "{text}");
-    assert!(text.contains("for disk: storage:"), "{text}");
+    assert!(text.contains("for memory: available memory"), "{text}");
 
     std::fs::write(&tuning, common::daemon::test_tuning()).unwrap();
     daemon.signal("HUP");
@@ -290,11 +316,16 @@ fn the_governor_shows_why_the_head_waits_and_a_reload_lets_it_through() {
 fn a_full_queue_answers_429_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
+    // One job runs (for ten minutes) in the only slot, one waits behind it: the queue is full.
     let tuning = common::daemon::test_tuning()
         .replace("queue_max: 1000", "queue_max: 1")
-        .replace("disk_min_free_percent: null", "disk_min_free_percent: 99.9");
+        .replace("max_concurrent: 4", "max_concurrent: 1");
+    assert!(tuning.contains("max_concurrent: 1\n"), "{tuning}");
     std::fs::write(dir.path().join("tuning/default.yaml"), tuning).unwrap();
-    let daemon = Daemon::start(dir.path(), "fake", "");
+    let state = dir.path().join("fake-vms.json");
+    let daemon = Daemon::start(dir.path(), "fake", &slow_fake(&state));
+    let running = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_phase(&running, "run", Duration::from_secs(30));
     daemon.submit(&json!({"profile": "balanced", "task": "x"}));
     let (status, answer) =
         daemon.post_json("/v1/jobs", &json!({"profile": "balanced", "task": "y"}));
@@ -308,5 +339,301 @@ fn a_full_queue_answers_429_with_a_clear_message() {
         message.contains("the queue is full: 1 job waiting")
             && message.contains("admission.queue_max"),
         "{message}"
+    );
+}
+
+fn cli(daemon: &Daemon, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_agentlab"))
+        .arg("--socket")
+        .arg(&daemon.socket)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn now_ms() -> i64 {
+    agentlab::model::now_ms()
+}
+
+#[test]
+fn a_kept_sandbox_lease_is_renewed_and_anything_else_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    // One after the other: a kept sandbox holds its share of the host (the governor counts it).
+    let gone = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_terminal(&gone, Duration::from_secs(30));
+    let kept = daemon.submit(&json!({"profile": "interactive-dev", "task": "x"}));
+    assert_eq!(
+        daemon.wait_terminal(&kept, Duration::from_secs(30))["status"],
+        "COMPLETED"
+    );
+    let kept_sb = agentlab::model::sandbox_name_for(&kept);
+    let gone_sb = agentlab::model::sandbox_name_for(&gone);
+    assert_eq!(
+        daemon.get(&format!("/v1/sandboxes/{kept_sb}")).1["state"],
+        "KEPT"
+    );
+
+    let before = now_ms();
+    let (status, answer) = daemon.post_json(
+        &format!("/v1/sandboxes/{kept_sb}/lease"),
+        &json!({"ttl": "2h"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["ttl_seconds"], 7200);
+    let until = answer["lease_expires_at_ms"].as_i64().unwrap();
+    assert!(
+        until >= before + 7_200_000 && until <= now_ms() + 7_200_000,
+        "{answer}"
+    );
+    let (_, shown) = daemon.get(&format!("/v1/sandboxes/{kept_sb}"));
+    assert_eq!(shown["lease_expires_at_ms"].as_i64(), Some(until));
+
+    for (body, code) in [
+        (json!({"ttl": "soon"}), "bad_request"),
+        (json!({"ttl": "0s"}), "bad_request"),
+        (json!({"ttl": "30days"}), "bad_request"),
+        (json!({"ttl_minutes": 5}), "invalid_json"),
+    ] {
+        let (status, answer) = daemon.post_json(&format!("/v1/sandboxes/{kept_sb}/lease"), &body);
+        assert_eq!(
+            (status, error_code(&answer)),
+            (400, code),
+            "{body}: {answer}"
+        );
+    }
+    let (status, answer) =
+        daemon.post_json("/v1/sandboxes/sandbox-nope/lease", &json!({"ttl": "1h"}));
+    assert_eq!(
+        (status, error_code(&answer)),
+        (404, "not_found"),
+        "{answer}"
+    );
+    let (status, answer) = daemon.post_json(
+        &format!("/v1/sandboxes/{gone_sb}/lease"),
+        &json!({"ttl": "1h"}),
+    );
+    assert_eq!((status, error_code(&answer)), (409, "conflict"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("DESTROYED"),
+        "{answer}"
+    );
+
+    // The CLI: human and JSON answers, and the lease in `sandbox show` only while KEPT.
+    let out = cli(&daemon, &["sandbox", "renew", &kept_sb, "--ttl", "30m"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("sandbox {kept_sb} kept until"))
+            && (text.contains("(in 29m)") || text.contains("(in 30m)")),
+        "{text}"
+    );
+    let out = cli(
+        &daemon,
+        &["--json", "sandbox", "renew", &kept_sb, "--ttl", "1h"],
+    );
+    let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(answer["ttl_seconds"], 3600, "{answer}");
+    let shown =
+        String::from_utf8_lossy(&cli(&daemon, &["sandbox", "show", &kept_sb]).stdout).into_owned();
+    assert!(
+        shown.contains("lease:") && shown.contains("until"),
+        "{shown}"
+    );
+    let shown =
+        String::from_utf8_lossy(&cli(&daemon, &["sandbox", "show", &gone_sb]).stdout).into_owned();
+    assert!(!shown.contains("lease:"), "{shown}");
+    let out = cli(&daemon, &["sandbox", "renew", &gone_sb, "--ttl", "1h"]);
+    assert_eq!(out.status.code(), Some(7), "an API error");
+}
+
+#[test]
+fn a_renew_while_the_job_runs_waits_for_it_to_be_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fake-vms.json");
+    let daemon = Daemon::start(dir.path(), "fake", &slow_fake(&state));
+    // One at a time: the host running the tests may not fit both.
+    let plain = daemon.submit(&json!({"profile": "balanced", "task": "x"}));
+    daemon.wait_phase(&plain, "run", Duration::from_secs(30));
+    let sandbox = agentlab::model::sandbox_name_for(&plain);
+    let (status, answer) = daemon.post_json(
+        &format!("/v1/sandboxes/{sandbox}/lease"),
+        &json!({"ttl": "45m"}),
+    );
+    assert_eq!((status, error_code(&answer)), (409, "conflict"), "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("keepalive: false"),
+        "{answer}"
+    );
+    let (status, _) = daemon.post_json(&format!("/v1/jobs/{plain}/cancel"), &json!({}));
+    assert_eq!(status, 202);
+    daemon.wait_terminal(&plain, Duration::from_secs(30));
+
+    let keepalive = daemon.submit(&json!({"profile": "interactive-dev", "task": "x"}));
+    daemon.wait_phase(&keepalive, "run", Duration::from_secs(30));
+    let sandbox = agentlab::model::sandbox_name_for(&keepalive);
+    let (status, answer) = daemon.post_json(
+        &format!("/v1/sandboxes/{sandbox}/lease"),
+        &json!({"ttl": "45m"}),
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer["lease_expires_at_ms"].is_null(), "{answer}");
+    assert_eq!(answer["sandbox"]["state"], "RUNNING");
+    let out = cli(&daemon, &["sandbox", "renew", &sandbox, "--ttl", "45m"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("its job still runs"), "{text}");
+}
+
+/// Follows `next` from the first page to the last; returns every id seen, in order.
+fn every_page(daemon: &Daemon, path: &str, key: &str) -> (Vec<String>, usize) {
+    let (mut ids, mut pages, mut after) = (Vec::new(), 0, None::<String>);
+    loop {
+        let url = match &after {
+            Some(cursor) => format!("{path}&after={cursor}"),
+            None => path.to_owned(),
+        };
+        let (status, page) = daemon.get(&url);
+        assert_eq!(status, 200, "{url}: {page}");
+        pages += 1;
+        ids.extend(
+            page[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|item| item["id"].as_str().unwrap().to_owned()),
+        );
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => {
+                assert!(page["next"].is_null(), "{page}");
+                return (ids, pages);
+            }
+        }
+    }
+}
+
+#[test]
+fn lists_page_with_a_cursor_and_return_each_item_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    let submitted: Vec<String> = (0..5)
+        .map(|_| daemon.submit(&json!({"profile": "balanced", "task": "x"})))
+        .collect();
+    for id in &submitted {
+        daemon.wait_terminal(id, Duration::from_secs(30));
+    }
+    let (jobs, pages) = every_page(&daemon, "/v1/jobs?limit=2", "jobs");
+    let newest_first: Vec<String> = submitted.iter().rev().cloned().collect();
+    assert_eq!(jobs, newest_first);
+    assert_eq!(pages, 3);
+    let (one_page, pages) = every_page(&daemon, "/v1/jobs?limit=5&status=COMPLETED", "jobs");
+    assert_eq!((one_page.len(), pages), (5, 1));
+
+    let (mut sandboxes, _) = every_page(&daemon, "/v1/sandboxes?limit=2", "sandboxes");
+    let mut expected: Vec<String> = submitted
+        .iter()
+        .map(|id| agentlab::model::sandbox_name_for(id))
+        .collect();
+    sandboxes.sort();
+    expected.sort();
+    assert_eq!(sandboxes, expected);
+
+    for bad in [
+        "/v1/jobs?limit=1001",
+        "/v1/jobs?limit=0",
+        "/v1/jobs?after=nonsense",
+        "/v1/sandboxes?limit=5000",
+        "/v1/sandboxes?after=j5",
+    ] {
+        let (status, answer) = daemon.get(bad);
+        assert_eq!(
+            (status, error_code(&answer)),
+            (400, "bad_request"),
+            "{bad}: {answer}"
+        );
+    }
+
+    let out = cli(&daemon, &["job", "list", "--limit", "2"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        stdout.contains(&submitted[4]) && !stdout.contains(&submitted[2]),
+        "{stdout}"
+    );
+    let cursor = stderr
+        .trim()
+        .strip_prefix("more: --after ")
+        .unwrap_or_else(|| panic!("{stderr}"))
+        .to_owned();
+    let out = cli(
+        &daemon,
+        &["job", "list", "--limit", "10", "--after", &cursor],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        stdout.contains(&submitted[0]) && !stdout.contains(&submitted[4]),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("more:"), "{stderr}");
+}
+
+#[test]
+fn status_shows_the_instance_id_and_the_foreign_vms_the_reconciler_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("fake-vms.json");
+    // A daemon whose id is known, and VMs it finds at start-up: one of its own the store never
+    // recorded, one of another daemon's, one with no owner at all.
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::write(dir.path().join("data/instance-id"), "0199-ours\n").unwrap();
+    let vms = json!({
+        "sandbox-orphan0000": {"job_id": "j", "running": true, "owner": "0199-ours"},
+        "sandbox-theirs0000": {"job_id": "j", "running": true, "owner": "0199-theirs"},
+        "sandbox-byhand0000": {"job_id": "j", "running": false}
+    });
+    std::fs::write(&state, vms.to_string()).unwrap();
+    let daemon = Daemon::start(
+        dir.path(),
+        "fake",
+        &format!("fake:\n  state_file: {}\n", state.display()),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = daemon.get("/v1/status");
+        if status["foreign_vms"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty())
+        {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["instance_id"], "0199-ours");
+    assert_eq!(
+        status["foreign_vms"],
+        json!([
+            {"name": "sandbox-byhand0000", "vm_ref": "fake:sandbox-byhand0000", "owner": null},
+            {"name": "sandbox-theirs0000", "vm_ref": "fake:sandbox-theirs0000", "owner": "0199-theirs"}
+        ])
+    );
+    let left: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    let mut names: Vec<&String> = left.as_object().unwrap().keys().collect();
+    names.sort();
+    assert_eq!(names, ["sandbox-byhand0000", "sandbox-theirs0000"]);
+    assert!(
+        daemon.log().contains("did not make"),
+        "foreign VMs are logged: {}",
+        daemon.log()
     );
 }

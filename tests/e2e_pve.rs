@@ -481,9 +481,28 @@ fn without_linked_clones_the_backend_falls_back_to_a_full_clone() {
 }
 
 #[test]
-fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_does_not_know() {
+fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_know() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::new(dir.path(), &[]);
+    // Under our prefix but not this daemon's: cloned by hand (no owner tag), and tagged by
+    // another daemon on the node. Made before the daemon starts, so that only what follows the
+    // kill below races the dead daemon's last commands.
+    for (vmid, name, tags) in [
+        ("200", "sandbox-0000deadbeef", None),
+        (
+            "202",
+            "sandbox-0000deadbee2",
+            Some("agentlab-owner-0000-another;team"),
+        ),
+    ] {
+        node.run(
+            "qm",
+            &["clone", "9000", vmid, "--name", name, "--full", "0"],
+        );
+        if let Some(tags) = tags {
+            node.run("qm", &["set", vmid, "--tags", tags]);
+        }
+    }
     let mut first = node.daemon("");
     let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 8; echo finished-after-restart"}));
     first.wait_phase(&id, "run", Duration::from_secs(180));
@@ -493,20 +512,23 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_does_not_know() {
         "the VM outlives the daemon"
     );
 
-    // Behind the dead daemon's back: a sandbox VM it never recorded (cloned by hand under our
-    // prefix), and the snippet of a VM someone destroyed with qm.
+    // Behind the dead daemon's back: a sandbox VM carrying its id that it never recorded (as if
+    // its store had lost the row), and the snippet of a VM someone destroyed with qm.
+    let instance = std::fs::read_to_string(node.dir.join("data/instance-id")).unwrap();
+    let ours = format!("agentlab-owner-{}", instance.trim());
     node.run(
         "qm",
         &[
             "clone",
             "9000",
-            "200",
+            "201",
             "--name",
-            "sandbox-0000deadbeef",
+            "sandbox-0000deadbee1",
             "--full",
             "0",
         ],
     );
+    node.run("qm", &["set", "201", "--tags", &ours]);
     std::fs::write(
         node.dir.join("snippets/agentlab-sandbox-00000000gone.yaml"),
         "#cloud-config\n",
@@ -520,13 +542,53 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_does_not_know() {
     // The reconciler runs every 5 s here; give it a pass after the job.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline
-        && (node.dir.join("pve/qemu-server/200.conf").exists()
+        && (node.dir.join("pve/qemu-server/201.conf").exists()
             || node
                 .dir
                 .join("snippets/agentlab-sandbox-00000000gone.yaml")
                 .exists())
     {
         std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        !node.dir.join("pve/qemu-server/201.conf").exists(),
+        "ours is destroyed"
+    );
+    // The others are left alone, and listed as foreign.
+    for vmid in ["200", "202"] {
+        assert!(node
+            .dir
+            .join(format!("pve/qemu-server/{vmid}.conf"))
+            .exists());
+    }
+    let (_, status) = second.get("/v1/status");
+    assert_eq!(status["instance_id"], instance.trim(), "{status}");
+    let foreign: Vec<(String, String, Value)> = status["foreign_vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap().to_owned(),
+                v["vm_ref"].as_str().unwrap().to_owned(),
+                v["owner"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        foreign,
+        [
+            (
+                "sandbox-0000deadbee2".into(),
+                "202".into(),
+                json!("0000-another")
+            ),
+            ("sandbox-0000deadbeef".into(), "200".into(), Value::Null),
+        ],
+        "{status}"
+    );
+    for vmid in ["200", "202"] {
+        node.run("qm", &["destroy", vmid, "--purge", "1"]);
     }
     node.assert_nothing_left();
 }

@@ -199,6 +199,27 @@ fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
         "the VM outlives the daemon"
     );
 
+    // Behind the dead daemon's back: a folder of its own the store never recorded, and one made
+    // by another daemon sharing the sandboxes folder.
+    let instance = std::fs::read_to_string(dir.path().join("data/instance-id")).unwrap();
+    let sandboxes = dir.path().join("data/sandboxes");
+    for (name, owner) in [
+        ("sandbox-0000deadbee1", instance.trim()),
+        ("sandbox-0000deadbee2", "0000-another"),
+    ] {
+        let record = json!({
+            "name": name, "job_id": "j", "created_ms": 0,
+            "template": {"kernel": "/i/k", "initrd": "/i/i", "root_disk": "/i/r", "kernel_cmdline": ""},
+            "cores": 1, "memory_mb": 256, "disk_gb": 1, "network": "restricted", "owner": owner
+        });
+        std::fs::create_dir_all(sandboxes.join(name)).unwrap();
+        std::fs::write(
+            sandboxes.join(name).join("sandbox.json"),
+            record.to_string(),
+        )
+        .unwrap();
+    }
+
     let second = daemon(dir.path(), TUNING, &guest);
     let job: Value = second.wait_terminal(&id, Duration::from_secs(240));
     // The VM and its runner survived, so the resumed actor sees the job through.
@@ -206,5 +227,118 @@ fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
     assert!(logs(&second, &id).contains("finished-after-restart"));
     let (_, running) = second.get("/v1/jobs?status=RUNNING");
     assert!(running["jobs"].as_array().unwrap().is_empty());
+    assert!(
+        !sandboxes.join("sandbox-0000deadbee1").exists(),
+        "ours is destroyed"
+    );
+    assert!(sandboxes.join("sandbox-0000deadbee2/sandbox.json").exists());
+    let (_, status) = second.get("/v1/status");
+    assert_eq!(
+        status["foreign_vms"][0]["name"], "sandbox-0000deadbee2",
+        "{status}"
+    );
+    assert_eq!(
+        status["foreign_vms"][0]["owner"], "0000-another",
+        "{status}"
+    );
+    std::fs::remove_dir_all(sandboxes.join("sandbox-0000deadbee2")).unwrap();
     assert_nothing_left(dir.path());
+}
+
+/// With `accel: auto` the KVM probe runs when the daemon starts, not in the first job's start
+/// phase: its answer is in `GET /v1/status` before any job is submitted, and the first start
+/// runs no second probe. The QEMU here is a script that plays the probe's kernel panic and fails
+/// every VM launch; nothing boots.
+#[test]
+fn the_kvm_probe_runs_at_start_up_not_in_the_first_jobs_start_phase() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for file in ["vmlinuz", "initrd.img"] {
+        std::fs::write(images.join(file), b"kernel").unwrap();
+    }
+    let status = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(images.join("root.qcow2"))
+        .arg("64M")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let calls = dir.path().join("qemu-calls.log");
+    let qemu = dir.path().join("qemu-system-x86_64");
+    std::fs::write(
+        &qemu,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> {calls}\ncase \"$*\" in\n\
+             --version) echo 'QEMU emulator version 9.0.0' ;;\n\
+             *kvm-probe-*) serial=$(echo \"$*\" | sed 's/.*file:\\([^ ]*\\).*/\\1/')\n\
+             echo 'Kernel panic - not syncing: VFS' > \"$serial\" ;;\n\
+             *) echo 'no VMs here' >&2; exit 1 ;;\nesac\n",
+            calls = calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&qemu, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let kvm_usable = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let probes = || {
+        std::fs::read_to_string(&calls)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("kvm-probe-"))
+            .count()
+    };
+
+    let config = format!(
+        "qemu:\n  images_dir: {}\n  qemu_binary: {}\n  accel: auto\n  memory_mb_cap: 384\n  cores_cap: 1\n",
+        images.display(),
+        qemu.display()
+    );
+    let daemon = Daemon::start(dir.path(), "qemu", &config);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (_, status) = daemon.get("/v1/status");
+        if !status["accelerator"].is_null() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no probe answer: {status}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let expected = if kvm_usable { "kvm" } else { "tcg" };
+    assert_eq!(status["accelerator"], expected, "{}", daemon.log());
+    assert_eq!(probes(), usize::from(kvm_usable));
+    assert!(
+        daemon.log().contains("KVM"),
+        "the answer is logged: {}",
+        daemon.log()
+    );
+
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "t", "command": "true"}));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(60));
+    assert_eq!(job["status"], "FAILED", "{job}");
+    assert!(job["error"].as_str().unwrap().contains("start"), "{job}");
+    let launches: Vec<String> = std::fs::read_to_string(&calls)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("-name sandbox-"))
+        .map(str::to_owned)
+        .collect();
+    assert!(!launches.is_empty(), "the start phase launched qemu");
+    assert!(
+        launches[0].contains(&format!("-accel {expected}")),
+        "{launches:?}"
+    );
+    assert_eq!(
+        probes(),
+        usize::from(kvm_usable),
+        "no probe in the start phase"
+    );
 }

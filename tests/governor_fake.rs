@@ -1,7 +1,8 @@
 //! The ResourceGovernor in the actor runtime, on the fake backend in paused time with injected host
 //! readings: jobs wait in the queue rather than overcommit the host and all complete; the head is
 //! never overtaken; pressure holds the queue and its clearing releases it; boot outcomes reach the
-//! boot cap; deadlines end queued jobs promptly, or early when predictable.
+//! boot cap; deadlines end queued jobs promptly, or early when predictable; a job no idle host
+//! could take fails at once, thin disks count what they take, and a queued job says why it waits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -9,9 +10,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agentlab::actors::governor::GetStatus;
-use agentlab::backend::fake::{FakeConfig, FakeOp, Fault, Latency};
-use agentlab::governor::readings::{Pressure, Stall};
+use agentlab::actors::governor::{GetHeadWait, GetStatus};
+use agentlab::backend::fake::{FakeConfig, FakeDisk, FakeOp, Fault, Latency};
+use agentlab::governor::readings::{DiskReadings, Pressure, Stall};
 use agentlab::governor::status::GovernorStatus;
 use agentlab::model::{JobRequest, JobStatus, Phase};
 use common::{host, request, run_paused, short_tuning, Harness};
@@ -339,5 +340,128 @@ fn a_deadline_that_predictably_passes_fails_the_job_early() {
         for id in &ids {
             assert_eq!(h.job(id).await.status, JobStatus::Completed);
         }
+    });
+}
+
+const GIB: u64 = 1 << 30;
+
+/// The host of the issue: 74 GB free of 252 GB of storage.
+fn demo_disk(available_gb: u64) -> Option<DiskReadings> {
+    Some(DiskReadings {
+        path: "/var/lib/agentlab".into(),
+        total_bytes: 252 * GIB,
+        available_bytes: available_gb * GIB,
+    })
+}
+
+fn thin(allocated_bytes: u64) -> Option<FakeDisk> {
+    Some(FakeDisk {
+        thin: true,
+        allocated_bytes,
+    })
+}
+
+#[test]
+fn a_job_a_static_rule_blocks_on_an_idle_host_fails_at_once_with_the_rule_and_numbers() {
+    run_paused(async {
+        // Thick disks: the balanced profile's 30 GB would leave 43.5 GB, under the 50.4 to keep.
+        let mut readings = host(64, 256);
+        readings.disk = demo_disk(74);
+        let h = Harness::start_on(readings, FakeConfig::default(), short_tuning(), None);
+        let id = h.submit(request()).await;
+        let job = h.wait_terminal(&id).await;
+        assert_eq!(job.status, JobStatus::Failed, "{job:?}");
+        assert!(job.phases.is_empty(), "never started: {job:?}");
+        let error = job.error.unwrap();
+        for part in [
+            "does not fit this host: disk",
+            "74.0 GB free",
+            "30.5 GB for this one",
+            "50.4 GB",
+        ] {
+            assert!(error.contains(part), "{part}: {error}");
+        }
+
+        // Thin disks, as the local backend reports them, take what they have written: the same
+        // host runs the job.
+        h.fake.set_disk(thin(200 << 20));
+        let id = h.submit(request()).await;
+        let job = h.wait_terminal(&id).await;
+        assert_eq!(job.status, JobStatus::Completed, "{job:?}");
+
+        // Memory: a profile larger than the host may ever give fails at once too.
+        h.host.update(|r| r.memory.total_bytes = 8 * GIB);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let id = h.submit(request()).await;
+        let job = h.wait_terminal(&id).await;
+        assert_eq!(job.status, JobStatus::Failed);
+        assert!(
+            job.error
+                .as_deref()
+                .unwrap()
+                .contains("does not fit this host: memory"),
+            "{job:?}"
+        );
+    });
+}
+
+async fn waits_for(h: &Harness, id: &str) -> agentlab::governor::status::JobQueue {
+    let position = h.job(id).await.queue_position.unwrap();
+    h.governor
+        .send(GetHeadWait)
+        .await
+        .unwrap()
+        .for_job(id, position)
+}
+
+#[test]
+fn a_queued_job_shows_why_it_waits_and_the_reason_follows_the_host() {
+    run_paused(async {
+        // 2 cores: one balanced sandbox at a time. Thin disks of 1 GB each.
+        let fake = FakeConfig {
+            disk: thin(GIB),
+            ..latency(&[(FakeOp::Run, 600_000)])
+        };
+        let mut readings = host(2, 64);
+        readings.disk = demo_disk(74);
+        let h = Harness::start_on(readings, fake, short_tuning(), None);
+        let running = h.submit(request()).await;
+        h.wait_phase(&running, Phase::Run).await;
+        let head = h.submit(request()).await;
+        let behind = h.submit(request()).await;
+        tokio::time::sleep(Duration::from_secs(3)).await;
+
+        let q = waits_for(&h, &head).await;
+        assert_eq!((q.position, q.reason.as_str()), (1, "cpu"), "{q:?}");
+        assert!(q.waiting_for.contains("vCPU budget"), "{q:?}");
+        let q = waits_for(&h, &behind).await;
+        assert_eq!(q.reason, "queue");
+        assert_eq!(q.waiting_for, "1 job ahead; the first waits for cpu");
+
+        // More cores, but the storage fills up: the head now waits for disk, with the numbers.
+        // (1 GB written of its 4 GB reserve: the running sandbox keeps 3 GB more.)
+        h.host.update(|r| {
+            r.cpu.physical_cores = 16;
+            r.disk = demo_disk(57);
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(h.job(&head).await.status, JobStatus::Queued);
+        let q = waits_for(&h, &head).await;
+        assert_eq!(q.reason, "disk", "{q:?}");
+        assert!(
+            q.waiting_for
+                .contains("57.0 GB free − 3.0 GB growth reserve left to 1 live sandboxes"),
+            "{q:?}"
+        );
+        assert_eq!(
+            waits_for(&h, &behind).await.waiting_for,
+            "1 job ahead; the first waits for disk"
+        );
+
+        // Space again: both start.
+        h.host.update(|r| r.disk = demo_disk(200));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert_eq!(h.job(&head).await.status, JobStatus::Running);
+        h.wait_phase(&behind, Phase::Run).await;
     });
 }

@@ -1,5 +1,6 @@
 //! The lifecycle on the fake backend: the happy path, each phase's failure and timeout, cancels,
-//! the restart policy under injected panics, leases, and recovery after the daemon dies.
+//! the restart policy under injected panics, and recovery after the daemon dies (leases are in
+//! leases_fake.rs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -271,6 +272,35 @@ fn cancelling_a_running_job_destroys_its_vm() {
 }
 
 #[test]
+fn a_vm_that_now_carries_another_daemons_id_is_never_destroyed() {
+    run_paused(async {
+        let h = Harness::start(slow_run(600_000), short_tuning(), None);
+        let id = h.submit(request()).await;
+        h.wait_phase(&id, Phase::Run).await;
+        // Another daemon on the host took the VM over (its id is on it now).
+        let name = sandbox_name_for(&id);
+        h.fake.insert_vm(&name, Some("0000-another-daemon"));
+        let cancel = CancelJob {
+            job_id: id.clone(),
+            status: JobStatus::Cancelled,
+            reason: "by request".into(),
+        };
+        assert!(h.supervisor.send(cancel).await.unwrap().unwrap());
+        assert_eq!(h.wait_terminal(&id).await.status, JobStatus::Cancelled);
+        assert_eq!(h.fake.vm_names(), std::slice::from_ref(&name), "left alone");
+        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        // No longer ours: the reconciler reports it as foreign and still leaves it.
+        h.supervisor.send(Reconcile).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let foreign = h.svc.instance.foreign();
+        assert_eq!(foreign.len(), 1, "{foreign:?}");
+        assert_eq!(foreign[0].name, name);
+        assert_eq!(foreign[0].owner.as_deref(), Some("0000-another-daemon"));
+        assert_eq!(h.fake.vm_names(), [name]);
+    });
+}
+
+#[test]
 fn cancelling_a_queued_job_ends_it_without_a_vm() {
     run_paused(async {
         let mut tuning = short_tuning();
@@ -290,26 +320,6 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
         assert_eq!(h.job(&second).await.status, JobStatus::Cancelled);
         assert_eq!(h.wait_terminal(&first).await.status, JobStatus::Completed);
         assert_eq!(h.fake.creations(&sandbox_name_for(&second)), 0);
-    });
-}
-
-#[test]
-fn an_expired_lease_stops_the_job() {
-    run_paused(async {
-        let config = slow_run(3_600_000);
-        let mut tuning = short_tuning();
-        tuning.phase_timeouts.run = Duration::from_secs(7200);
-        let h = Harness::start(config, tuning, None);
-        let id = h
-            .submit(agentlab::model::JobRequest {
-                ttl_minutes: Some(1),
-                ..request()
-            })
-            .await;
-        let job = h.wait_terminal(&id).await;
-        assert_eq!(job.status, JobStatus::Timeout, "{job:?}");
-        assert!(job.error.unwrap().contains("lease expired"));
-        assert!(h.fake.vm_names().is_empty());
     });
 }
 
@@ -358,10 +368,15 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
             (running, queued)
         }
     });
-    // A VM under our prefix that the store never knew.
+    // A VM of ours the store never knew, and two under our prefix that are not ours: one of
+    // another daemon's, one made by hand (no owner).
     let mut vms: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
-    vms["sandbox-orphan00000"] = serde_json::json!({"job_id": "nobody", "running": true});
+    vms["sandbox-orphan00000"] =
+        serde_json::json!({"job_id": "nobody", "running": true, "owner": common::TEST_INSTANCE});
+    vms["sandbox-theirs00000"] =
+        serde_json::json!({"job_id": "nobody", "running": true, "owner": "0000-another-daemon"});
+    vms["sandbox-byhand00000"] = serde_json::json!({"job_id": "nobody", "running": true});
     std::fs::write(&state, vms.to_string()).unwrap();
 
     run_paused(async move {
@@ -378,10 +393,10 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
         assert_eq!(resumed.status, JobStatus::Failed, "{resumed:?}");
         assert!(resumed.error.unwrap().contains("phase run failed"));
         assert_eq!(h.wait_terminal(&queued).await.status, JobStatus::Completed);
-        assert!(
-            h.fake.vm_names().is_empty(),
-            "leaked: {:?}",
-            h.fake.vm_names()
+        assert_eq!(
+            h.fake.vm_names(),
+            ["sandbox-byhand00000", "sandbox-theirs00000"],
+            "ours leaked, or theirs were destroyed"
         );
         let open = h.svc.store.call(|s| s.running_jobs()).await.unwrap();
         assert!(open.is_empty());

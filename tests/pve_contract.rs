@@ -11,14 +11,16 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentlab::backend::{
-    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
-    VmHandle, VmState,
+    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, ListedVm, NetworkMode,
+    SandboxSpec, VmHandle, VmState,
 };
 use agentlab::pve::command::{CommandError, CommandOutput};
 use agentlab::pve::{CommandRunner, Invocation, PveBackend, PveConfig, Tool};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const NAME: &str = "sandbox-0123456789ab";
+/// The daemon instance the specs are cloned for.
+const OWNER: &str = "0199-contract-tests";
 
 #[derive(Debug, Clone)]
 struct Vm {
@@ -123,6 +125,10 @@ impl Model {
                         }
                         if vm.template {
                             entry["template"] = 1.into();
+                        }
+                        // As Proxmox lists them: the config's `;`-separated tag list.
+                        if let Some(tags) = vm.config.get("tags") {
+                            entry["tags"] = tags.clone().into();
                         }
                         entry
                     })
@@ -377,6 +383,7 @@ fn spec(network: NetworkMode) -> SandboxSpec {
             guest_url: "http://10.77.0.1:8848".into(),
             bootstrap_token: "boot-secret".into(),
         },
+        owner: OWNER.into(),
     }
 }
 
@@ -410,7 +417,8 @@ async fn clone_issues_exactly_these_commands() {
             "pvesh get /cluster/nextid",
             "qm clone 9000 100 --name sandbox-0123456789ab --full 0",
             "qm set 100 --cores 4 --memory 6144 --net0 virtio,bridge=vmbr1,firewall=1 \
-             --ipconfig0 ip=dhcp --cicustom user=local:snippets/agentlab-sandbox-0123456789ab.yaml",
+             --ipconfig0 ip=dhcp --cicustom user=local:snippets/agentlab-sandbox-0123456789ab.yaml \
+             --tags agentlab-owner-0199-contract-tests",
             "qm resize 100 scsi0 30G",
         ]
     );
@@ -439,7 +447,7 @@ async fn clone_issues_exactly_these_commands() {
         !calls.iter().any(|c| c.contains("firewall/options")),
         "{calls:?}"
     );
-    assert!(calls.contains(&"qm set 101 --cores 4 --memory 6144 --net0 virtio,bridge=vmbr1,firewall=0 --ipconfig0 ip=dhcp --cicustom user=local:snippets/agentlab-sandbox-0123456789ac.yaml".to_owned()), "{calls:?}");
+    assert!(calls.contains(&"qm set 101 --cores 4 --memory 6144 --net0 virtio,bridge=vmbr1,firewall=0 --ipconfig0 ip=dhcp --cicustom user=local:snippets/agentlab-sandbox-0123456789ac.yaml --tags agentlab-owner-0199-contract-tests".to_owned()), "{calls:?}");
 }
 
 #[tokio::test]
@@ -838,7 +846,10 @@ async fn status_and_listing_report_what_pvesh_lists() {
     );
     assert_eq!(
         rig.backend.list_vms().await.unwrap(),
-        std::slice::from_ref(&handle)
+        [ListedVm {
+            vm: handle.clone(),
+            owner: Some(OWNER.into())
+        }]
     );
     // Gone behind our back: missing, which lets reconciliation clean up.
     rig.model().vms.remove(&100);
@@ -974,6 +985,7 @@ fn accepted_options(subcommand: &str) -> &'static [&'static str] {
             "--net0",
             "--ipconfig0",
             "--cicustom",
+            "--tags",
             "--name",
             "--agent",
             "--delete",
@@ -1076,14 +1088,16 @@ fn the_recorder_refuses_control_characters_like_the_real_runner() {
     assert!(recorder.0.lock().unwrap().calls.is_empty());
 }
 
-/// After a restart the reconciler destroys VMs the store does not know and sweeps the snippets
-/// of VMs that are gone: the upstream shell backend leaked both.
+/// After a restart the reconciler destroys VMs of ours the store does not know and sweeps the
+/// snippets of VMs that are gone: the upstream shell backend leaked both. `sandbox-` VMs that
+/// another daemon tagged, or that carry no owner tag (cloned by hand), are left alone.
 #[actix_rt::test]
-async fn reconciliation_destroys_unknown_vms_and_sweeps_their_snippets() {
-    use agentlab::actors::{reconciler, Clock, Hub, Services};
+async fn reconciliation_destroys_unknown_vms_of_ours_and_sweeps_their_snippets() {
+    use agentlab::actors::{reconciler, Clock, Hub, LiveConfig, Services};
     use agentlab::config::profile::Profiles;
     use agentlab::config::tuning::{Tuning, TuningHandle};
     use agentlab::config::Config;
+    use agentlab::instance::{ForeignVm, Instance, InstanceId};
     use agentlab::metrics::Metrics;
     use agentlab::store::Store;
 
@@ -1095,6 +1109,30 @@ async fn reconciliation_destroys_unknown_vms_and_sweeps_their_snippets() {
         .unwrap();
     let dir = rig.snippets.path().to_owned();
     std::fs::write(dir.join("agentlab-sandbox-handdeleted0.yaml"), "x").unwrap();
+    for (vmid, name, tags) in [
+        (
+            300,
+            "sandbox-theirs000000",
+            Some("team-a;agentlab-owner-0199-another"),
+        ),
+        (301, "sandbox-byhand000000", None),
+    ] {
+        let mut config = template_config();
+        config.remove("template");
+        config.insert("name".into(), name.into());
+        if let Some(tags) = tags {
+            config.insert("tags".into(), tags.into());
+        }
+        rig.model().vms.insert(
+            vmid,
+            Vm {
+                name: name.into(),
+                running: true,
+                template: false,
+                config,
+            },
+        );
+    }
     rig.take();
 
     let Rig {
@@ -1112,19 +1150,127 @@ async fn reconciliation_destroys_unknown_vms_and_sweeps_their_snippets() {
         metrics: Metrics::new().unwrap(),
         guest_url: "http://10.77.0.1:8848".into(),
         clock: Clock::new(),
+        live: LiveConfig::new(&Config::default()),
+        instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
     };
     let report = reconciler::reconcile(&svc, &Default::default())
         .await
         .unwrap();
     assert_eq!(report.destroyed_orphans, [NAME]);
     assert_eq!(report.swept, ["agentlab-sandbox-handdeleted0.yaml"]);
+    let foreign = [
+        ForeignVm {
+            name: "sandbox-byhand000000".into(),
+            vm_ref: "301".into(),
+            owner: None,
+        },
+        ForeignVm {
+            name: "sandbox-theirs000000".into(),
+            vm_ref: "300".into(),
+            owner: Some("0199-another".into()),
+        },
+    ];
+    assert_eq!(report.foreign, foreign);
+    assert_eq!(svc.instance.foreign(), foreign, "what status shows");
     assert!(std::fs::read_dir(snippets.path()).unwrap().next().is_none());
     let model = model.lock().unwrap();
-    assert_eq!(model.vms.keys().collect::<Vec<_>>(), [&9000]);
+    assert_eq!(model.vms.keys().collect::<Vec<_>>(), [&300, &301, &9000]);
+    assert!(model.vms[&300].running && model.vms[&301].running);
     let calls: Vec<String> = model
         .calls
         .iter()
         .map(|c| format!("{} {}", c.tool.as_str(), c.args.join(" ")))
         .collect();
     assert_eq!(calls, [LIST, LIST, "qm destroy 100 --purge 1", LIST]);
+}
+
+#[tokio::test]
+async fn the_owner_tag_joins_the_templates_tags_and_the_listing_reports_it() {
+    let rig = Rig::new();
+    // The template's own tags come along with the clone; a stale owner tag on it does not.
+    rig.model()
+        .vms
+        .get_mut(&9000)
+        .unwrap()
+        .config
+        .insert("tags".into(), "agentlab-owner-0199-old;ubuntu".into());
+    let handle = rig
+        .backend
+        .clone_vm(&spec(NetworkMode::Egress))
+        .await
+        .unwrap();
+    let set = rig
+        .take()
+        .into_iter()
+        .find(|c| c.starts_with("qm set 100 "))
+        .unwrap();
+    assert!(
+        set.ends_with(" --tags ubuntu;agentlab-owner-0199-contract-tests"),
+        "{set}"
+    );
+    // What pvesh lists, whatever separator and order: the owner tag's id, or none.
+    for (tags, owner) in [
+        (
+            Some("agentlab-owner-0199-contract-tests;ubuntu"),
+            Some(OWNER),
+        ),
+        (Some("a,agentlab-owner-0199-x b"), Some("0199-x")),
+        (Some("ubuntu"), None),
+        (Some(""), None),
+        (Some("agentlab-owner-"), None),
+        (None, None),
+    ] {
+        {
+            let mut model = rig.model();
+            let config = &mut model.vms.get_mut(&100).unwrap().config;
+            match tags {
+                Some(tags) => config.insert("tags".into(), tags.into()),
+                None => config.remove("tags"),
+            };
+        }
+        let listed = rig.backend.list_vms().await.unwrap();
+        assert_eq!(
+            listed,
+            [ListedVm {
+                vm: handle.clone(),
+                owner: owner.map(str::to_owned)
+            }],
+            "{tags:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destroy_waits_for_a_cancelled_clone_and_destroys_what_it_made() {
+    let rig = Rig::new();
+    rig.model()
+        .slow
+        .push((vec!["clone".to_owned()], Duration::from_millis(400)));
+    let spec = spec(NetworkMode::Egress);
+    let cut = tokio::time::timeout(Duration::from_millis(100), rig.backend.clone_vm(&spec)).await;
+    assert!(cut.is_err(), "cancelled while qm clone ran");
+    // Meanwhile the VMID holds qemu-server's unnamed placeholder: a listing now finds nothing
+    // under the name. The destroy path's lookup waits for the clone instead.
+    let found = rig.backend.find_vm(NAME).await.unwrap();
+    let found = found.expect("the clone's VM, once the clone is done");
+    assert_eq!(found.vm, vm(100));
+    assert_eq!(found.owner, None, "cut short before its qm set tagged it");
+    rig.backend.destroy_vm(&found.vm).await.unwrap();
+    assert_eq!(rig.model().vms.keys().collect::<Vec<_>>(), [&9000]);
+
+    // A destroy by handle while the clone still runs waits for it too.
+    let cut = tokio::time::timeout(Duration::from_millis(100), rig.backend.clone_vm(&spec)).await;
+    assert!(cut.is_err());
+    rig.backend.destroy_vm(&vm(100)).await.unwrap();
+    assert_eq!(rig.model().vms.keys().collect::<Vec<_>>(), [&9000]);
+    let calls = rig.take();
+    let last_clone = calls
+        .iter()
+        .rposition(|c| c.starts_with("qm clone"))
+        .unwrap();
+    let last_destroy = calls
+        .iter()
+        .rposition(|c| c.starts_with("qm destroy 100"))
+        .unwrap();
+    assert!(last_clone < last_destroy, "{calls:?}");
 }

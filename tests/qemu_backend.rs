@@ -7,13 +7,24 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentlab::backend::{
-    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
-    VmHandle, VmState,
+    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, ListedVm, NetworkMode,
+    SandboxSpec, VmHandle, VmState,
 };
 use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+
+/// The daemon instance these backends belong to.
+const OWNER: &str = "0199-qemu-tests";
+
+/// How `list_vms` reports a VM this backend made.
+fn ours(vm: &VmHandle) -> ListedVm {
+    ListedVm {
+        vm: vm.clone(),
+        owner: Some(OWNER.into()),
+    }
+}
 
 /// Generous: TCG boots take about 5 s alone, several times that on a busy 2-core host.
 const BOOT_LIMIT: Duration = Duration::from_secs(90);
@@ -63,7 +74,9 @@ fn backend(root: &Path, images: &Path, endpoint: std::net::SocketAddr) -> QemuBa
         images: images.to_owned(),
         sandboxes: root.join("sandboxes"),
     };
-    QemuBackend::new(config(), dirs, endpoint).unwrap()
+    QemuBackend::new(config(), dirs, endpoint)
+        .unwrap()
+        .with_instance(OWNER)
 }
 
 fn spec(name: &str, job_id: &str) -> SandboxSpec {
@@ -81,6 +94,7 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: format!("boot-{job_id}"),
         },
+        owner: OWNER.into(),
     }
 }
 
@@ -198,7 +212,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     let dir = PathBuf::from(&vm.vm_ref);
     assert_eq!(dir, root.path().join("sandboxes/sandbox-full01"));
     assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
-    assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
+    assert_eq!(backend.list_vms().await.unwrap(), [ours(&vm)]);
 
     let started = Instant::now();
     backend.start_vm(&vm).await.unwrap();
@@ -351,10 +365,7 @@ async fn egress_vm_reaches_the_host_and_outlives_its_backend() {
     // drive and destroy it.
     drop(backend);
     let restarted = self::backend(root.path(), &images, endpoint);
-    assert_eq!(
-        restarted.list_vms().await.unwrap(),
-        std::slice::from_ref(&vm)
-    );
+    assert_eq!(restarted.list_vms().await.unwrap(), [ours(&vm)]);
     assert_eq!(restarted.vm_state(&vm).await.unwrap(), VmState::Running);
     restarted.agent_ping(&vm).await.unwrap();
     restarted.start_vm(&vm).await.unwrap();
@@ -495,4 +506,91 @@ async fn kvm_probe_answers_within_its_timeout_and_leaves_no_qemu() {
     // Killed on timeout, and reaped: nothing names the scratch folder any more.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(processes_naming(&scratch_dir).is_empty());
+}
+
+/// Sandbox folders on disk, no VM booted: the reconciler of a restarted daemon destroys the one
+/// it made and the store forgot, and leaves alone a folder made by hand and one whose
+/// `sandbox.json` names another daemon, both reported as foreign.
+#[tokio::test]
+async fn a_reconcile_leaves_sandbox_folders_it_did_not_make() {
+    use agentlab::actors::{reconciler, Clock, Hub, LiveConfig, Services};
+    use agentlab::config::profile::Profiles;
+    use agentlab::config::tuning::{Tuning, TuningHandle};
+    use agentlab::config::Config;
+    use agentlab::instance::{ForeignVm, Instance, InstanceId};
+    use agentlab::metrics::Metrics;
+    use agentlab::store::Store;
+    use std::sync::Arc;
+
+    let root = scratch();
+    let images = root.path().join("images");
+    let sandboxes = root.path().join("sandboxes");
+    let backend = backend(root.path(), &images, "127.0.0.1:8848".parse().unwrap());
+    // What a clone of ours writes first, and one by another daemon sharing the folder.
+    let record = |owner: &str| {
+        serde_json::json!({
+            "name": "x", "job_id": "j", "created_ms": 0,
+            "template": {"kernel": "/i/k", "initrd": "/i/i", "root_disk": "/i/r", "kernel_cmdline": ""},
+            "cores": 1, "memory_mb": 256, "disk_gb": 1, "network": "restricted", "owner": owner
+        })
+        .to_string()
+    };
+    for (name, owner) in [
+        ("sandbox-orphan0000", Some(OWNER)),
+        ("sandbox-theirs0000", Some("0199-another")),
+        ("sandbox-byhand0000", None),
+    ] {
+        let dir = sandboxes.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("overlay.qcow2"), b"disk").unwrap();
+        if let Some(owner) = owner {
+            std::fs::write(dir.join("sandbox.json"), record(owner)).unwrap();
+        }
+    }
+    let svc = Services {
+        config: Arc::new(Config::default()),
+        store: Store::open_in_memory().unwrap(),
+        backend: Arc::new(backend),
+        tuning: TuningHandle::new(Tuning::default()),
+        profiles: std::sync::RwLock::new(Arc::new(Profiles::default())),
+        hub: Arc::new(Hub::default()),
+        metrics: Metrics::new().unwrap(),
+        guest_url: "http://10.0.2.100".into(),
+        clock: Clock::new(),
+        instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
+        live: LiveConfig::new(&Config::default()),
+    };
+    let report = reconciler::reconcile(&svc, &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(report.destroyed_orphans, ["sandbox-orphan0000"]);
+    let folder = |name: &str| sandboxes.join(name).display().to_string();
+    assert_eq!(
+        report.foreign,
+        [
+            ForeignVm {
+                name: "sandbox-byhand0000".into(),
+                vm_ref: folder("sandbox-byhand0000"),
+                owner: None,
+            },
+            ForeignVm {
+                name: "sandbox-theirs0000".into(),
+                vm_ref: folder("sandbox-theirs0000"),
+                owner: Some("0199-another".into()),
+            },
+        ]
+    );
+    assert!(!sandboxes.join("sandbox-orphan0000").exists());
+    for name in ["sandbox-theirs0000", "sandbox-byhand0000"] {
+        assert!(
+            sandboxes.join(name).join("overlay.qcow2").exists(),
+            "{name}"
+        );
+    }
+    // The next pass finds the same and destroys nothing more.
+    let again = reconciler::reconcile(&svc, &Default::default())
+        .await
+        .unwrap();
+    assert!(again.destroyed_orphans.is_empty());
+    assert_eq!(again.foreign, report.foreign);
 }

@@ -1,6 +1,6 @@
-//! The lease collector: every `intervals.lease_gc` it ends sandboxes whose lease ran out. A job
-//! still running is stopped through the Supervisor (TIMEOUT, "lease expired"), which destroys its
-//! VM; a kept sandbox of a finished job is destroyed directly.
+//! The lease collector: every `intervals.lease_gc` it destroys KEPT sandboxes whose lease ran
+//! out. A lease counts only once a sandbox is kept after its job; a running job is limited by its
+//! run timeout, never by its lease, so the collector never stops a job.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,14 +8,11 @@ use std::time::Instant;
 use actix::prelude::*;
 
 use super::lifecycle::destroy_sandbox;
-use super::supervisor::{CancelJob, Supervisor};
 use super::Services;
-use crate::model::JobStatus;
 
 #[derive(Debug)]
 pub struct LeaseCollector {
     svc: Arc<Services>,
-    supervisor: Addr<Supervisor>,
 }
 
 #[derive(Debug, Message)]
@@ -23,8 +20,8 @@ pub struct LeaseCollector {
 pub struct CollectNow;
 
 impl LeaseCollector {
-    pub fn new(svc: Arc<Services>, supervisor: Addr<Supervisor>) -> Self {
-        LeaseCollector { svc, supervisor }
+    pub fn new(svc: Arc<Services>) -> Self {
+        LeaseCollector { svc }
     }
 
     fn schedule(&self, ctx: &mut Context<Self>) {
@@ -47,10 +44,9 @@ impl Handler<CollectNow> for LeaseCollector {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: CollectNow, _: &mut Self::Context) -> Self::Result {
         let svc = Arc::clone(&self.svc);
-        let supervisor = self.supervisor.clone();
         Box::pin(async move {
             let started = Instant::now();
-            if let Err(err) = collect(&svc, &supervisor).await {
+            if let Err(err) = collect(&svc).await {
                 tracing::error!(%err, "lease collection failed");
             }
             svc.metrics
@@ -60,40 +56,25 @@ impl Handler<CollectNow> for LeaseCollector {
     }
 }
 
-async fn collect(
-    svc: &Services,
-    supervisor: &Addr<Supervisor>,
-) -> Result<(), crate::store::StoreError> {
+async fn collect(svc: &Services) -> Result<(), crate::store::StoreError> {
     let now = svc.clock.now_ms();
     let expired = svc
         .store
-        .call(move |s| {
-            let sandboxes = s.expired_sandboxes(now)?;
-            sandboxes
-                .into_iter()
-                .map(|sb| Ok((s.get_job(&sb.job_id)?.map(|j| j.status), sb)))
-                .collect::<Result<Vec<_>, _>>()
-        })
+        .call(move |s| s.expired_kept_sandboxes(now))
         .await?;
-    for (status, sandbox) in expired {
-        match status {
-            Some(status) if !status.is_terminal() => {
-                tracing::info!(job = %sandbox.job_id, "lease expired; stopping the job");
-                let cancel = CancelJob {
-                    job_id: sandbox.job_id.clone(),
-                    status: JobStatus::Timeout,
-                    reason: "lease expired".into(),
-                };
-                if let Ok(Err(err)) = supervisor.send(cancel).await {
-                    tracing::warn!(job = %sandbox.job_id, %err, "stopping an expired job failed");
-                }
-            }
-            _ => {
-                tracing::info!(sandbox = %sandbox.id, "lease expired; destroying");
-                if let Err(err) = destroy_sandbox(svc, &sandbox).await {
-                    tracing::warn!(sandbox = %sandbox.id, %err, "destroying an expired sandbox failed");
-                }
-            }
+    for sandbox in expired {
+        let id = sandbox.id.clone();
+        // Claimed in the store first: a renew that came in since the listing wins.
+        if !svc
+            .store
+            .call(move |s| s.begin_lease_expiry(&id, now))
+            .await?
+        {
+            continue;
+        }
+        tracing::info!(sandbox = %sandbox.id, "lease expired; destroying the kept sandbox");
+        if let Err(err) = destroy_sandbox(svc, &sandbox).await {
+            tracing::warn!(sandbox = %sandbox.id, %err, "destroying an expired sandbox failed; the reconciler retries");
         }
     }
     Ok(())

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::hub::PhaseChange;
 use super::supervisor::Admit;
 use super::Services;
+use crate::backend::DiskUsage;
 use crate::config::governor::GovernorTuning;
 use crate::config::tuning::Tuning;
 use crate::governor::boot_cap::{BootOutcome, CapChange};
@@ -29,8 +30,10 @@ use crate::governor::policy::{
 };
 use crate::governor::readings::HostReadings;
 use crate::governor::sampler::Sampler;
-use crate::governor::status::{BootCapStatus, GovernorStatus, QueueStatus, SampleCost, Waiting};
-use crate::model::Phase;
+use crate::governor::status::{
+    BootCapStatus, GovernorStatus, HeadWait, QueueStatus, SampleCost, Waiting,
+};
+use crate::model::{sandbox_name_for, Phase};
 
 /// Capacity-limited admissions kept for the rate estimate, and for how long.
 const RATE_SAMPLES: usize = 32;
@@ -66,6 +69,8 @@ pub struct Ask {
     pub deadlines: Vec<QueuedDeadline>,
     /// The daemon clock's now, for deadlines.
     pub now_ms: i64,
+    /// The backend's disk measurement for this round; None when it failed (the last one stands).
+    pub disk: Option<DiskUsage>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, MessageResponse)]
@@ -93,6 +98,11 @@ pub fn ungoverned(head: &[Candidate], free: usize) -> Answer {
 pub struct GetStatus {
     pub committed: Option<Committed>,
 }
+
+/// Which job heads the queue and why it waits, for a queued job's view (`GET /v1/jobs/{id}`).
+#[derive(Debug, Message)]
+#[rtype(result = "HeadWait")]
+pub struct GetHeadWait;
 
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
@@ -134,6 +144,8 @@ pub struct ResourceGovernor {
     policy: Policy,
     boots: HashMap<String, BootTrack>,
     committed: Committed,
+    /// The backend's last disk measurement (thick until it reports one).
+    disk_usage: DiskUsage,
     queue: QueueState,
     admissions: VecDeque<Duration>,
     admitted_total: u64,
@@ -160,6 +172,7 @@ impl ResourceGovernor {
             sampled_at_ms: None,
             boots: HashMap::new(),
             committed: Committed::default(),
+            disk_usage: DiskUsage::thick(),
             queue: QueueState::default(),
             admissions: VecDeque::new(),
             admitted_total: 0,
@@ -457,7 +470,11 @@ impl ResourceGovernor {
     fn answer(&mut self, ask: Ask) -> Answer {
         let tuning = self.svc.tuning.get();
         let g = &tuning.governor;
+        if let Some(usage) = ask.disk {
+            self.disk_usage = usage;
+        }
         let mut committed = ask.committed;
+        committed.measured(&self.disk_usage);
         let mut answer = Answer::default();
         let mut waiting = None;
         for candidate in &ask.head {
@@ -465,7 +482,8 @@ impl ResourceGovernor {
                 waiting = Some((
                     "max_concurrent".to_owned(),
                     format!(
-                        "admission.max_concurrent ({}) jobs are running",
+                        "admission.max_concurrent ({}) sandboxes are live (running, kept or \
+                         being destroyed)",
                         tuning.admission.max_concurrent
                     ),
                     Vec::new(),
@@ -477,7 +495,7 @@ impl ResourceGovernor {
                 continue;
             };
             if !g.enabled {
-                committed.add(&demand, true);
+                committed.add_named(&demand, true, sandbox_name_for(&candidate.job_id));
                 answer.admit.push(candidate.job_id.clone());
                 continue;
             }
@@ -491,7 +509,7 @@ impl ResourceGovernor {
             };
             match self.policy.decide(g, readings, &committed, &demand) {
                 Decision::Admit => {
-                    committed.add(&demand, true);
+                    committed.add_named(&demand, true, sandbox_name_for(&candidate.job_id));
                     answer.admit.push(candidate.job_id.clone());
                 }
                 Decision::Wait(blocks) => {
@@ -562,7 +580,13 @@ impl ResourceGovernor {
     fn status(&self, committed: Option<Committed>) -> GovernorStatus {
         let tuning = self.svc.tuning.get();
         let g = &tuning.governor;
-        let committed = committed.unwrap_or(self.committed);
+        let committed = match committed {
+            Some(mut fresh) => {
+                fresh.measured(&self.disk_usage);
+                fresh
+            }
+            None => self.committed.clone(),
+        };
         let cap = &self.policy.boot_cap;
         let pressure_source = match &self.readings {
             None => "no sample yet".to_owned(),
@@ -582,7 +606,7 @@ impl ResourceGovernor {
             pressure_source,
             signals: self.policy.signals(g),
             budgets: self.readings.as_ref().map(|r| Budgets::of(g, r)),
-            committed,
+            committed: committed.clone(),
             boot_cap: BootCapStatus {
                 cap: cap.value(),
                 limit: self.policy.boot_limit(g),
@@ -661,6 +685,16 @@ impl Handler<Ask> for ResourceGovernor {
     type Result = Answer;
     fn handle(&mut self, ask: Ask, _: &mut Self::Context) -> Answer {
         self.answer(ask)
+    }
+}
+
+impl Handler<GetHeadWait> for ResourceGovernor {
+    type Result = MessageResult<GetHeadWait>;
+    fn handle(&mut self, _: GetHeadWait, _: &mut Self::Context) -> Self::Result {
+        MessageResult(HeadWait {
+            head: self.queue.head.clone(),
+            waiting: self.queue.waiting.clone(),
+        })
     }
 }
 

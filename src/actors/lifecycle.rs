@@ -18,7 +18,7 @@ use crate::config::profile::Profile;
 use crate::model::{
     now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
 };
-use crate::store::{GuestProgress, StoreError, TokenKind};
+use crate::store::{GuestProgress, PhaseLimit, StoreError, TokenKind};
 
 /// Where the runner lives in every guest image, and how it finds its bootstrap token.
 pub const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
@@ -146,6 +146,15 @@ pub async fn drive(
     };
     let outcome = lifecycle.run().await;
     lifecycle.svc.hub.forget(&job_id);
+    if let Ok(Outcome::Suspended) = outcome {
+        // The next daemon resumes it as suspended, not as interrupted by a crash.
+        let (id, at) = (job_id.clone(), lifecycle.svc.clock.now_ms());
+        lifecycle
+            .svc
+            .store
+            .call(move |s| s.mark_suspended(&id, at))
+            .await?;
+    }
     outcome
 }
 
@@ -176,18 +185,19 @@ fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profil
 impl Lifecycle {
     async fn run(&self) -> Result<Outcome, StoreError> {
         let resume_at = self.sandbox.phase.unwrap_or(Phase::Clone);
-        let verdict = if resume_at == Phase::Destroy {
-            let id = self.job.id.clone();
-            let pending = self.svc.store.call(move |s| s.pending_outcome(&id)).await?;
-            pending.map_or_else(
-                || Verdict::error(JobStatus::Failed, "interrupted during destroy".into()),
-                |pending| Verdict {
-                    command_finished: pending.status == JobStatus::Completed,
-                    status: pending.status,
-                    exit_code: pending.exit_code,
-                    error: pending.error,
-                },
-            )
+        let id = self.job.id.clone();
+        let pending = self.svc.store.call(move |s| s.pending_outcome(&id)).await?;
+        // A job whose outcome is decided is being torn down (or kept): it never re-enters its
+        // phases, whichever phase the crash left it in.
+        let verdict = if let Some(pending) = pending {
+            Verdict {
+                command_finished: pending.status == JobStatus::Completed,
+                status: pending.status,
+                exit_code: pending.exit_code,
+                error: pending.error,
+            }
+        } else if resume_at == Phase::Destroy {
+            Verdict::error(JobStatus::Failed, "interrupted during destroy".into())
         } else {
             match self.run_phases(resume_at).await? {
                 Some(verdict) => verdict,
@@ -209,9 +219,14 @@ impl Lifecycle {
             .await?;
         if self.profile.keepalive && verdict.command_finished {
             let id = self.sandbox.id.clone();
+            let (now, ttl_minutes) = (
+                self.svc.clock.now_ms(),
+                self.request.ttl_minutes.unwrap_or(self.profile.ttl_minutes),
+            );
+            let ttl = Duration::from_secs(u64::from(ttl_minutes) * 60);
             self.svc
                 .store
-                .call(move |s| s.set_sandbox_state(&id, SandboxState::Kept, None))
+                .call(move |s| s.keep_sandbox(&id, now, ttl))
                 .await?;
         } else {
             self.destroy_phase().await?;
@@ -237,14 +252,17 @@ impl Lifecycle {
             if self.signals.suspend.is_cancelled() {
                 return Ok(None);
             }
-            self.begin(phase).await?;
             let limit = self.timeout_for(phase);
+            let deadline_ms = self.begin(phase, limit).await?;
+            // A resumed phase keeps the deadline it got when it first began.
+            let left_ms = deadline_ms.saturating_sub(self.svc.clock.now_ms()).max(0);
+            let left = Duration::from_millis(left_ms.unsigned_abs());
             let waiting = !matches!(phase, Phase::Clone | Phase::Start);
             let result = tokio::select! {
                 biased;
                 () = self.signals.cancel.cancelled() => Err(Interrupt::Cancel),
                 () = self.signals.suspend.cancelled(), if waiting => Err(Interrupt::Suspend),
-                result = tokio::time::timeout(limit, self.run_phase(phase)) => match result {
+                result = tokio::time::timeout(left, self.run_phase(phase)) => match result {
                     Ok(Ok(())) => Ok(()),
                     Ok(Err(err)) => Err(Interrupt::Failed(err)),
                     Err(_) => Err(Interrupt::Timeout(limit)),
@@ -319,7 +337,7 @@ impl Lifecycle {
         if phase.is_provisioning() {
             let started = self.job.started_at_ms.unwrap_or_else(now_ms);
             let budget_ms =
-                i64::try_from(self.svc.config.provisioning_timeout.as_millis()).unwrap_or(i64::MAX);
+                i64::try_from(self.svc.provisioning_timeout().as_millis()).unwrap_or(i64::MAX);
             let left_ms = started
                 .saturating_add(budget_ms)
                 .saturating_sub(now_ms())
@@ -329,16 +347,22 @@ impl Lifecycle {
         limit
     }
 
-    async fn begin(&self, phase: Phase) -> Result<(), StoreError> {
+    /// Records that `phase` begins (with `limit` as its time limit) and returns its deadline on
+    /// the services' clock.
+    async fn begin(&self, phase: Phase, limit: Duration) -> Result<i64, StoreError> {
         let (job, sandbox) = (self.job.id.clone(), self.sandbox.id.clone());
-        let event = self
+        let limit = PhaseLimit {
+            now_ms: self.svc.clock.now_ms(),
+            limit_ms: i64::try_from(limit.as_millis()).unwrap_or(i64::MAX),
+        };
+        let (event, deadline_ms) = self
             .svc
             .store
-            .call(move |s| s.begin_phase(&job, &sandbox, phase))
+            .call(move |s| s.begin_phase(&job, &sandbox, phase, limit))
             .await?;
         self.svc.hub.publish(event);
         self.svc.hub.phase_changed(&self.job.id, phase, None);
-        Ok(())
+        Ok(deadline_ms)
     }
 
     async fn end(
@@ -461,6 +485,7 @@ impl Lifecycle {
                 guest_url,
                 bootstrap_token: bootstrap,
             },
+            owner: self.svc.instance.id.to_string(),
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
         let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());
@@ -567,7 +592,9 @@ impl Lifecycle {
     }
 
     async fn destroy_phase(&self) -> Result<(), StoreError> {
-        self.begin(Phase::Destroy).await?;
+        // Its own timeout applies inside `destroy_sandbox`; the deadline is only recorded.
+        let limit = self.svc.tuning.get().phase_timeouts.destroy;
+        self.begin(Phase::Destroy, limit).await?;
         let id = self.sandbox.id.clone();
         let sandbox = self.svc.store.call(move |s| s.get_sandbox(&id)).await?;
         let result = match sandbox {
@@ -644,18 +671,27 @@ pub async fn destroy_sandbox(svc: &Services, sandbox: &Sandbox) -> Result<(), Ph
 }
 
 /// A crash between clone and recording the VM leaves no vm_ref; the name still finds the VM.
+/// A VM that now carries another daemon's id is not ours any more and is left alone: the
+/// sandbox counts as destroyed, and the reconciler lists the VM as foreign.
 async fn destroy_vm_named(svc: &Services, sandbox: &Sandbox) -> Result<(), PhaseError> {
+    let listed = svc
+        .backend
+        .find_vm(&sandbox.id)
+        .await?
+        .filter(|l| sandbox.vm_ref.as_ref().is_none_or(|r| *r == l.vm.vm_ref));
+    let ours = svc.instance.id.as_str();
+    if let Some(owner) = listed.as_ref().and_then(|l| l.owner.as_deref()) {
+        if owner != ours {
+            tracing::warn!(sandbox = %sandbox.id, %owner, "the sandbox's VM carries another daemon's id; left alone");
+            return Ok(());
+        }
+    }
     let vm = match &sandbox.vm_ref {
         Some(vm_ref) => Some(VmHandle {
             name: sandbox.id.clone(),
             vm_ref: vm_ref.clone(),
         }),
-        None => svc
-            .backend
-            .list_vms()
-            .await?
-            .into_iter()
-            .find(|vm| vm.name == sandbox.id),
+        None => listed.map(|listed| listed.vm),
     };
     if let Some(vm) = vm {
         svc.backend.destroy_vm(&vm).await?;
@@ -671,6 +707,12 @@ pub async fn teardown(
     status: JobStatus,
     reason: &str,
 ) -> Result<(), PhaseError> {
+    // The outcome is recorded first: a daemon that dies during the destroy leaves a job that
+    // the next one finishes tearing down instead of resuming.
+    let (id, why) = (job_id.to_owned(), reason.to_owned());
+    svc.store
+        .call(move |s| s.set_pending_outcome(&id, status, None, Some(&why)))
+        .await?;
     let id = job_id.to_owned();
     let destroyed = match svc.store.call(move |s| s.sandbox_for_job(&id)).await? {
         Some(sandbox) if sandbox.state != SandboxState::Destroyed => {

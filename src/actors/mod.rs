@@ -1,6 +1,6 @@
 //! The actor runtime: a Supervisor spawns one SandboxActor per job's VM, whose lifecycle drives
 //! the VM through its phases; the ResourceGovernor decides when a queued job may start; a collector
-//! ends expired leases; a reconciler repairs the difference between the store and the backend
+//! ends expired leases, another removes what is past retention; a reconciler repairs the difference between the store and the backend
 //! after a crash.
 
 pub mod collector;
@@ -9,10 +9,13 @@ pub mod guest_reports;
 pub mod hub;
 pub mod lifecycle;
 pub mod reconciler;
+pub mod retention;
 pub mod sandbox;
 pub mod supervisor;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use crate::backend::SharedBackend;
 use crate::config::profile::Profiles;
@@ -55,6 +58,37 @@ pub struct Services {
     /// How guests reach the daemon's guest API (e.g. `http://10.0.2.100` behind a guestfwd).
     pub guest_url: String,
     pub clock: Clock,
+    /// This daemon's instance id, which its VMs carry, and the foreign VMs last seen.
+    pub instance: crate::instance::Instance,
+    /// The config file's values that SIGHUP puts in force without a restart.
+    pub live: LiveConfig,
+}
+
+/// The config file's keys that a reload changes in a running daemon (the others need a restart:
+/// listeners, paths, the backend). Read on every use, so a reload applies to the next phase.
+#[derive(Debug)]
+pub struct LiveConfig {
+    provisioning_timeout_ms: AtomicU64,
+}
+
+impl LiveConfig {
+    pub fn new(config: &Config) -> LiveConfig {
+        let live = LiveConfig {
+            provisioning_timeout_ms: AtomicU64::new(0),
+        };
+        live.apply(config);
+        live
+    }
+
+    /// Puts a freshly loaded config's reloadable values in force.
+    pub fn apply(&self, config: &Config) {
+        let ms = u64::try_from(config.provisioning_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.provisioning_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn provisioning_timeout(&self) -> Duration {
+        Duration::from_millis(self.provisioning_timeout_ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Wall-clock milliseconds for leases and deadlines, advanced by tokio's monotonic clock from an
@@ -87,6 +121,11 @@ impl Default for Clock {
 }
 
 impl Services {
+    /// The overall limit on clone → guest agent, as last (re)loaded.
+    pub fn provisioning_timeout(&self) -> Duration {
+        self.live.provisioning_timeout()
+    }
+
     pub fn profiles(&self) -> Arc<Profiles> {
         match self.profiles.read() {
             Ok(guard) => Arc::clone(&guard),

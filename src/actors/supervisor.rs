@@ -5,12 +5,18 @@
 //!
 //! Admission, one round at a time: queued jobs whose deadline has passed time out; then the
 //! ResourceGovernor is asked which of the queue's first jobs may start (FIFO: once the head waits,
-//! nothing overtakes it), and those start, up to `admission.max_concurrent`. A round runs when a
-//! job is submitted, an actor exits, the reconciler ran, or the governor says conditions changed.
+//! nothing overtakes it), and those start, up to `admission.max_concurrent`. That limit is a hard
+//! ceiling over every live VM the store knows (running jobs, kept sandboxes, sandboxes still being
+//! destroyed, RUNNING jobs not yet resumed), not only over live actors. Nothing is admitted before
+//! the start-up reconcile has run. A round runs when a job is submitted, an actor exits, the
+//! reconciler ran, or the governor says conditions changed.
+//!
+//! Crashes are counted in the store, so the restart policy holds across daemon restarts: a job
+//! found RUNNING at start-up that the last daemon did not suspend was interrupted by that
+//! daemon's death and counts as a crash of its own. A job being torn down is never resumed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix::prelude::*;
 
@@ -20,18 +26,18 @@ use super::reconciler;
 use super::sandbox::{Exit, SandboxActor, SandboxExited};
 use super::Services;
 use crate::governor::policy::Demand;
-use crate::model::{sandbox_name_for, JobStatus};
+use crate::model::{sandbox_name_for, JobStatus, SandboxState};
 use crate::store::StoreError;
 
 /// How many of the queue's first jobs one admission round considers at most.
 const HEAD_MAX: usize = 64;
+/// How soon a failed start-up reconcile is tried again (admission waits for it).
+const STARTUP_RECONCILE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug)]
 struct Running {
     signals: Arc<Signals>,
-    /// Crash times inside the restart window.
-    crashes: VecDeque<Instant>,
-    /// Set while a restart waits out its backoff.
+    /// Set while a crash is recorded and a restart waits out its backoff.
     restarting: bool,
 }
 
@@ -40,6 +46,10 @@ pub struct Supervisor {
     svc: Arc<Services>,
     governor: Option<Addr<ResourceGovernor>>,
     running: HashMap<String, Running>,
+    /// Jobs whose VM is being destroyed outside an actor: never resumed or respawned.
+    tearing_down: HashSet<String>,
+    /// The start-up reconcile has run: admission may begin.
+    reconciled: bool,
     admitting: bool,
     admit_again: bool,
     shutting_down: bool,
@@ -75,12 +85,37 @@ pub struct Shutdown;
 #[rtype(result = "usize")]
 pub struct RunningCount;
 
+/// Destroy a sandbox by request: a running job's through its actor (the job is cancelled), a
+/// kept one or one whose destroy failed here. Err when it is already destroyed.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<(), DestroyRefused>")]
+pub struct DestroySandbox {
+    pub sandbox_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DestroyRefused {
+    #[error("sandbox {0} does not exist")]
+    Missing(String),
+    #[error("sandbox {0} is already destroyed")]
+    AlreadyDestroyed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Whether the start-up reconcile has run (admission waits for it).
+#[derive(Debug, Message)]
+#[rtype(result = "bool")]
+pub struct IsReady;
+
 impl Supervisor {
     pub fn new(svc: Arc<Services>) -> Self {
         Supervisor {
             svc,
             governor: None,
             running: HashMap::new(),
+            tearing_down: HashSet::new(),
+            reconciled: false,
             admitting: false,
             admit_again: false,
             shutting_down: false,
@@ -98,6 +133,9 @@ impl Supervisor {
     /// job RUNNING without an actor (admission marks it in the store before spawning), so a job
     /// that already has a live actor is left alone; only a restart waiting out its backoff respawns.
     fn spawn_actor(&mut self, job_id: String, ctx: &mut Context<Self>) {
+        if self.tearing_down.contains(&job_id) {
+            return;
+        }
         let signals = match self.running.get_mut(&job_id) {
             Some(entry) if !entry.restarting => return,
             Some(entry) => {
@@ -110,7 +148,6 @@ impl Supervisor {
                     job_id.clone(),
                     Running {
                         signals: Arc::clone(&signals),
-                        crashes: VecDeque::new(),
                         restarting: false,
                     },
                 );
@@ -130,7 +167,7 @@ impl Supervisor {
     }
 
     fn admit(&mut self, ctx: &mut Context<Self>) {
-        if self.shutting_down {
+        if self.shutting_down || !self.reconciled {
             return;
         }
         if self.admitting {
@@ -139,8 +176,11 @@ impl Supervisor {
         }
         self.admitting = true;
         let limit = self.svc.tuning.get().admission.max_concurrent as usize;
-        let free = limit.saturating_sub(self.running.len());
-        let round = admission_round(Arc::clone(&self.svc), self.governor.clone(), free);
+        let slots = Slots {
+            limit,
+            actors: self.running.len() + self.tearing_down.len(),
+        };
+        let round = admission_round(Arc::clone(&self.svc), self.governor.clone(), slots);
         ctx.spawn(round.into_actor(self).map(|result, supervisor, ctx| {
             supervisor.admitting = false;
             match result {
@@ -159,21 +199,56 @@ impl Supervisor {
         }));
     }
 
+    /// An actor died without finishing, or (at start-up) the last daemon died under the job.
+    /// The crash is recorded in the store, and the restart policy counts the job's crashes there,
+    /// so a crash loop ends even when each crash takes the daemon with it.
     fn on_crash(&mut self, job_id: String, why: String, ctx: &mut Context<Self>) {
-        let policy = self.svc.tuning.get().restart.clone();
-        let Some(entry) = self.running.get_mut(&job_id) else {
-            return;
-        };
-        let now = Instant::now();
-        while entry
-            .crashes
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > policy.window)
-        {
-            entry.crashes.pop_front();
+        match self.running.get_mut(&job_id) {
+            Some(entry) => entry.restarting = true,
+            None => {
+                self.running.insert(
+                    job_id.clone(),
+                    Running {
+                        signals: Arc::new(Signals::default()),
+                        restarting: true,
+                    },
+                );
+            }
         }
-        entry.crashes.push_back(now);
-        let crashes = u32::try_from(entry.crashes.len()).unwrap_or(u32::MAX);
+        let policy = self.svc.tuning.get().restart.clone();
+        let svc = Arc::clone(&self.svc);
+        let id = job_id.clone();
+        let reason = why.clone();
+        let now = svc.clock.now_ms();
+        let window_ms = i64::try_from(policy.window.as_millis()).unwrap_or(i64::MAX);
+        let since = now.saturating_sub(window_ms);
+        ctx.spawn(
+            async move {
+                svc.store
+                    .call(move |s| s.record_crash(&id, now, &reason, since))
+                    .await
+            }
+            .into_actor(self)
+            .map(move |counted, supervisor, ctx| {
+                let crashes = match counted {
+                    Ok(crashes) => crashes,
+                    Err(err) => {
+                        // Without the history, count this crash alone rather than loop forever
+                        // on a broken store: the next crash fails to record too and gives up.
+                        tracing::error!(job = %job_id, %err, "recording a crash failed");
+                        policy.max_restarts.saturating_add(1)
+                    }
+                };
+                supervisor.after_crash(job_id, why, crashes, ctx);
+            }),
+        );
+    }
+
+    fn after_crash(&mut self, job_id: String, why: String, crashes: u32, ctx: &mut Context<Self>) {
+        let policy = self.svc.tuning.get().restart.clone();
+        if !self.running.contains_key(&job_id) {
+            return;
+        }
         if crashes > policy.max_restarts {
             tracing::error!(job = %job_id, crashes, "sandbox actor crashed past the restart limit");
             self.svc
@@ -182,20 +257,13 @@ impl Supervisor {
                 .with_label_values(&["gave_up"])
                 .inc();
             self.running.remove(&job_id);
-            let svc = Arc::clone(&self.svc);
-            let reason = format!("sandbox actor crashed {crashes} times ({why}); gave up");
-            ctx.spawn(
-                async move {
-                    if let Err(err) = lifecycle::teardown(&svc, &job_id, JobStatus::Failed, &reason).await {
-                        tracing::error!(job = %job_id, %err, "teardown after repeated crashes failed");
-                    }
-                }
-                .into_actor(self)
-                .map(|(), supervisor, ctx| supervisor.admit(ctx)),
+            let reason = format!(
+                "sandbox actor crashed {crashes} times in {} ({why}); gave up",
+                humantime::format_duration(policy.window)
             );
+            self.teardown(job_id, JobStatus::Failed, reason, ctx);
             return;
         }
-        entry.restarting = true;
         let delay = policy.backoff(crashes);
         tracing::warn!(job = %job_id, crashes, ?delay, %why, "restarting sandbox actor");
         self.svc
@@ -230,6 +298,35 @@ impl Supervisor {
         );
     }
 
+    /// Ends a job that has no actor: destroys its VM and records the verdict. While it runs the
+    /// job is neither resumed by the reconciler nor respawned.
+    fn teardown(
+        &mut self,
+        job_id: String,
+        status: JobStatus,
+        reason: String,
+        ctx: &mut Context<Self>,
+    ) {
+        if !self.tearing_down.insert(job_id.clone()) {
+            return;
+        }
+        let svc = Arc::clone(&self.svc);
+        let id = job_id.clone();
+        ctx.spawn(
+            async move {
+                if let Err(err) = lifecycle::teardown(&svc, &id, status, &reason).await {
+                    tracing::error!(job = %id, %err, "teardown failed");
+                }
+            }
+            .into_actor(self)
+            .map(move |(), supervisor, ctx| {
+                supervisor.tearing_down.remove(&job_id);
+                supervisor.check_drained();
+                supervisor.admit(ctx);
+            }),
+        );
+    }
+
     fn schedule_reconcile(&self, ctx: &mut Context<Self>) {
         let every = self.svc.tuning.get().intervals.reconcile;
         ctx.run_later(every, |supervisor, ctx| {
@@ -239,7 +336,7 @@ impl Supervisor {
     }
 
     fn check_drained(&mut self) {
-        if self.shutting_down && self.running.is_empty() {
+        if self.shutting_down && self.running.is_empty() && self.tearing_down.is_empty() {
             for waiter in self.drained.drain(..) {
                 let _ = waiter.send(());
             }
@@ -265,20 +362,42 @@ struct Round {
     again: bool,
 }
 
+/// What `admission.max_concurrent` leaves room for.
+#[derive(Debug, Clone, Copy)]
+struct Slots {
+    limit: usize,
+    /// Live actors and teardowns in flight.
+    actors: usize,
+}
+
+impl Slots {
+    /// Free slots when the store holds `live` VMs (sandboxes not destroyed, and RUNNING jobs
+    /// without a sandbox yet): the ceiling is over every live VM, whether an actor drives it or
+    /// not (kept sandboxes, failed destroys, jobs not yet resumed).
+    fn free(&self, live: usize) -> usize {
+        self.limit.saturating_sub(live.max(self.actors))
+    }
+}
+
 /// Expires overdue queued jobs, asks the governor about the queue's head, and starts what it
 /// admits; fails a head that can never fit and jobs whose deadline predictably passes.
 async fn admission_round(
     svc: Arc<Services>,
     governor: Option<Addr<ResourceGovernor>>,
-    free: usize,
+    slots: Slots,
 ) -> Result<Round, StoreError> {
     let now = svc.clock.now_ms();
-    // At least the head, so the governor can say why it waits even with no slot free.
-    let head_len = u32::try_from(free.clamp(1, HEAD_MAX)).unwrap_or(1);
     let (expired, view) = svc
         .store
-        .call(move |s| Ok((s.expire_queued(now)?, s.admission_view(head_len)?)))
+        .call(move |s| {
+            let expired = s.expire_queued(now)?;
+            let live = s.holdings()?.len();
+            // At least the head, so the governor can say why it waits even with no slot free.
+            let head_len = u32::try_from(slots.free(live).clamp(1, HEAD_MAX)).unwrap_or(1);
+            Ok((expired, s.admission_view(head_len)?))
+        })
         .await?;
+    let free = slots.free(view.holdings.len());
     if !expired.is_empty() {
         tracing::info!(
             jobs = expired.len(),
@@ -299,6 +418,14 @@ async fn admission_round(
         .collect();
     let answer = match governor {
         Some(governor) => {
+            // One measurement for every VM; a failure keeps the governor's last one.
+            let disk = match svc.backend.disk_usage().await {
+                Ok(usage) => Some(usage),
+                Err(err) => {
+                    tracing::warn!(%err, "measuring sandbox disks failed; the last measurement stands");
+                    None
+                }
+            };
             let ask = Ask {
                 committed: crate::governor::tally(&view.holdings, &profiles, |d| {
                     crate::governor::effective(svc.backend.as_ref(), d)
@@ -318,6 +445,7 @@ async fn admission_round(
                     })
                     .collect(),
                 now_ms: now,
+                disk,
             };
             match governor.send(ask).await {
                 Ok(answer) => answer,
@@ -389,14 +517,18 @@ impl Handler<SandboxExited> for Supervisor {
 }
 
 impl Handler<CancelJob> for Supervisor {
-    type Result = ResponseFuture<Result<bool, StoreError>>;
+    type Result = ResponseActFuture<Self, Result<bool, StoreError>>;
     fn handle(&mut self, msg: CancelJob, _: &mut Self::Context) -> Self::Result {
         if let Some(entry) = self.running.get(&msg.job_id) {
             entry.signals.cancel(msg.status, msg.reason);
-            return Box::pin(async { Ok(true) });
+            return Box::pin(fut::ready(Ok(true)));
+        }
+        if self.tearing_down.contains(&msg.job_id) {
+            return Box::pin(fut::ready(Ok(true)));
         }
         let svc = Arc::clone(&self.svc);
-        Box::pin(async move {
+        let (job_id, status, reason) = (msg.job_id.clone(), msg.status, msg.reason.clone());
+        let decided = async move {
             let id = msg.job_id.clone();
             let job = svc.store.call(move |s| s.get_job(&id)).await?;
             match job.map(|j| j.status) {
@@ -408,21 +540,37 @@ impl Handler<CancelJob> for Supervisor {
                         .await?;
                     let ended = event.is_some();
                     svc.hub.publish_all(event);
-                    Ok(ended)
+                    Ok(CancelPath::Ended(ended))
                 }
-                // RUNNING with no actor: between a restart and its resume. End it here.
-                Some(JobStatus::Running) => {
-                    if let Err(err) =
-                        lifecycle::teardown(&svc, &msg.job_id, msg.status, &msg.reason).await
-                    {
-                        tracing::warn!(job = %msg.job_id, %err, "teardown on cancel failed");
-                    }
-                    Ok(true)
-                }
-                _ => Ok(false),
+                // RUNNING with no actor: between a restart and its resume.
+                Some(JobStatus::Running) => Ok(CancelPath::Teardown),
+                _ => Ok(CancelPath::Ended(false)),
             }
-        })
+        };
+        Box::pin(decided.into_actor(self).map(
+            move |path: Result<CancelPath, StoreError>, supervisor, ctx| {
+                match path? {
+                    CancelPath::Ended(ended) => Ok(ended),
+                    CancelPath::Teardown => {
+                        match supervisor.running.get(&job_id) {
+                            // An actor was spawned meanwhile (a resume): it ends the job.
+                            Some(entry) => entry.signals.cancel(status, reason),
+                            None => supervisor.teardown(job_id, status, reason, ctx),
+                        }
+                        Ok(true)
+                    }
+                }
+            },
+        ))
     }
+}
+
+/// How a cancel of a job without an actor goes on.
+enum CancelPath {
+    /// Done in the store; whether the job ended by it.
+    Ended(bool),
+    /// RUNNING without an actor: the Supervisor tears it down.
+    Teardown,
 }
 
 impl Handler<Reconcile> for Supervisor {
@@ -432,24 +580,78 @@ impl Handler<Reconcile> for Supervisor {
             return;
         }
         let svc = Arc::clone(&self.svc);
-        let active: HashSet<String> = self.running.keys().cloned().collect();
+        let mut active: HashSet<String> = self.running.keys().cloned().collect();
+        active.extend(self.tearing_down.iter().cloned());
+        let startup = !self.reconciled;
         ctx.spawn(
-            async move { reconciler::reconcile(&svc, &active).await }
-                .into_actor(self)
-                .map(|result, supervisor, ctx| {
-                    match result {
-                        Ok(report) => {
-                            for job_id in report.resume {
-                                if !supervisor.running.contains_key(&job_id) {
-                                    tracing::info!(job = %job_id, "resuming job after restart");
-                                    supervisor.spawn_actor(job_id, ctx);
-                                }
+            async move {
+                let report = reconciler::reconcile(&svc, &active).await?;
+                if !startup {
+                    return Ok((report, Vec::new()));
+                }
+                // At start-up, a RUNNING job the last daemon did not suspend was interrupted by
+                // its death: that counts as a crash of the job.
+                let resume = report.resume.clone();
+                let suspended = svc
+                    .store
+                    .call(move |s| {
+                        resume
+                            .into_iter()
+                            .map(|id| Ok((s.take_suspended(&id)?, id)))
+                            .collect::<Result<Vec<_>, StoreError>>()
+                    })
+                    .await?;
+                Ok((report, suspended))
+            }
+            .into_actor(self)
+            .map(move |result: Result<_, reconciler::ReconcileError>, supervisor, ctx| {
+                match result {
+                    Ok((report, suspended)) => {
+                        let clean: HashSet<&str> = suspended
+                            .iter()
+                            .filter(|(was, _)| *was)
+                            .map(|(_, id)| id.as_str())
+                            .collect();
+                        for job_id in report.resume {
+                            if supervisor.running.contains_key(&job_id)
+                                || supervisor.tearing_down.contains(&job_id)
+                            {
+                                continue;
+                            }
+                            if startup && !clean.contains(job_id.as_str()) {
+                                tracing::warn!(job = %job_id, "the last daemon stopped under this job without suspending it");
+                                supervisor.on_crash(
+                                    job_id,
+                                    "the daemon stopped while the job ran".into(),
+                                    ctx,
+                                );
+                            } else {
+                                tracing::info!(job = %job_id, "resuming job after restart");
+                                supervisor.spawn_actor(job_id, ctx);
                             }
                         }
-                        Err(err) => tracing::error!(%err, "reconciliation failed"),
+                        if startup {
+                            tracing::info!("start-up reconcile done; admitting jobs");
+                            supervisor.reconciled = true;
+                        }
                     }
-                    supervisor.admit(ctx);
-                }),
+                    Err(err) => {
+                        tracing::error!(%err, "reconciliation failed");
+                        if startup {
+                            // Nothing is admitted until it succeeds: try again soon.
+                            let retry = supervisor
+                                .svc
+                                .tuning
+                                .get()
+                                .intervals
+                                .reconcile
+                                .min(STARTUP_RECONCILE_RETRY);
+                            ctx.notify_later(Reconcile, retry);
+                        }
+                    }
+                }
+                supervisor.admit(ctx);
+            }),
         );
     }
 }
@@ -476,5 +678,67 @@ impl Handler<RunningCount> for Supervisor {
     type Result = usize;
     fn handle(&mut self, _: RunningCount, _: &mut Self::Context) -> usize {
         self.running.len()
+    }
+}
+
+impl Handler<IsReady> for Supervisor {
+    type Result = bool;
+    fn handle(&mut self, _: IsReady, _: &mut Self::Context) -> bool {
+        self.reconciled
+    }
+}
+
+impl Handler<DestroySandbox> for Supervisor {
+    type Result = ResponseActFuture<Self, Result<(), DestroyRefused>>;
+    fn handle(&mut self, msg: DestroySandbox, _: &mut Self::Context) -> Self::Result {
+        let svc = Arc::clone(&self.svc);
+        let id = msg.sandbox_id.clone();
+        let loaded = async move {
+            let found = svc
+                .store
+                .call(move |s| {
+                    let Some(sandbox) = s.get_sandbox(&id)? else {
+                        return Ok(None);
+                    };
+                    let job = s.get_job(&sandbox.job_id)?;
+                    Ok(Some((sandbox, job.map(|j| j.status))))
+                })
+                .await?;
+            found.ok_or(DestroyRefused::Missing(msg.sandbox_id))
+        };
+        Box::pin(loaded.into_actor(self).map(|found, supervisor, ctx| {
+            let (sandbox, status) = found?;
+            if sandbox.state == SandboxState::Destroyed {
+                return Err(DestroyRefused::AlreadyDestroyed(sandbox.id));
+            }
+            let reason = "sandbox destroyed by request".to_owned();
+            if status.is_some_and(|s| !s.is_terminal()) {
+                // Its job still runs: the job ends and takes its VM with it.
+                match supervisor.running.get(&sandbox.job_id) {
+                    Some(entry) => entry.signals.cancel(JobStatus::Cancelled, reason),
+                    None => supervisor.teardown(sandbox.job_id, JobStatus::Cancelled, reason, ctx),
+                }
+                return Ok(());
+            }
+            // Kept, or a destroy that failed: no actor owns it any more.
+            if supervisor.tearing_down.insert(sandbox.job_id.clone()) {
+                let svc = Arc::clone(&supervisor.svc);
+                let job_id = sandbox.job_id.clone();
+                ctx.spawn(
+                    async move {
+                        if let Err(err) = lifecycle::destroy_sandbox(&svc, &sandbox).await {
+                            tracing::warn!(sandbox = %sandbox.id, %err, "destroy by request failed");
+                        }
+                    }
+                    .into_actor(supervisor)
+                    .map(move |(), supervisor, ctx| {
+                        supervisor.tearing_down.remove(&job_id);
+                        supervisor.check_drained();
+                        supervisor.admit(ctx);
+                    }),
+                );
+            }
+            Ok(())
+        }))
     }
 }

@@ -11,17 +11,21 @@ use async_trait::async_trait;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::fake::{FakeConfig, FakeOp, Fault, Latency};
+pub use crate::config::fake::{FakeConfig, FakeDisk, FakeOp, Fault, Latency};
 
 use super::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, GuestSink, SandboxSpec, VmHandle,
-    VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink, ListedVm,
+    Provisioning, SandboxSpec, VmHandle, VmState,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct FakeVm {
     job_id: String,
     running: bool,
+    /// The instance id it was cloned with; a test writes another (or none) into the state file
+    /// to stand for a VM someone else made.
+    #[serde(default)]
+    owner: Option<String>,
     #[serde(skip)]
     procs: HashMap<i64, ExecStatus>,
 }
@@ -43,6 +47,7 @@ pub struct FakeBackend {
     /// When clone was first called for each name: benchmarks time submit → clone with it.
     clone_called: Mutex<HashMap<String, std::time::Instant>>,
     next_pid: AtomicI64,
+    disk: Mutex<Option<FakeDisk>>,
 }
 
 const ALL_OPS: [FakeOp; 9] = [
@@ -86,6 +91,7 @@ impl FakeBackend {
             _ => BTreeMap::new(),
         };
         Ok(FakeBackend {
+            disk: Mutex::new(config.disk),
             config,
             sink,
             vms: Arc::new(Mutex::new(vms)),
@@ -113,8 +119,27 @@ impl FakeBackend {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
     }
 
+    /// Changes what `disk_usage` reports from now on.
+    pub fn set_disk(&self, disk: Option<FakeDisk>) {
+        *lock(&self.disk) = disk;
+    }
+
     pub fn vm_names(&self) -> Vec<String> {
         lock(&self.vms).keys().cloned().collect()
+    }
+
+    /// Adds a stopped VM behind the daemon's back, carrying `owner` (None: no owner at all), as
+    /// one made by hand or by another daemon.
+    pub fn insert_vm(&self, name: &str, owner: Option<&str>) {
+        lock(&self.vms).insert(
+            name.to_owned(),
+            FakeVm {
+                job_id: String::new(),
+                running: false,
+                owner: owner.map(str::to_owned),
+                procs: HashMap::new(),
+            },
+        );
     }
 
     fn latency(&self, op: FakeOp) -> Option<Duration> {
@@ -142,7 +167,8 @@ impl FakeBackend {
         if fault.hang {
             std::future::pending::<()>().await;
         }
-        if counters.panicked.fetch_add(1, Ordering::SeqCst) < fault.panic_times {
+        let call = counters.panicked.fetch_add(1, Ordering::SeqCst);
+        if call < fault.panic_times || call.checked_add(1) == Some(fault.panic_on_call) {
             panic!("fake backend: injected panic in {op:?}");
         }
         if counters.failed.fetch_add(1, Ordering::SeqCst) < fault.fail_times {
@@ -253,6 +279,7 @@ impl Backend for SharedFake {
             vms.entry(spec.name.clone()).or_insert_with(|| FakeVm {
                 job_id: spec.job_id.clone(),
                 running: false,
+                owner: Some(spec.owner.clone()),
                 procs: HashMap::new(),
             });
             fresh
@@ -330,13 +357,33 @@ impl Backend for SharedFake {
         })
     }
 
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError> {
         Ok(lock(&self.0.vms)
-            .keys()
-            .map(|name| VmHandle {
-                name: name.clone(),
-                vm_ref: format!("fake:{name}"),
+            .iter()
+            .map(|(name, vm)| ListedVm {
+                vm: VmHandle {
+                    name: name.clone(),
+                    vm_ref: format!("fake:{name}"),
+                },
+                owner: vm.owner.clone(),
             })
             .collect())
+    }
+
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        let Some(disk) = *lock(&self.0.disk) else {
+            return Ok(DiskUsage::thick());
+        };
+        Ok(DiskUsage {
+            provisioning: if disk.thin {
+                Provisioning::Thin
+            } else {
+                Provisioning::Thick
+            },
+            allocated: lock(&self.0.vms)
+                .keys()
+                .map(|name| (name.clone(), disk.allocated_bytes))
+                .collect(),
+        })
     }
 }

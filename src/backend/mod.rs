@@ -13,7 +13,7 @@ pub mod fake;
 
 pub use crate::config::backends::{BackendKind, NetworkMode};
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -54,6 +54,9 @@ pub struct SandboxSpec {
     pub disk_gb: u64,
     pub network: NetworkMode,
     pub cloud_init: CloudInitSpec,
+    /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
+    /// daemon tells its own VMs from everyone else's.
+    pub owner: String,
 }
 
 /// A VM the backend made, as the store records it. `vm_ref` is backend-specific (a VMID for pve,
@@ -62,6 +65,15 @@ pub struct SandboxSpec {
 pub struct VmHandle {
     pub name: String,
     pub vm_ref: String,
+}
+
+/// A VM as `list_vms` reports it: its handle and the instance id it carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedVm {
+    pub vm: VmHandle,
+    /// The owner recorded with the VM (`SandboxSpec::owner` at its clone); None when it carries
+    /// none, as a VM made by hand does.
+    pub owner: Option<String>,
 }
 
 /// A command to start in the guest through the guest agent.
@@ -87,6 +99,35 @@ pub enum VmState {
     Running,
     Stopped,
     Missing,
+}
+
+/// How a backend's storage provisions sandbox disks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provisioning {
+    /// A disk takes its whole virtual size when it is made (plain LVM, preallocated files), or
+    /// the backend cannot tell: the governor counts virtual sizes.
+    #[default]
+    Thick,
+    /// A disk takes only what the guest has written (qcow2 overlays, LVM-thin, ZFS zvols): the
+    /// governor counts what each disk really takes plus a growth reserve.
+    Thin,
+}
+
+/// What the backend's sandbox disks really take on its storage, measured once for all VMs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskUsage {
+    pub provisioning: Provisioning,
+    /// Bytes each live VM's disks occupy on the storage, by VM name. A VM the storage could not
+    /// measure is left out (it counts as having written nothing yet).
+    pub allocated: HashMap<String, u64>,
+}
+
+impl DiskUsage {
+    /// What a backend that cannot tell reports: thick, nothing measured.
+    pub fn thick() -> DiskUsage {
+        DiskUsage::default()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -159,14 +200,38 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError>;
 
-    /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`.
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError>;
+    /// Every VM this backend holds whose name carries `model::VM_NAME_PREFIX`, with its owner.
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError>;
+
+    /// The VM made under `name`, if any. A backend whose clone can outlive its cancelled caller
+    /// (pve's `qm clone` in a blocking thread) waits for that clone first, so that what it makes
+    /// is found and never lingers.
+    async fn find_vm(&self, name: &str) -> Result<Option<ListedVm>, BackendError> {
+        Ok(self
+            .list_vms()
+            .await?
+            .into_iter()
+            .find(|listed| listed.vm.name == name))
+    }
+
+    /// The accelerator VMs run with, once known (`kvm`, `tcg`); None where the backend does not
+    /// choose one or has not decided yet.
+    fn accelerator(&self) -> Option<&'static str> {
+        None
+    }
 
     /// Removes what the backend keeps outside its VMs (the Proxmox backend's cloud-init snippets)
     /// for VMs that no longer exist, and names what it removed. The reconciler calls it after a
     /// restart and on every pass; backends that keep everything inside the VM have nothing to do.
     async fn sweep(&self) -> Result<Vec<String>, BackendError> {
         Ok(Vec::new())
+    }
+
+    /// How this backend's storage provisions disks, and what each live VM's disks really take
+    /// there, in one measurement for all VMs (the governor asks once per admission round). The
+    /// default is thick with nothing measured, which keeps the governor counting virtual sizes.
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        Ok(DiskUsage::thick())
     }
 }
 

@@ -76,13 +76,17 @@ pub enum Command {
 pub enum JobCommand {
     /// Submit a job; prints its id, or with --wait/--follow watches it to the end.
     Run(RunArgs),
-    /// List jobs, newest first.
+    /// List jobs, newest first, a page at a time.
     List {
         /// Only jobs with this status (QUEUED, RUNNING, COMPLETED, FAILED, TIMEOUT, CANCELLED).
         #[arg(long, value_parser = parse_status)]
         status: Option<JobStatus>,
+        /// At most this many jobs (the daemon allows up to 1000).
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Start after this cursor, as the previous page's "more: --after CURSOR" gave it.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
     },
     /// One job: status, phases and their durations, exit code, error.
     Show { id: String },
@@ -128,7 +132,9 @@ pub struct RunArgs {
     /// Files to collect from the checkout afterwards (glob, relative); repeatable.
     #[arg(long = "artifact", value_name = "GLOB")]
     pub artifacts: Vec<String>,
-    /// Keep the sandbox this long after the job ends.
+    /// Minutes a kept sandbox (a profile with keepalive) lives after its job ends: its lease,
+    /// which starts when the job ends (default: the profile's; at most 7 days). It does not limit
+    /// the job itself: --run-timeout does.
     #[arg(long, value_name = "N")]
     pub ttl_minutes: Option<u32>,
     /// Stop the command after this many seconds (it can only shorten the daemon's limit).
@@ -148,15 +154,29 @@ pub struct RunArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum SandboxCommand {
-    /// List sandboxes.
+    /// List sandboxes, newest first, a page at a time; KEPT ones show when their lease ends.
     List {
         /// Only sandboxes in this state (PROVISIONING, BOOTING, READY, RUNNING, UPLOADING, KEPT,
         /// DESTROYING, DESTROYED).
         #[arg(long, value_parser = parse_state)]
         state: Option<SandboxState>,
+        /// At most this many sandboxes (the daemon allows up to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        /// Start after this cursor, as the previous page's "more: --after CURSOR" gave it.
+        #[arg(long, value_name = "CURSOR")]
+        after: Option<String>,
     },
     /// One sandbox.
     Show { id: String },
+    /// Renew a sandbox's lease: a KEPT sandbox then lives TTL from now; for one whose job still
+    /// runs, TTL becomes its lease once the job ends and it is kept.
+    Renew {
+        id: String,
+        /// How long, e.g. 30m, 2h, 1d (at most 7 days).
+        #[arg(long, value_name = "TTL", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
     /// Destroy a sandbox (and so stop its job).
     Destroy { id: String },
 }
@@ -173,6 +193,10 @@ fn parse_state(s: &str) -> Result<SandboxState, String> {
         let names: Vec<&str> = SandboxState::ALL.iter().map(|s| s.as_str()).collect();
         format!("expected one of {}", names.join(", "))
     })
+}
+
+fn parse_ttl(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 30m or 2h: {e}"))
 }
 
 fn parse_env_arg(s: &str) -> Result<(String, String), String> {
@@ -408,6 +432,30 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn lists_page_and_renew_takes_a_humantime_ttl() {
+        let cli = parse(&["job", "list", "--limit", "5", "--after", "j9"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Job(JobCommand::List { limit: 5, after: Some(ref a), .. }) if a == "j9"
+        ));
+        let cli = parse(&["sandbox", "renew", "sandbox-x", "--ttl", "1h30m"]).unwrap();
+        let Command::Sandbox(SandboxCommand::Renew { id, ttl }) = cli.command else {
+            panic!("not sandbox renew");
+        };
+        assert_eq!((id.as_str(), ttl.as_secs()), ("sandbox-x", 5400));
+        assert_eq!(
+            parse(&["sandbox", "renew", "x", "--ttl", "soon"])
+                .unwrap_err()
+                .exit_code(),
+            2
+        );
+        assert!(
+            parse(&["sandbox", "renew", "x"]).is_err(),
+            "--ttl is required"
+        );
     }
 
     #[test]

@@ -20,11 +20,23 @@ use crate::urlpath::{encode_path, encode_segment};
 #[derive(Deserialize)]
 struct Jobs {
     jobs: Vec<Job>,
+    #[serde(default)]
+    next: Option<String>,
 }
 
 #[derive(Deserialize)]
 struct Sandboxes {
     sandboxes: Vec<Sandbox>,
+    #[serde(default)]
+    next: Option<String>,
+}
+
+/// What `POST /v1/sandboxes/{id}/lease` answers.
+#[derive(Deserialize)]
+struct Renewed {
+    sandbox: Sandbox,
+    ttl_seconds: u64,
+    lease_expires_at_ms: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -78,17 +90,26 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
             })
         }
         Command::Job(JobCommand::Run(args)) => run(&client, args, json, out, err),
-        Command::Job(JobCommand::List { status, limit }) => {
+        Command::Job(JobCommand::List {
+            status,
+            limit,
+            after,
+        }) => {
             let mut path = format!("/v1/jobs?limit={limit}");
             if let Some(status) = status {
                 path.push_str(&format!("&status={status}"));
             }
+            push_after(&mut path, after.as_deref());
             let text = client.get_text(&path)?;
-            show(out, json, &text, |j: &Jobs| format::job_list(&j.jobs, now))
+            show(out, json, &text, |j: &Jobs| format::job_list(&j.jobs, now))?;
+            if !json {
+                more(err, parse::<Jobs>(&text)?.next)?;
+            }
+            Ok(exit::SUCCESS)
         }
         Command::Job(JobCommand::Show { id }) => {
             let text = client.get_text(&job_path(id))?;
-            show(out, json, &text, format::job_detail)
+            show(out, json, &text, format::shown_job)
         }
         Command::Job(JobCommand::Logs { id, follow }) => {
             if *follow {
@@ -119,19 +140,35 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
                 }
             }
         }
-        Command::Sandbox(SandboxCommand::List { state }) => {
-            let mut path = "/v1/sandboxes".to_owned();
+        Command::Sandbox(SandboxCommand::List {
+            state,
+            limit,
+            after,
+        }) => {
+            let mut path = format!("/v1/sandboxes?limit={limit}");
             if let Some(state) = state {
-                path.push_str(&format!("?state={state}"));
+                path.push_str(&format!("&state={state}"));
             }
+            push_after(&mut path, after.as_deref());
             let text = client.get_text(&path)?;
             show(out, json, &text, |s: &Sandboxes| {
                 format::sandbox_list(&s.sandboxes, now)
-            })
+            })?;
+            if !json {
+                more(err, parse::<Sandboxes>(&text)?.next)?;
+            }
+            Ok(exit::SUCCESS)
         }
         Command::Sandbox(SandboxCommand::Show { id }) => {
             let text = client.get_text(&sandbox_path(id))?;
-            show(out, json, &text, format::sandbox_detail)
+            show(out, json, &text, |s: &Sandbox| {
+                format::sandbox_detail(s, now)
+            })
+        }
+        Command::Sandbox(SandboxCommand::Renew { id, ttl }) => {
+            let body = serde_json::json!({ "ttl": humantime::format_duration(*ttl).to_string() });
+            let text = client.post_text(&format!("{}/lease", sandbox_path(id)), Some(&body))?;
+            show(out, json, &text, |r: &Renewed| renewed(r, now))
         }
         Command::Sandbox(SandboxCommand::Destroy { id }) => {
             let text = client.post_text(&format!("{}/destroy", sandbox_path(id)), None)?;
@@ -139,6 +176,36 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
                 format!("sandbox {} {}\n", s.id, s.state)
             })
         }
+    }
+}
+
+fn push_after(path: &mut String, after: Option<&str>) {
+    if let Some(after) = after {
+        path.push_str(&format!("&after={}", encode_segment(after)));
+    }
+}
+
+/// Tells (on stderr, with the results on stdout) how to get the next page, if there is one.
+fn more(err: &mut dyn Write, next: Option<String>) -> Result<(), CliError> {
+    if let Some(cursor) = next {
+        writeln!(err, "more: --after {cursor}").map_err(io)?;
+    }
+    Ok(())
+}
+
+fn renewed(r: &Renewed, now: i64) -> String {
+    let ttl = humantime::format_duration(std::time::Duration::from_secs(r.ttl_seconds));
+    match r.lease_expires_at_ms {
+        Some(at) => format!(
+            "sandbox {} kept until {} ({})\n",
+            r.sandbox.id,
+            format::timestamp(at),
+            format::until(at, now)
+        ),
+        None => format!(
+            "sandbox {}: its job still runs; when it ends, the sandbox is kept for {ttl}\n",
+            r.sandbox.id
+        ),
     }
 }
 

@@ -2,8 +2,11 @@
 //! to stdout, and both reconnect where they left off if the daemon restarts meanwhile.
 //!
 //! On a terminal the current phase is one line redrawn in place at the bottom, with the job's
-//! output scrolling above it; otherwise each phase is one plain line as it starts. The caller
-//! prints the final status and per-phase durations from the job as the daemon records it.
+//! output scrolling above it; otherwise each phase is one plain line as it starts. While the job
+//! is queued, the job itself is polled for what it waits for (the governor's reason at the head,
+//! the jobs ahead behind it): the live line shows it, and a plain line is printed each time the
+//! reason or the place changes. The caller prints the final status and per-phase durations from
+//! the job as the daemon records it.
 
 use std::io::{BufReader, Read, Write};
 use std::sync::mpsc;
@@ -13,7 +16,8 @@ use super::client::ApiClient;
 use super::exit::CliError;
 use super::format;
 use super::sse::SseReader;
-use crate::model::{Event, Job};
+use crate::governor::status::JobQueue;
+use crate::model::{Event, Job, JobStatus};
 use crate::urlpath::encode_segment;
 
 /// How long a follow keeps trying while the daemon is unreachable (a restart takes seconds).
@@ -21,6 +25,8 @@ const RECONNECT_BUDGET: Duration = Duration::from_secs(120);
 const RECONNECT_DELAY: Duration = Duration::from_millis(500);
 /// Once the job has ended, how long its log stream may take to deliver the rest.
 const LOG_DRAIN_GRACE: Duration = Duration::from_secs(5);
+/// How often a queued job is asked what it waits for.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
 const SPINNER: &[char] = &['⠋', '⠙', '⠹', '⠸', '⠼', '⠴', '⠦', '⠧', '⠇', '⠏'];
 
 /// Tracks the time spent unreachable so a follow gives up only after a real outage.
@@ -139,8 +145,37 @@ fn follow_events(
     }
 }
 
+/// The part of `GET /v1/jobs/{id}` the queued view reads.
+#[derive(Debug, serde::Deserialize)]
+struct QueuedView {
+    status: JobStatus,
+    #[serde(default)]
+    queue: Option<JobQueue>,
+}
+
+/// Sends what the job waits for each time it changes, until the job leaves the queue (or the
+/// viewer goes away). Errors are left to the event stream, which reconnects and reports them.
+fn follow_queue(client: &ApiClient, id: &str, mut sink: impl FnMut(JobQueue) -> bool) {
+    let mut last: Option<JobQueue> = None;
+    loop {
+        if let Ok(view) = client.get_json::<QueuedView>(&job_path(id)) {
+            if view.status != JobStatus::Queued {
+                return;
+            }
+            if let Some(queue) = view.queue.filter(|q| last.as_ref() != Some(q)) {
+                last = Some(queue.clone());
+                if !sink(queue) {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(QUEUE_POLL);
+    }
+}
+
 enum Msg {
     Event(Event),
+    Queue(JobQueue),
     Log(Vec<u8>),
     EventsEnded(Box<Result<Job, CliError>>),
     LogsEnded(Result<(), CliError>),
@@ -175,6 +210,10 @@ pub fn watch(
             let _ = tx.send(Msg::EventsEnded(Box::new(ended)));
         });
     }
+    {
+        let (client, id, tx) = (client.clone(), id.to_owned(), tx.clone());
+        std::thread::spawn(move || follow_queue(&client, &id, |q| tx.send(Msg::Queue(q)).is_ok()));
+    }
     if logs != Logs::None {
         let (client, id, tx) = (client.clone(), id.to_owned(), tx.clone());
         std::thread::spawn(move || {
@@ -201,6 +240,7 @@ pub fn watch(
     loop {
         match rx.recv_timeout(tick) {
             Ok(Msg::Event(event)) => progress.event(&event, err).map_err(io)?,
+            Ok(Msg::Queue(queue)) => progress.queue(&queue, format::now_ms(), err).map_err(io)?,
             Ok(Msg::Log(bytes)) => {
                 progress.clear(err).map_err(io)?;
                 let sink: &mut dyn Write = if logs == Logs::Stderr {
@@ -276,6 +316,8 @@ struct Progress {
     /// Whether the job's output so far ends with a newline; the live line is drawn only then.
     log_ends_line: bool,
     frame: usize,
+    /// The queue place and reason last printed as a plain line.
+    queue_shown: Option<(u64, String)>,
 }
 
 impl Progress {
@@ -289,7 +331,30 @@ impl Progress {
             drawn: false,
             log_ends_line: true,
             frame: 0,
+            queue_shown: None,
         }
+    }
+
+    /// What the queued job waits for, at `now_ms`. Ignored once a phase has begun (a poll can
+    /// lag the event stream).
+    fn queue(&mut self, queue: &JobQueue, now_ms: i64, w: &mut dyn Write) -> std::io::Result<()> {
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(label, _)| label != "queued")
+        {
+            return Ok(());
+        }
+        self.message = format!("waiting for {}", queue.waiting_for);
+        let key = (queue.position, queue.reason.clone());
+        if self.tty || self.queue_shown.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        self.queue_shown = Some(key);
+        let first = *self.first_at_ms.get_or_insert(now_ms);
+        let elapsed = format::duration((now_ms - first).max(0) as f64 / 1000.0);
+        let line = format!("[{elapsed:>7}] queued: {}", self.message);
+        writeln!(w, "{}", format::clip(&line, self.width.max(100)))
     }
 
     fn event(&mut self, event: &Event, w: &mut dyn Write) -> std::io::Result<()> {
@@ -411,6 +476,80 @@ mod tests {
         assert_eq!(
             String::from_utf8(w).unwrap(),
             "[   0.0s] queued: queued\n[   0.5s] clone: cloning\n[   2.0s] start\n"
+        );
+    }
+
+    fn queue(position: u64, reason: &str, waiting_for: &str) -> JobQueue {
+        JobQueue {
+            position,
+            reason: reason.into(),
+            waiting_for: waiting_for.into(),
+            since_ms: None,
+        }
+    }
+
+    #[test]
+    fn a_queued_job_says_what_it_waits_for_each_time_that_changes() {
+        let mut p = Progress::new(false, 120);
+        let mut w = Vec::new();
+        p.event(&event(1, 1000, None, "QUEUED"), &mut w).unwrap();
+        p.queue(
+            &queue(2, "queue", "1 job ahead; the first waits for disk"),
+            1500,
+            &mut w,
+        )
+        .unwrap();
+        // New numbers for the same reason and place: no new line.
+        p.queue(
+            &queue(2, "queue", "1 job ahead; the first waits for cpu"),
+            2000,
+            &mut w,
+        )
+        .unwrap();
+        p.queue(
+            &queue(1, "disk", "disk: storage: 60.0 GB free"),
+            3000,
+            &mut w,
+        )
+        .unwrap();
+        p.queue(
+            &queue(1, "disk", "disk: storage: 59.0 GB free"),
+            4000,
+            &mut w,
+        )
+        .unwrap();
+        p.event(&event(2, 5000, Some(Phase::Clone), ""), &mut w)
+            .unwrap();
+        // A poll that lags the job's start changes nothing.
+        p.queue(&queue(1, "boot_cap", "boot_cap: 1 booting"), 5100, &mut w)
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(w).unwrap(),
+            "[   0.0s] queued: QUEUED\n\
+             [   0.5s] queued: waiting for 1 job ahead; the first waits for disk\n\
+             [   2.0s] queued: waiting for disk: storage: 60.0 GB free\n\
+             [   4.0s] clone\n"
+        );
+    }
+
+    #[test]
+    fn a_terminal_shows_the_wait_on_the_live_line() {
+        let mut p = Progress::new(true, 120);
+        let mut w = Vec::new();
+        p.event(&event(1, 1000, None, "QUEUED"), &mut w).unwrap();
+        p.queue(
+            &queue(1, "disk", "disk: storage: 60.0 GB free"),
+            1500,
+            &mut w,
+        )
+        .unwrap();
+        assert!(w.is_empty(), "nothing printed, only drawn");
+        p.draw(&mut w).unwrap();
+        let text = String::from_utf8(w).unwrap();
+        assert!(text.contains("queued"), "{text:?}");
+        assert!(
+            text.ends_with("waiting for disk: storage: 60.0 GB free"),
+            "{text:?}"
         );
     }
 

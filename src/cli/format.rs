@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::governor::status::GovernorStatus;
+use crate::governor::status::{GovernorStatus, JobQueue};
 use crate::model::{Artifact, Job, PhaseRun, Sandbox};
 
 /// `1.2s`, `2m03s`, `1h02m`.
@@ -152,10 +152,29 @@ pub fn phase_table(phases: &[PhaseRun]) -> String {
     table(&["PHASE", "DURATION", "RESULT"], &rows)
 }
 
+/// A job as `GET /v1/jobs/{id}` answers: the job and, while it is queued, what it waits for.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ShownJob {
+    #[serde(flatten)]
+    pub job: Job,
+    #[serde(default)]
+    pub queue: Option<JobQueue>,
+}
+
+/// `agentlab job show`: the job, with what it waits for while queued.
+pub fn shown_job(shown: &ShownJob) -> String {
+    job_detail_waiting(&shown.job, shown.queue.as_ref())
+}
+
 pub fn job_detail(job: &Job) -> String {
+    job_detail_waiting(job, None)
+}
+
+fn job_detail_waiting(job: &Job, queue: Option<&JobQueue>) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
-        let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
+        // At least one space, so a label longer than the column stays readable.
+        let _ = writeln!(out, "{:<13} {}", format!("{name}:"), value);
     };
     field("id", job.id.clone());
     field("status", job.status.to_string());
@@ -164,6 +183,9 @@ pub fn job_detail(job: &Job) -> String {
     }
     if let Some(position) = job.queue_position {
         field("queue position", position.to_string());
+    }
+    if let Some(queue) = queue {
+        field("waiting for", clip(&queue.waiting_for, 300));
     }
     field("profile", job.profile.clone());
     field("task", clip(&job.task, 200));
@@ -236,6 +258,23 @@ pub fn job_summary(job: &Job) -> String {
     out
 }
 
+/// How far off `ms` is from `now_ms`: `in 25m`, `in 3h`, or `passed` once it is behind.
+pub fn until(ms: i64, now_ms: i64) -> String {
+    let secs = (ms - now_ms) / 1000;
+    match secs {
+        ..=0 => "passed".into(),
+        1..60 => format!("in {secs}s"),
+        60..3600 => format!("in {}m", secs / 60),
+        3600..86400 => format!("in {}h", secs / 3600),
+        _ => format!("in {}d", secs / 86400),
+    }
+}
+
+/// A lease counts only while the sandbox is KEPT (after its job); otherwise there is none to show.
+fn lease_ends(s: &Sandbox) -> Option<i64> {
+    (s.state == crate::model::SandboxState::Kept).then_some(s.lease_expires_at_ms)
+}
+
 pub fn sandbox_list(sandboxes: &[Sandbox], now_ms: i64) -> String {
     if sandboxes.is_empty() {
         return "no sandboxes\n".into();
@@ -252,18 +291,19 @@ pub fn sandbox_list(sandboxes: &[Sandbox], now_ms: i64) -> String {
                 s.profile.clone(),
                 format!("{}c/{}M/{}G", s.cores, s.memory_mb, s.disk_gb),
                 age(s.created_at_ms, now_ms),
+                lease_ends(s).map_or_else(|| "-".into(), |at| until(at, now_ms)),
             ]
         })
         .collect();
     table(
         &[
-            "ID", "JOB", "STATE", "PHASE", "BACKEND", "PROFILE", "SIZE", "CREATED",
+            "ID", "JOB", "STATE", "PHASE", "BACKEND", "PROFILE", "SIZE", "CREATED", "LEASE",
         ],
         &rows,
     )
 }
 
-pub fn sandbox_detail(s: &Sandbox) -> String {
+pub fn sandbox_detail(s: &Sandbox, now_ms: i64) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         let _ = writeln!(out, "{:<14}{}", format!("{name}:"), value);
@@ -287,7 +327,12 @@ pub fn sandbox_detail(s: &Sandbox) -> String {
         ),
     );
     field("keepalive", s.keepalive.to_string());
-    field("lease until", timestamp(s.lease_expires_at_ms));
+    if let Some(at) = lease_ends(s) {
+        field(
+            "lease",
+            format!("until {} ({})", timestamp(at), until(at, now_ms)),
+        );
+    }
     field("created", timestamp(s.created_at_ms));
     field("updated", timestamp(s.updated_at_ms));
     if let Some(at) = s.destroyed_at_ms {
@@ -322,6 +367,13 @@ pub struct DaemonStatus {
     pub sandboxes: std::collections::BTreeMap<String, u64>,
     pub queue_length: Option<u64>,
     pub shutting_down: Option<bool>,
+    /// The daemon's instance id, which its VMs carry.
+    pub instance_id: Option<String>,
+    /// `kvm` or `tcg` on the local backend once known.
+    pub accelerator: Option<String>,
+    /// VMs under our name prefix the daemon did not make, and leaves alone.
+    #[serde(default)]
+    pub foreign_vms: Vec<crate::instance::ForeignVm>,
     /// `GET /v1/governor`'s answer; kept loose so a daemon of another version still prints.
     pub governor: Option<Value>,
 }
@@ -340,6 +392,10 @@ pub fn status(s: &DaemonStatus) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "version:      {}", opt(&s.version));
     let _ = writeln!(out, "backend:      {}", opt(&s.backend));
+    let _ = writeln!(out, "instance:     {}", opt(&s.instance_id));
+    if let Some(accelerator) = &s.accelerator {
+        let _ = writeln!(out, "accelerator:  {accelerator}");
+    }
     let _ = writeln!(
         out,
         "uptime:       {}",
@@ -350,6 +406,21 @@ pub fn status(s: &DaemonStatus) -> String {
     let _ = writeln!(out, "sandboxes:    {}", counts(&s.sandboxes));
     if s.shutting_down == Some(true) {
         let _ = writeln!(out, "shutting down: yes");
+    }
+    if !s.foreign_vms.is_empty() {
+        let _ = writeln!(out, "foreign VMs (not made by this daemon; left alone):");
+        let rows: Vec<Vec<String>> = s
+            .foreign_vms
+            .iter()
+            .map(|vm| {
+                vec![
+                    vm.name.clone(),
+                    vm.vm_ref.clone(),
+                    vm.owner.clone().unwrap_or_else(|| "none".into()),
+                ]
+            })
+            .collect();
+        out.push_str(&table(&["NAME", "REF", "OWNER"], &rows));
     }
     if let Some(governor) = s
         .governor
@@ -608,6 +679,46 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_shows_only_while_the_sandbox_is_kept() {
+        assert_eq!(until(1_000, 2_000), "passed");
+        assert_eq!(until(30 * 60_000, 0), "in 30m");
+        assert_eq!(until(3 * 86_400_000, 0), "in 3d");
+        let now = 1_700_000_000_000;
+        let mut sandbox = Sandbox {
+            id: "sandbox-1".into(),
+            job_id: "j1".into(),
+            backend: "fake".into(),
+            vm_ref: None,
+            state: crate::model::SandboxState::Running,
+            phase: None,
+            profile: "interactive-dev".into(),
+            cores: 2,
+            memory_mb: 2048,
+            disk_gb: 10,
+            keepalive: true,
+            lease_expires_at_ms: now + 7_200_000,
+            created_at_ms: now,
+            updated_at_ms: now,
+            destroyed_at_ms: None,
+            error: None,
+        };
+        assert!(!sandbox_detail(&sandbox, now).contains("lease"));
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(list.trim_end().ends_with("ago   -"), "{list}");
+        sandbox.state = crate::model::SandboxState::Kept;
+        let detail = sandbox_detail(&sandbox, now);
+        assert!(
+            detail.contains("lease:        until 2023-11-15T00:13:20Z (in 2h)"),
+            "{detail}"
+        );
+        let list = sandbox_list(std::slice::from_ref(&sandbox), now);
+        assert!(
+            list.contains("LEASE") && list.ends_with("in 2h\n"),
+            "{list}"
+        );
+    }
+
+    #[test]
     fn tables_align_columns() {
         let t = table(
             &["A", "BB", "C"],
@@ -644,6 +755,26 @@ mod tests {
     }
 
     #[test]
+    fn a_queued_job_shows_what_it_waits_for() {
+        let mut value = serde_json::to_value(Job {
+            status: crate::model::JobStatus::Queued,
+            queue_position: Some(1),
+            ..job()
+        })
+        .unwrap();
+        value["queue"] = serde_json::json!({"position": 1, "reason": "disk",
+            "waiting_for": "disk: storage: 60.0 GB free", "since_ms": 5});
+        let shown: ShownJob = serde_json::from_value(value).unwrap();
+        let detail = shown_job(&shown);
+        assert!(detail.contains("queue position: 1"), "{detail}");
+        assert!(
+            detail.contains("waiting for:  disk: storage: 60.0 GB free"),
+            "{detail}"
+        );
+        assert!(!job_detail(&job()).contains("waiting for"));
+    }
+
+    #[test]
     fn profiles_show_scalar_fields() {
         let p = vec![
             serde_json::json!({"name": "small", "cores": 2, "image": "ubuntu"}),
@@ -668,6 +799,36 @@ mod tests {
         assert!(text.contains("jobs:         QUEUED 1, RUNNING 2"), "{text}");
         assert!(text.contains("uptime:       1m15s"), "{text}");
         assert!(!text.contains("shutting"), "{text}");
+        assert!(!text.contains("foreign"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_the_instance_and_lists_foreign_vms() {
+        let s: DaemonStatus = serde_json::from_value(serde_json::json!({
+            "version": "0.1.0", "backend": "pve", "instance_id": "0199-ours",
+            "accelerator": "kvm",
+            "foreign_vms": [
+                {"name": "sandbox-byhand", "vm_ref": "200", "owner": null},
+                {"name": "sandbox-theirs", "vm_ref": "201", "owner": "0199-theirs"}
+            ]
+        }))
+        .unwrap();
+        let text = status(&s);
+        assert!(text.contains("instance:     0199-ours\n"), "{text}");
+        assert!(text.contains("accelerator:  kvm\n"), "{text}");
+        assert!(text.contains("foreign VMs"), "{text}");
+        let rows: Vec<Vec<&str>> = text
+            .lines()
+            .filter(|l| l.starts_with("sandbox-"))
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ["sandbox-byhand", "200", "none"],
+                ["sandbox-theirs", "201", "0199-theirs"]
+            ]
+        );
     }
 
     #[test]

@@ -38,6 +38,9 @@ pub struct Fault {
     pub fail_times: u32,
     /// The first N calls panic.
     pub panic_times: u32,
+    /// The Nth call (counting from 1) panics, once; 0: none. Makes an actor crash in the middle of
+    /// a phase that calls the operation repeatedly.
+    pub panic_on_call: u32,
     /// Every call hangs forever.
     pub hang: bool,
 }
@@ -51,4 +54,15 @@ pub struct FakeConfig {
     pub exit_code: i32,
     /// Where the fake keeps its VM list, so leaks survive a daemon restart. None: memory only.
     pub state_file: Option<PathBuf>,
+    /// What `disk_usage` reports. None: the trait's default (thick, nothing measured).
+    pub disk: Option<FakeDisk>,
+}
+
+/// The fake's storage: thin or thick, and what every VM's disk takes on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeDisk {
+    pub thin: bool,
+    /// Bytes each VM's disk occupies.
+    pub allocated_bytes: u64,
 }

@@ -50,6 +50,10 @@ pub struct Budget {
     pub disk_min_free_percent: Option<f64>,
     /// What a sandbox costs on disk beyond its profile's disk (metadata, logs).
     pub sandbox_disk_overhead_mb: u64,
+    /// On thin storage (qcow2 overlays, LVM-thin, ZFS), how much a sandbox's disk may still grow:
+    /// the disk rule sets this aside per sandbox (less what its disk already takes, at most its
+    /// virtual size) instead of the virtual size.
+    pub sandbox_disk_growth_mb: u64,
 }
 
 impl Default for Budget {
@@ -60,6 +64,9 @@ impl Default for Budget {
             vcpus_per_core: 2.0,
             disk_min_free_percent: Some(20.0),
             sandbox_disk_overhead_mb: 500,
+            // A clone of a repository, its dependencies and a build's output: a few GB for most
+            // jobs. The keep-free share is the margin for the job that writes more.
+            sandbox_disk_growth_mb: 4096,
         }
     }
 }

@@ -131,6 +131,12 @@ pub struct Config {
     /// How long SIGTERM waits for in-flight backend calls to reach a resumable point.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Ended jobs (rows, logs and artifacts) older than this are removed.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Artifacts older than this are removed even while their job stays; null: `retention`.
+    #[serde(with = "humantime_serde")]
+    pub artifact_retention: Option<Duration>,
     pub fake: FakeConfig,
     /// The Proxmox VE backend's settings (`backend: pve`).
     pub pve: PveConfig,
@@ -161,6 +167,8 @@ impl Default for Config {
             request_max_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            artifact_retention: None,
             fake: FakeConfig::default(),
             pve: PveConfig::default(),
             qemu: QemuConfig::default(),
@@ -260,6 +268,29 @@ impl Config {
                 "must be above 0",
             ));
         }
+        if self.retention.is_zero() {
+            return Err(ConfigError::invalid(path, "retention", "must be above 0"));
+        }
+        match self.artifact_retention {
+            Some(d) if d.is_zero() => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "artifact_retention",
+                    "must be above 0 (or null for the same as retention)",
+                ));
+            }
+            Some(d) if d > self.retention => {
+                return Err(ConfigError::invalid(
+                    path,
+                    "artifact_retention",
+                    format!(
+                        "must not exceed retention ({}): a job's artifacts go with the job",
+                        humantime::format_duration(self.retention)
+                    ),
+                ));
+            }
+            _ => {}
+        }
         if let Err(err) = self.pve.validate() {
             return Err(ConfigError::invalid(
                 path,
@@ -302,6 +333,11 @@ impl Config {
 
     pub fn tuning_path(&self) -> PathBuf {
         self.tuning_dir.join(format!("{}.yaml", self.tuning))
+    }
+
+    /// How long artifacts are kept: `artifact_retention`, else `retention`.
+    pub fn artifact_retention(&self) -> Duration {
+        self.artifact_retention.unwrap_or(self.retention)
     }
 
     pub fn token_ttl(&self) -> Duration {
@@ -385,6 +421,24 @@ mod tests {
         assert!(err.contains("key `pve.bridge`"), "{err}");
         let err = parse("pve: {brige: vmbr1}\n").unwrap_err().to_string();
         assert!(err.contains("pve") && err.contains("brige"), "{err}");
+    }
+
+    #[test]
+    fn retention_defaults_to_30_days_and_artifacts_cannot_outlive_their_job() {
+        let config = parse("{}").unwrap();
+        assert_eq!(config.retention, Duration::from_secs(30 * 86400));
+        assert_eq!(config.artifact_retention(), config.retention);
+        let config = parse("retention: 10d\nartifact_retention: 2d\n").unwrap();
+        assert_eq!(config.artifact_retention(), Duration::from_secs(2 * 86400));
+        for (text, key) in [
+            ("retention: 0s\n", "key `retention`"),
+            ("retention: forever\n", "key `retention`"),
+            ("artifact_retention: 40d\n", "key `artifact_retention`"),
+            ("artifact_retention: 0s\n", "key `artifact_retention`"),
+        ] {
+            let err = parse(text).unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -131,6 +131,9 @@ pub struct Intervals {
     pub lease_gc: Duration,
     #[serde(with = "humantime_serde")]
     pub reconcile: Duration,
+    /// How often the retention collector removes jobs and artifacts past `retention`.
+    #[serde(with = "humantime_serde")]
+    pub retention_gc: Duration,
 }
 
 impl Default for Intervals {
@@ -139,6 +142,7 @@ impl Default for Intervals {
             guest_poll: Duration::from_secs(1),
             lease_gc: Duration::from_secs(30),
             reconcile: Duration::from_secs(60),
+            retention_gc: Duration::from_secs(3600),
         }
     }
 }
@@ -196,6 +200,7 @@ impl Tuning {
             ("intervals.guest_poll", self.intervals.guest_poll),
             ("intervals.lease_gc", self.intervals.lease_gc),
             ("intervals.reconcile", self.intervals.reconcile),
+            ("intervals.retention_gc", self.intervals.retention_gc),
         ] {
             if value < Duration::from_millis(10) {
                 return Err(ConfigError::invalid(path, key, "must be at least 10ms"));

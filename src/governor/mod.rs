@@ -15,7 +15,8 @@ use policy::{Committed, Demand};
 
 /// Adds up what live sandboxes (and admitted jobs not holding one yet) hold. A sandbox row carries
 /// its own resources; an admitted job without one is counted at its profile's size. `size` turns
-/// a requested size into what the backend really allocates (see `Backend::effective_size`).
+/// a requested size into what the backend really allocates (see `Backend::effective_size`). Each
+/// disk is named by its VM, for the backend's measurement (`Committed::measured`).
 pub fn tally(
     holdings: &[Holding],
     profiles: &Profiles,
@@ -34,7 +35,11 @@ pub fn tally(
                 .map(Demand::of)
                 .unwrap_or_default(),
         };
-        committed.add(&size(demand), holding.booting);
+        committed.add_named(
+            &size(demand),
+            holding.booting,
+            crate::model::sandbox_name_for(&holding.job_id),
+        );
     }
     committed
 }

@@ -7,8 +7,11 @@
 //! The rules, in the order they are checked:
 //! 1. static budget: committed memory plus `sandbox_overhead_mb` per sandbox stays within physical
 //!    memory minus `memory_reserve_mb`; committed vCPUs stay within cores × `vcpus_per_core`; the
-//!    storage keeps `disk_min_free_percent` free after the new sandbox's disk and the disks of
-//!    sandboxes still booting (whose disks have not grown yet), unless that is `null`;
+//!    storage keeps `disk_min_free_percent` free after the new sandbox (unless that is `null`).
+//!    On thick storage that sets aside the virtual size of the new disk and of disks still
+//!    booting; on thin storage (as the backend reports it) what is left of every live sandbox's
+//!    growth reserve beyond what its disk already takes, plus the new one's reserve. A job that
+//!    breaks a static rule with none of our sandboxes running can never start: Never;
 //! 2. the boot cap: sandboxes in clone/start/cloud_init/guest_agent stay below it;
 //! 3. dynamic signals with hysteresis (PSI, iowait, available memory; load average where PSI is
 //!    absent), which hold the queue only once `progress_floor` sandboxes are live.
@@ -20,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use super::boot_cap::{BootCap, BootOutcome, CapChange};
 use super::readings::HostReadings;
+use crate::backend::{DiskUsage, Provisioning};
 use crate::config::governor::{GovernorTuning, Signals, Threshold};
 use crate::config::profile::Profile;
 
@@ -104,7 +108,7 @@ impl Demand {
 }
 
 /// What the live sandboxes hold.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Committed {
     pub sandboxes: u32,
     pub vcpus: u64,
@@ -113,10 +117,33 @@ pub struct Committed {
     /// Sandboxes in clone, start, cloud_init or guest_agent (or admitted and not yet cloning).
     pub booting: u32,
     pub booting_disk_gb: u64,
+    /// How the backend's storage provisions the disks below (thick unless it said thin).
+    #[serde(default)]
+    pub provisioning: Provisioning,
+    /// Each sandbox's disk, with what it really takes where the backend measured it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<SandboxDisk>,
+}
+
+/// One live sandbox's disk as the disk rule sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxDisk {
+    /// The VM's name, which the backend's measurement is keyed by.
+    pub vm: String,
+    pub virtual_gb: u64,
+    /// Bytes it occupies on the storage; None before the backend has measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allocated_bytes: Option<u64>,
 }
 
 impl Committed {
+    /// Counts one more sandbox, not measured yet (an admitted job's disk has taken nothing).
     pub fn add(&mut self, demand: &Demand, booting: bool) {
+        self.add_named(demand, booting, String::new());
+    }
+
+    /// Counts one more sandbox whose VM is (or will be) named `vm`.
+    pub fn add_named(&mut self, demand: &Demand, booting: bool, vm: String) {
         self.sandboxes += 1;
         self.vcpus += u64::from(demand.vcpus);
         self.memory_mb += demand.memory_mb;
@@ -124,6 +151,19 @@ impl Committed {
         if booting {
             self.booting += 1;
             self.booting_disk_gb += demand.disk_gb;
+        }
+        self.disks.push(SandboxDisk {
+            vm,
+            virtual_gb: demand.disk_gb,
+            allocated_bytes: None,
+        });
+    }
+
+    /// Takes in the backend's measurement: its provisioning, and what each disk really takes.
+    pub fn measured(&mut self, usage: &DiskUsage) {
+        self.provisioning = usage.provisioning;
+        for disk in &mut self.disks {
+            disk.allocated_bytes = usage.allocated.get(&disk.vm).copied();
         }
     }
 }
@@ -444,30 +484,15 @@ impl Policy {
         }
 
         // Static: disk.
-        if let (Some(available), Some(keep)) =
-            (budgets.disk_available_bytes, budgets.disk_keep_free_bytes)
-        {
-            let reserved = committed.booting_disk_gb.saturating_mul(GIB);
-            let need = demand
-                .disk_gb
-                .saturating_mul(GIB)
-                .saturating_add(tuning.budget.sandbox_disk_overhead_mb.saturating_mul(MIB));
-            let after = available.saturating_sub(reserved).saturating_sub(need);
-            if available.saturating_sub(reserved) < need.saturating_add(keep) {
-                blocks.push(Block {
+        if let Some(block) = disk_block(tuning, &budgets, committed, demand) {
+            if committed.sandboxes == 0 {
+                // Nothing of ours holds space we could wait for: it would wait forever.
+                return Decision::Never(Block {
                     reason: Throttle::Disk,
-                    detail: format!(
-                        "storage: {} free − {} for booting sandboxes − {} for this one leaves \
-                         {}, under the {}% ({}) to keep free",
-                        gb_text(available),
-                        gb_text(reserved),
-                        gb_text(need),
-                        gb_text(after),
-                        tuning.budget.disk_min_free_percent.unwrap_or(0.0),
-                        gb_text(keep)
-                    ),
+                    detail: format!("with no sandbox running, {}", block.detail),
                 });
             }
+            blocks.push(block);
         }
 
         // The boot cap.
@@ -517,6 +542,79 @@ impl Policy {
             Decision::Wait(blocks)
         }
     }
+}
+
+/// The disk rule: the storage keeps `disk_min_free_percent` free after the new sandbox. On thick
+/// storage a disk takes its virtual size when it is cloned, so the new disk and those of
+/// sandboxes still booting (not cloned yet, or just) are set aside in full; the rest are already
+/// out of the free space. On thin storage a disk takes what the guest writes: every live sandbox
+/// keeps what is left of its growth reserve (`sandbox_disk_growth_mb`, at most its virtual size)
+/// beyond what it already takes, and the new one needs its reserve plus the overhead.
+fn disk_block(
+    tuning: &GovernorTuning,
+    budgets: &Budgets,
+    committed: &Committed,
+    demand: &Demand,
+) -> Option<Block> {
+    let (Some(available), Some(keep)) =
+        (budgets.disk_available_bytes, budgets.disk_keep_free_bytes)
+    else {
+        return None;
+    };
+    let b = &tuning.budget;
+    let overhead = b.sandbox_disk_overhead_mb.saturating_mul(MIB);
+    let (reserved, need, reserved_text, need_text) = match committed.provisioning {
+        Provisioning::Thick => {
+            let reserved = committed.booting_disk_gb.saturating_mul(GIB);
+            let need = demand.disk_gb.saturating_mul(GIB).saturating_add(overhead);
+            (
+                reserved,
+                need,
+                format!("{} for booting sandboxes", gb_text(reserved)),
+                format!("{} for this one", gb_text(need)),
+            )
+        }
+        Provisioning::Thin => {
+            let growth = b.sandbox_disk_growth_mb.saturating_mul(MIB);
+            let reserve_of = |virtual_gb: u64| growth.min(virtual_gb.saturating_mul(GIB));
+            let reserved = committed
+                .disks
+                .iter()
+                .map(|d| reserve_of(d.virtual_gb).saturating_sub(d.allocated_bytes.unwrap_or(0)))
+                .fold(0u64, u64::saturating_add);
+            let need = reserve_of(demand.disk_gb).saturating_add(overhead);
+            (
+                reserved,
+                need,
+                format!(
+                    "{} growth reserve left to {} live sandboxes",
+                    gb_text(reserved),
+                    committed.disks.len()
+                ),
+                format!(
+                    "{} for this one (thin: {} growth reserve + {} overhead)",
+                    gb_text(need),
+                    gb_text(reserve_of(demand.disk_gb)),
+                    gb_text(overhead)
+                ),
+            )
+        }
+    };
+    let left = available.saturating_sub(reserved);
+    if left >= need.saturating_add(keep) {
+        return None;
+    }
+    Some(Block {
+        reason: Throttle::Disk,
+        detail: format!(
+            "storage: {} free − {reserved_text} − {need_text} leaves {}, under the {}% ({}) to \
+             keep free",
+            gb_text(available),
+            gb_text(left.saturating_sub(need)),
+            b.disk_min_free_percent.unwrap_or(0.0),
+            gb_text(keep)
+        ),
+    })
 }
 
 /// Whether a queued job's deadline predictably passes before it starts: at `position` (1 = next)
@@ -693,9 +791,15 @@ mod tests {
         let d = decide(&t, &r, &holding(1, 1));
         assert_eq!(reasons(&d), vec![Throttle::Disk]);
         r.disk.as_mut().unwrap().available_bytes = 125 * GB;
-        assert_eq!(
-            reasons(&decide(&t, &r, &Committed::default())),
-            vec![Throttle::Disk]
+        assert!(
+            matches!(
+                decide(&t, &r, &Committed::default()),
+                Decision::Never(Block {
+                    reason: Throttle::Disk,
+                    ..
+                })
+            ),
+            "nothing of ours to wait for"
         );
         // Turned off, or without a storage reading, the rule does not apply.
         let off = GovernorTuning {
@@ -708,6 +812,165 @@ mod tests {
         assert_eq!(decide(&off, &r, &Committed::default()), Decision::Admit);
         r.disk = None;
         assert_eq!(decide(&t, &r, &Committed::default()), Decision::Admit);
+    }
+
+    /// The issue's host: 74 GB free of 252 GB (the keep-free 20% is 50.4 GB).
+    fn demo_host() -> HostReadings {
+        let mut r = calm();
+        let disk = r.disk.as_mut().unwrap();
+        disk.total_bytes = 252 * GB;
+        disk.available_bytes = 74 * GB;
+        r
+    }
+
+    /// `n` live balanced sandboxes on thin storage, each disk taking `allocated` bytes
+    /// (None: not measured yet).
+    fn thin(n: u32, allocated: Option<u64>) -> Committed {
+        let mut c = Committed::default();
+        let mut usage = DiskUsage {
+            provisioning: Provisioning::Thin,
+            ..DiskUsage::default()
+        };
+        for i in 0..n {
+            let vm = format!("sandbox-{i}");
+            c.add_named(&balanced(), false, vm.clone());
+            if let Some(bytes) = allocated {
+                usage.allocated.insert(vm, bytes);
+            }
+        }
+        c.measured(&usage);
+        c
+    }
+
+    fn roomy() -> GovernorTuning {
+        // Memory and vCPUs out of the way: only the disk rule speaks.
+        GovernorTuning {
+            budget: Budget {
+                vcpus_per_core: 100.0,
+                memory_reserve_mb: 0,
+                sandbox_overhead_mb: 0,
+                ..Budget::default()
+            },
+            ..tuning()
+        }
+    }
+
+    fn big_memory(mut r: HostReadings) -> HostReadings {
+        r.memory.total_bytes = 1024 * GB;
+        r.memory.available_bytes = 1000 * GB;
+        r
+    }
+
+    #[test]
+    fn a_thin_disk_counts_its_growth_reserve_not_its_virtual_size() {
+        let t = tuning();
+        let r = demo_host();
+        // Thick: 74 − 30.5 leaves 43.5 GB, under the 50.4 to keep; nothing runs, so never.
+        let d = decide(&t, &r, &Committed::default());
+        let Decision::Never(block) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(block.reason, Throttle::Disk);
+        for number in ["74.0 GB free", "30.5 GB for this one", "43.5 GB", "50.4 GB"] {
+            assert!(block.detail.contains(number), "{number}: {}", block.detail);
+        }
+        // Thin, as the local backend reports it: 74 − (4 + 0.5) leaves 69.5 GB. Admitted.
+        assert_eq!(decide(&t, &r, &thin(0, None)), Decision::Admit);
+    }
+
+    #[test]
+    fn each_live_thin_disk_keeps_what_is_left_of_its_reserve() {
+        let t = roomy();
+        let r = big_memory(demo_host());
+        // 23.6 GB above the keep-free line; the new one needs 4.5.
+        // Unmeasured disks hold their whole 4 GB reserve: 4 × 4 + 4.5 fits, 5 × 4 + 4.5 does not.
+        assert_eq!(decide(&t, &r, &thin(4, None)), Decision::Admit);
+        let d = decide(&t, &r, &thin(5, None));
+        assert_eq!(reasons(&d), vec![Throttle::Disk]);
+        let Decision::Wait(blocks) = d else {
+            unreachable!()
+        };
+        assert!(
+            blocks[0]
+                .detail
+                .contains("20.0 GB growth reserve left to 5 live sandboxes"),
+            "{}",
+            blocks[0].detail
+        );
+        // Disks that took 1 GB each hold 3 GB more: 6 × 3 + 4.5 fits, 7 × 3 + 4.5 does not.
+        assert_eq!(decide(&t, &r, &thin(6, Some(GB))), Decision::Admit);
+        assert_eq!(
+            reasons(&decide(&t, &r, &thin(7, Some(GB)))),
+            vec![Throttle::Disk]
+        );
+        // Disks past their reserve hold nothing more (what they took is out of the free space).
+        assert_eq!(decide(&t, &r, &thin(20, Some(9 * GB))), Decision::Admit);
+        // A reserve is never more than the disk's virtual size.
+        let mut small = Committed::default();
+        for i in 0..20 {
+            let disk = Demand {
+                disk_gb: 1,
+                ..balanced()
+            };
+            small.add_named(&disk, false, format!("sandbox-{i}"));
+        }
+        small.measured(&DiskUsage {
+            provisioning: Provisioning::Thin,
+            ..DiskUsage::default()
+        });
+        // 20 × 1 GB + 4.5 = 24.5 > 23.6: waits; 19 would fit.
+        assert_eq!(reasons(&decide(&t, &r, &small)), vec![Throttle::Disk]);
+        small.disks.pop();
+        small.sandboxes -= 1;
+        assert_eq!(decide(&t, &r, &small), Decision::Admit);
+    }
+
+    #[test]
+    fn thick_storage_keeps_counting_virtual_sizes() {
+        let t = roomy();
+        let mut r = big_memory(calm());
+        // 500 GB total, 100 to keep; 161 free: one booting 30 GB disk plus the new 30.5 fit.
+        r.disk.as_mut().unwrap().available_bytes = 161 * GB;
+        let mut booting = Committed::default();
+        booting.add_named(&balanced(), true, "sandbox-a".into());
+        // A measurement from a thick backend changes nothing.
+        booting.measured(&DiskUsage {
+            provisioning: Provisioning::Thick,
+            allocated: [("sandbox-a".to_owned(), GB)].into(),
+        });
+        assert_eq!(decide(&t, &r, &booting), Decision::Admit);
+        booting.add_named(&balanced(), true, "sandbox-b".into());
+        assert_eq!(reasons(&decide(&t, &r, &booting)), vec![Throttle::Disk]);
+    }
+
+    #[test]
+    fn a_disk_too_full_for_even_one_thin_sandbox_on_an_idle_host_is_never() {
+        let t = roomy();
+        let mut r = big_memory(demo_host());
+        r.disk.as_mut().unwrap().available_bytes = 54 * GB; // 3.6 GB above the line, 4.5 needed
+        let d = decide(&t, &r, &thin(0, None));
+        let Decision::Never(block) = d else {
+            panic!("{d:?}")
+        };
+        assert_eq!(block.reason, Throttle::Disk);
+        assert!(
+            block
+                .detail
+                .starts_with("with no sandbox running, storage: 54.0 GB free"),
+            "{}",
+            block.detail
+        );
+        assert!(
+            block.detail.contains("4.5 GB for this one"),
+            "{}",
+            block.detail
+        );
+        // With a sandbox of ours running, its end may free space: wait.
+        assert_eq!(
+            reasons(&decide(&t, &r, &thin(1, None))),
+            vec![Throttle::Disk]
+        );
+        assert!(matches!(decide(&t, &r, &thin(1, None)), Decision::Wait(_)));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! What `GET /v1/governor` answers and `agentlab status` prints: the readings, the signals with
 //! their hysteresis state, the static budget against what is committed, the boot cap, why the
-//! queue's head waits, and what sampling costs.
+//! queue's head waits, and what sampling costs; and, for one queued job, its place in the queue
+//! and what it waits for (`GET /v1/jobs/{id}`, `agentlab job run --follow`).
 
 use serde::{Deserialize, Serialize};
 
@@ -69,6 +70,62 @@ pub struct Waiting {
     pub since_ms: i64,
 }
 
+/// The queue's head and why it waits, as the governor last decided.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HeadWait {
+    pub head: Option<String>,
+    pub waiting: Option<Waiting>,
+}
+
+/// A queued job's place in the queue and what it waits for: the `queue` of `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobQueue {
+    /// 1 = next.
+    pub position: u64,
+    /// At the head, the governor's reason (see [`Waiting`]); `queue` behind other jobs;
+    /// `admission` at the head before the governor has looked at it.
+    pub reason: String,
+    /// The same in words, with the rule and its numbers.
+    pub waiting_for: String,
+    /// Since when the head has waited (ms since the epoch); None behind the head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_ms: Option<i64>,
+}
+
+impl HeadWait {
+    /// What job `job_id`, at `position` in the queue, waits for.
+    pub fn for_job(&self, job_id: &str, position: u64) -> JobQueue {
+        let waiting = self.waiting.as_ref();
+        if let Some(w) = waiting.filter(|_| self.head.as_deref() == Some(job_id)) {
+            return JobQueue {
+                position,
+                reason: w.reason.clone(),
+                waiting_for: format!("{}: {}", w.reason, w.detail),
+                since_ms: Some(w.since_ms),
+            };
+        }
+        if position > 1 {
+            let ahead = position - 1;
+            let jobs = if ahead == 1 { "job" } else { "jobs" };
+            let first = waiting.map_or_else(String::new, |w| {
+                format!("; the first waits for {}", w.reason)
+            });
+            return JobQueue {
+                position,
+                reason: "queue".to_owned(),
+                waiting_for: format!("{ahead} {jobs} ahead{first}"),
+                since_ms: None,
+            };
+        }
+        JobQueue {
+            position,
+            reason: "admission".to_owned(),
+            waiting_for: "next to start, at the next admission round".to_owned(),
+            since_ms: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct SampleCost {
     pub samples: u64,
@@ -77,4 +134,49 @@ pub struct SampleCost {
     pub mean_cpu_ms: f64,
     /// Wall time of the last sample, ms.
     pub last_wall_ms: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiting_head() -> HeadWait {
+        HeadWait {
+            head: Some("a".into()),
+            waiting: Some(Waiting {
+                reason: "disk".into(),
+                detail: "storage: 10.0 GB free".into(),
+                blocks: Vec::new(),
+                since_ms: 42,
+            }),
+        }
+    }
+
+    #[test]
+    fn the_head_waits_for_the_governor_s_reason_and_the_rest_for_the_jobs_ahead() {
+        let h = waiting_head();
+        let head = h.for_job("a", 1);
+        assert_eq!(
+            (
+                head.reason.as_str(),
+                head.waiting_for.as_str(),
+                head.since_ms
+            ),
+            ("disk", "disk: storage: 10.0 GB free", Some(42))
+        );
+        let third = h.for_job("c", 3);
+        assert_eq!(third.reason, "queue");
+        assert_eq!(third.waiting_for, "2 jobs ahead; the first waits for disk");
+        assert_eq!(
+            h.for_job("b", 2).waiting_for,
+            "1 job ahead; the first waits for disk"
+        );
+        // Before the governor has looked at the new head.
+        let fresh = HeadWait::default().for_job("a", 1);
+        assert_eq!(fresh.reason, "admission");
+        assert_eq!(
+            HeadWait::default().for_job("b", 2).waiting_for,
+            "1 job ahead"
+        );
+    }
 }

@@ -1,14 +1,17 @@
-//! Control API routes for jobs: submit (with validation), list, show, cancel.
+//! Control API routes for jobs: submit (with validation), list, show (with, for a queued job, its
+//! place in the queue and what it waits for), cancel.
 
 use std::path::Path;
 
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::error::ApiError;
-use super::ApiState;
-use crate::actors::supervisor::{Admit, CancelJob};
+use super::{paging, ApiState};
+use crate::actors::governor::GetHeadWait;
+use crate::actors::supervisor::{Admit, CancelJob, IsReady};
+use crate::governor::status::JobQueue;
 use crate::model::{new_id, Job, JobRequest, JobStatus};
 use crate::paths::is_safe_relative;
 use crate::store::NewJob;
@@ -110,6 +113,15 @@ pub fn validate(
             return Err(ApiError::BadRequest(format!("`{field}` must be above 0")));
         }
     }
+    let max_ttl_minutes = crate::store::MAX_LEASE.as_secs() / 60;
+    if request
+        .ttl_minutes
+        .is_some_and(|m| u64::from(m) > max_ttl_minutes)
+    {
+        return Err(ApiError::BadRequest(format!(
+            "`ttl_minutes` must be at most {max_ttl_minutes} (the longest lease)"
+        )));
+    }
     Ok(())
 }
 
@@ -176,8 +188,10 @@ async fn submit(
 struct ListQuery {
     status: Option<String>,
     limit: Option<u32>,
+    after: Option<String>,
 }
 
+/// Newest first, a page at a time; `next` is the cursor of the following page, null on the last.
 async fn list(
     state: web::Data<ApiState>,
     query: web::Query<ListQuery>,
@@ -188,13 +202,17 @@ async fn list(
         .map(|s| s.to_ascii_uppercase().parse::<JobStatus>())
         .transpose()
         .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
-    let jobs = state
+    let limit = paging::limit(query.limit)?;
+    let after = paging::cursor(query.after.as_deref())?;
+    let page = state
         .svc
         .store
-        .call(move |s| s.list_jobs(status, limit))
+        .call(move |s| s.list_jobs(status, after, limit))
         .await?;
-    Ok(HttpResponse::Ok().json(json!({ "jobs": jobs })))
+    Ok(HttpResponse::Ok().json(json!({
+        "jobs": page.items,
+        "next": page.next.map(|c| c.to_string()),
+    })))
 }
 
 pub async fn load_job(state: &ApiState, id: String) -> Result<Job, ApiError> {
@@ -207,8 +225,48 @@ pub async fn load_job(state: &ApiState, id: String) -> Result<Job, ApiError> {
         .ok_or_else(|| ApiError::NotFound(format!("job {shown} does not exist")))
 }
 
+/// A job as `GET /v1/jobs/{id}` shows it.
+#[derive(Debug, Serialize)]
+struct ShownJob {
+    #[serde(flatten)]
+    job: Job,
+    /// While it is queued: its place and what it waits for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    queue: Option<JobQueue>,
+}
+
 async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    Ok(HttpResponse::Ok().json(load_job(&state, id.into_inner()).await?))
+    let job = load_job(&state, id.into_inner()).await?;
+    let queue = match (job.status, job.queue_position) {
+        (JobStatus::Queued, Some(position))
+            if !state
+                .supervisor
+                .send(IsReady)
+                .await
+                .map_err(ApiError::internal)? =>
+        {
+            Some(JobQueue {
+                position,
+                reason: "startup".to_owned(),
+                waiting_for: "the start-up reconcile (resuming interrupted jobs, removing \
+                              leftover VMs) to finish"
+                    .to_owned(),
+                since_ms: None,
+            })
+        }
+        (JobStatus::Queued, Some(position)) => {
+            // The job still shows if the governor cannot answer; only the reason is missing.
+            match state.governor.send(GetHeadWait).await {
+                Ok(head) => Some(head.for_job(&job.id, position)),
+                Err(err) => {
+                    tracing::warn!(%err, "the governor did not say why the queue waits");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    Ok(HttpResponse::Ok().json(ShownJob { job, queue }))
 }
 
 async fn cancel(
@@ -292,6 +350,10 @@ mod tests {
             },
             JobRequest {
                 run_timeout_seconds: Some(0),
+                ..ok_request()
+            },
+            JobRequest {
+                ttl_minutes: Some(7 * 24 * 60 + 1),
                 ..ok_request()
             },
         ];

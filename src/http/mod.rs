@@ -4,6 +4,7 @@
 pub mod error;
 pub mod guest;
 mod jobs;
+mod paging;
 mod sandboxes;
 mod stream;
 mod system;

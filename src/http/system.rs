@@ -1,4 +1,5 @@
-//! Control API routes about the daemon itself: health, status, the governor, profiles.
+//! Control API routes about the daemon itself: health, status (with the daemon's instance id and
+//! the foreign VMs the reconciler last saw), the governor, profiles.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -54,6 +55,10 @@ async fn status(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "backend": state.svc.backend.kind().as_str(),
+        "instance_id": state.svc.instance.id,
+        // Null while the local backend's KVM probe runs, and on backends that do not choose.
+        "accelerator": state.svc.backend.accelerator(),
+        "foreign_vms": state.svc.instance.foreign(),
         "uptime_seconds": state.started.elapsed().as_secs(),
         "jobs": jobs,
         "sandboxes": sandboxes,

@@ -130,28 +130,6 @@ impl JobFiles {
     fn artifact_scratch(&self) -> PathBuf {
         self.artifacts.join(".tmp")
     }
-
-    /// Removes the job's log and artifacts; files already gone are not an error.
-    pub async fn remove_job(&self, job_id: &str) -> Result<(), JobFilesError> {
-        let log = self.log_path(job_id);
-        let dir = self.artifacts_dir(job_id);
-        spawn_blocking(move || {
-            remove_if_present(&log, std::fs::remove_file(&log))?;
-            remove_if_present(&dir, std::fs::remove_dir_all(&dir))
-        })
-        .await?
-    }
-}
-
-/// A removal's result, with "was not there" counted as done.
-fn remove_if_present(path: &Path, removed: std::io::Result<()>) -> Result<(), JobFilesError> {
-    match removed {
-        Err(err) if err.kind() != std::io::ErrorKind::NotFound => Err(JobFilesError::Io {
-            context: format!("removing {}", path.display()),
-            source: err,
-        }),
-        _ => Ok(()),
-    }
 }
 
 /// Runs blocking file work on tokio's blocking pool.
@@ -216,21 +194,19 @@ pub(crate) mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn remove_job_takes_its_log_and_artifacts_and_nothing_else() {
-        let (_dir, files) = files(ROOMY);
-        for job in ["j1", "j2"] {
-            files.append_log(job, b"line\n").await.unwrap();
-            let path = files.artifact_path(job, "out/a").unwrap();
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, "x").unwrap();
-        }
-        files.remove_job("j1").await.unwrap();
-        assert!(!files.log_path("j1").exists());
-        assert!(!files.artifacts_dir("j1").exists());
-        assert!(files.log_path("j2").exists());
-        assert!(files.artifact_path("j2", "out/a").unwrap().exists());
-        // Again: nothing left to remove is fine.
-        files.remove_job("j1").await.unwrap();
+    /// Retention queues a job's files for removal by their paths under `data_dir`: they must be
+    /// the files this module writes.
+    #[test]
+    fn retention_removes_the_files_written_here() {
+        let data = Path::new("/srv/agentlab");
+        let files = JobFiles::under(data, ROOMY);
+        assert_eq!(
+            files.log_path("j1"),
+            data.join(crate::store::job_log_path("j1"))
+        );
+        assert_eq!(
+            files.artifacts_dir("j1"),
+            data.join(crate::store::job_artifacts_path("j1"))
+        );
     }
 }

@@ -6,11 +6,24 @@
 //! Safety rules, because the daemon shares the host with VMs it must never touch:
 //! - only VMs whose name carries `model::VM_NAME_PREFIX` are listed, and a handle whose VMID now
 //!   holds a VM of another name is treated as gone, never stopped or destroyed;
-//! - templates are never started, changed or destroyed.
+//! - templates are never started, changed or destroyed;
+//! - every clone is tagged `agentlab-owner-ID` (`parse::OWNER_TAG_PREFIX`) with the daemon's
+//!   instance id, in the `qm set` that configures it; `list_vms` reports that owner, and the
+//!   reconciler leaves VMs with another owner, or none, alone.
+//!
+//! A `qm clone` runs in a blocking thread that holds its name's lock until qm exits, even when
+//! the caller was cancelled (see `CloneHold`). A destroy, and `find_vm`, take the same lock (an
+//! async wait), so a clone cut short by a timeout or cancel is waited for and then destroyed with
+//! what it made, instead of finishing after the destroy and lingering.
 //!
 //! Every phase is idempotent for its VM name (see `backend` module docs): `clone_vm` finds a VM
 //! already cloned under the name and configures it again, starting a running VM succeeds, and a
 //! missing VM is destroyed already.
+//!
+//! Disk usage for the governor comes from the node's storages and their image volumes (`pvesh get
+//! /nodes/NODE/storage`, `…/storage/ID/content`), one listing per storage for all VMs, kept for
+//! `DISK_USAGE_MAX_AGE` so that admission rounds (up to one per second while jobs wait) do not
+//! run `pvesh` each time.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,8 +37,8 @@ use super::errors::{ErrorClass, PveError};
 use super::parse::{self, TemplateInfo, VmEntry};
 use super::snippets;
 use crate::backend::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, NetworkMode, SandboxSpec,
-    VmHandle, VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, NetworkMode,
+    SandboxSpec, VmHandle, VmState,
 };
 use crate::config::pve::PveConfig;
 use crate::model::VM_NAME_PREFIX;
@@ -41,6 +54,10 @@ const STATUS_RETRY_WAIT: Duration = Duration::from_millis(500);
 
 /// The guest's `env(1)`, for commands given an environment: `qm guest exec` has no option for it.
 const GUEST_ENV: &str = "/usr/bin/env";
+
+/// How long a disk-usage measurement is reused: disks grow over minutes, and each `pvesh` costs
+/// the node a fraction of a CPU second.
+const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// Held while a `qm clone` for a name runs, by the blocking thread that waits for it: a clone
 /// whose caller was cancelled goes on to the end, and a re-run for the same name must wait for it
@@ -70,6 +87,8 @@ pub struct PveBackend {
     /// One lock per VM name, held across a clone (see `CloneHold`).
     clones: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     issued: AtomicU64,
+    /// The last disk-usage measurement, and when it was taken.
+    disk_usage: Mutex<Option<(Instant, DiskUsage)>>,
 }
 
 /// Whether a VMID still holds the VM a handle names.
@@ -103,6 +122,7 @@ impl PveBackend {
             finished: Mutex::new(HashMap::new()),
             clones: Mutex::new(HashMap::new()),
             issued: AtomicU64::new(0),
+            disk_usage: Mutex::new(None),
         })
     }
 
@@ -146,6 +166,19 @@ impl PveBackend {
             )));
         }
         Ok(node)
+    }
+
+    /// The lock of VM name `name` (see `CloneHold`).
+    fn name_lock(&self, name: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(lock(&self.clones).entry(name.to_owned()).or_default())
+    }
+
+    /// Forgets the lock of a destroyed VM's name, unless someone holds or awaits it.
+    fn forget_name_lock(&self, name: &str) {
+        let mut clones = lock(&self.clones);
+        if clones.get(name).is_some_and(|l| Arc::strong_count(l) == 1) {
+            clones.remove(name);
+        }
     }
 
     fn invocation<S: Into<String>>(
@@ -240,6 +273,40 @@ impl PveBackend {
             })
             .await
             .cloned()
+    }
+
+    /// Measures what our sandboxes' disks take: the storages, each image storage's volumes, and
+    /// the VMs they belong to.
+    async fn measure_disks(&self) -> Result<DiskUsage, PveError> {
+        let node = self.node().await?;
+        let path = format!("/nodes/{node}/storage");
+        let text = self.pvesh_json(&path).await?;
+        let storages = parse::storages(&text)
+            .map_err(|problem| unreadable(&format!("pvesh get {path}"), problem, &text))?;
+        let mut volumes = Vec::new();
+        for storage in storages.iter().filter(|s| s.holds_images()) {
+            if storage.storage.contains('/') || storage.storage.chars().any(char::is_control) {
+                continue;
+            }
+            let path = format!("/nodes/{node}/storage/{}/content", storage.storage);
+            let invocation = self.invocation(
+                Tool::Pvesh,
+                [
+                    "get",
+                    &path,
+                    "--content",
+                    "images",
+                    "--output-format",
+                    "json",
+                ],
+            );
+            let text = self.run(invocation).await?;
+            let list = parse::volumes(&text)
+                .map_err(|problem| unreadable(&format!("pvesh get {path}"), problem, &text))?;
+            volumes.push((storage.storage.clone(), list));
+        }
+        let vms = self.list().await?;
+        Ok(parse::disk_usage(&storages, &volumes, &vms))
     }
 
     /// Every VM on our node.
@@ -430,62 +497,104 @@ impl PveBackend {
         }
     }
 
-    /// Writes the user-data snippet and sets the clone's resources, network and cloud-init; grows
-    /// its boot disk to the profile's size. Every step can run again.
+    /// Writes the user-data snippet and sets the clone's resources, network, cloud-init and owner
+    /// tag; grows its boot disk to the profile's size. Every step can run again, and each holds
+    /// the name's lock until it is done, like the clone.
     async fn configure(
         &self,
         vmid: u32,
         spec: &SandboxSpec,
         info: &TemplateInfo,
+        hold: &CloneHold,
     ) -> Result<(), PveError> {
         // The same user-data as the local backend's seed; Proxmox makes the meta-data itself.
         let contents = crate::cloudinit::render(&spec.name, &spec.cloud_init)
             .map_err(|e| PveError::Invalid(e.to_string()))?
             .user_data;
         let (dir, name) = (self.config.snippets_dir.clone(), spec.name.clone());
-        tokio::task::spawn_blocking(move || snippets::write(&dir, &name, &contents))
-            .await
-            .map_err(|e| PveError::Invalid(format!("writing the snippet did not finish: {e}")))??;
+        let snippet_hold = Arc::clone(hold);
+        tokio::task::spawn_blocking(move || {
+            let _hold = snippet_hold;
+            snippets::write(&dir, &name, &contents)
+        })
+        .await
+        .map_err(|e| PveError::Invalid(format!("writing the snippet did not finish: {e}")))??;
         let firewall = match spec.network {
             NetworkMode::Restricted => 1,
             NetworkMode::Egress => 0,
         };
-        self.qm([
-            "set".to_owned(),
-            vmid.to_string(),
-            "--cores".to_owned(),
-            spec.cores.to_string(),
-            "--memory".to_owned(),
-            spec.memory_mb.to_string(),
-            "--net0".to_owned(),
-            format!("virtio,bridge={},firewall={firewall}", self.config.bridge),
-            "--ipconfig0".to_owned(),
-            "ip=dhcp".to_owned(),
-            "--cicustom".to_owned(),
-            format!(
-                "user={}",
-                snippets::volume(&self.config.snippets_storage, &spec.name)
-            ),
-        ])
-        .await?;
+        let set = self.invocation(
+            Tool::Qm,
+            [
+                "set".to_owned(),
+                vmid.to_string(),
+                "--cores".to_owned(),
+                spec.cores.to_string(),
+                "--memory".to_owned(),
+                spec.memory_mb.to_string(),
+                "--net0".to_owned(),
+                format!("virtio,bridge={},firewall={firewall}", self.config.bridge),
+                "--ipconfig0".to_owned(),
+                "ip=dhcp".to_owned(),
+                "--cicustom".to_owned(),
+                format!(
+                    "user={}",
+                    snippets::volume(&self.config.snippets_storage, &spec.name)
+                ),
+                "--tags".to_owned(),
+                parse::tags_with_owner(&info.tags, &spec.owner),
+            ],
+        );
+        self.run_holding(set, Some(Arc::clone(hold))).await?;
         // An absolute size, not `+N`, so that running this again never grows the disk twice;
         // never smaller than the template's, which qm refuses.
         let want = spec.disk_gb.saturating_mul(1 << 30);
         if info.root_size_bytes.is_some_and(|have| have >= want) {
             return Ok(());
         }
-        match self
-            .qm([
+        let resize = self.invocation(
+            Tool::Qm,
+            [
                 "resize".to_owned(),
                 vmid.to_string(),
                 info.root_disk.clone(),
                 format!("{}G", spec.disk_gb),
-            ])
-            .await
-        {
+            ],
+        );
+        match self.run_holding(resize, Some(Arc::clone(hold))).await {
             Err(PveError::Failed { stderr, .. }) if stderr.contains("shrinking") => Ok(()),
             other => other.map(drop),
         }
+    }
+
+    /// Stops and destroys VM `vmid` if it still is `vm`, and removes its snippet. The caller holds
+    /// the name's lock.
+    async fn destroy_unlocked(&self, vm: &VmHandle, vmid: u32) -> Result<(), BackendError> {
+        let fail = |e: PveError| e.into_backend("destroy");
+        if let Ownership::Ours(entry) = self.ownership(vm, vmid).await.map_err(fail)? {
+            let id = vmid.to_string();
+            if entry.status != "stopped" {
+                match self.qm(["stop", &id]).await {
+                    Err(err)
+                        if !(err.is(ErrorClass::VmMissing) || err.is(ErrorClass::VmNotRunning)) =>
+                    {
+                        return Err(fail(err))
+                    }
+                    _ => {}
+                }
+            }
+            match self.qm(["destroy", &id, "--purge", "1"]).await {
+                Err(err) if !err.is(ErrorClass::VmMissing) => return Err(fail(err)),
+                _ => tracing::info!(vm = %vm.name, vmid, "VM destroyed"),
+            }
+        }
+        let (dir, name) = (self.config.snippets_dir.clone(), vm.name.clone());
+        tokio::task::spawn_blocking(move || snippets::remove(&dir, &name))
+            .await
+            .map_err(|e| BackendError::operation("destroy", e.to_string()))?
+            .map_err(fail)?;
+        lock(&self.finished).retain(|(id, _), _| *id != vmid);
+        Ok(())
     }
 }
 
@@ -611,12 +720,11 @@ impl Backend for PveBackend {
         let restricted = spec.network == NetworkMode::Restricted;
         let fail = |e: PveError| e.into_backend("clone");
         let info = self.template(template, restricted).await.map_err(fail)?;
-        let name_lock = Arc::clone(lock(&self.clones).entry(spec.name.clone()).or_default());
-        let hold: CloneHold = Arc::new(name_lock.lock_owned().await);
+        let hold: CloneHold = Arc::new(self.name_lock(&spec.name).lock_owned().await);
         // A restarted actor re-runs this phase: the VM may exist already, configured or not.
         if let Some(existing) = self.find_by_name(&spec.name).await.map_err(fail)? {
             if !existing.running() {
-                self.configure(existing.vmid, spec, &info)
+                self.configure(existing.vmid, spec, &info, &hold)
                     .await
                     .map_err(fail)?;
             }
@@ -628,7 +736,9 @@ impl Backend for PveBackend {
             .clone_from(template, &spec.name, &hold)
             .await
             .map_err(fail)?;
-        self.configure(vmid, spec, &info).await.map_err(fail)?;
+        self.configure(vmid, spec, &info, &hold)
+            .await
+            .map_err(fail)?;
         tracing::info!(vm = %spec.name, vmid, template, elapsed_ms = started.elapsed().as_millis() as u64, "cloned");
         Ok(handle(&spec.name, vmid))
     }
@@ -747,38 +857,32 @@ impl Backend for PveBackend {
 
     async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
         let vmid = vmid_of(vm)?;
-        let fail = |e: PveError| e.into_backend("destroy");
-        if let Ownership::Ours(entry) = self.ownership(vm, vmid).await.map_err(fail)? {
-            let id = vmid.to_string();
-            if entry.status != "stopped" {
-                match self.qm(["stop", &id]).await {
-                    Err(err)
-                        if !(err.is(ErrorClass::VmMissing) || err.is(ErrorClass::VmNotRunning)) =>
-                    {
-                        return Err(fail(err))
-                    }
-                    _ => {}
-                }
-            }
-            match self.qm(["destroy", &id, "--purge", "1"]).await {
-                Err(err) if !err.is(ErrorClass::VmMissing) => return Err(fail(err)),
-                _ => tracing::info!(vm = %vm.name, vmid, "VM destroyed"),
-            }
-        }
-        let (dir, name) = (self.config.snippets_dir.clone(), vm.name.clone());
-        tokio::task::spawn_blocking(move || snippets::remove(&dir, &name))
-            .await
-            .map_err(|e| BackendError::operation("destroy", e.to_string()))?
-            .map_err(fail)?;
-        lock(&self.finished).retain(|(id, _), _| *id != vmid);
-        let mut clones = lock(&self.clones);
-        if clones
-            .get(&vm.name)
-            .is_some_and(|l| Arc::strong_count(l) == 1)
-        {
-            clones.remove(&vm.name);
-        }
-        Ok(())
+        let name_lock = self.name_lock(&vm.name);
+        let result = {
+            // A clone of this name still running in its thread is waited for.
+            let _waited = name_lock.lock().await;
+            self.destroy_unlocked(vm, vmid).await
+        };
+        drop(name_lock);
+        self.forget_name_lock(&vm.name);
+        result
+    }
+
+    async fn find_vm(&self, name: &str) -> Result<Option<ListedVm>, BackendError> {
+        let name_lock = self.name_lock(name);
+        let found = {
+            // What a clone still running makes is found once it is made.
+            let _waited = name_lock.lock().await;
+            self.find_by_name(name).await
+        };
+        drop(name_lock);
+        self.forget_name_lock(name);
+        Ok(found
+            .map_err(|e| e.into_backend("list"))?
+            .map(|entry| ListedVm {
+                owner: entry.owner(),
+                vm: handle(name, entry.vmid),
+            }))
     }
 
     async fn vm_state(&self, vm: &VmHandle) -> Result<VmState, BackendError> {
@@ -796,17 +900,34 @@ impl Backend for PveBackend {
         )
     }
 
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
-        let mut vms: Vec<VmHandle> = self
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError> {
+        let mut vms: Vec<ListedVm> = self
             .list()
             .await
             .map_err(|e| e.into_backend("list"))?
             .into_iter()
             .filter(|vm| !vm.template && vm.name().starts_with(VM_NAME_PREFIX))
-            .map(|vm| handle(vm.name(), vm.vmid))
+            .map(|vm| ListedVm {
+                owner: vm.owner(),
+                vm: handle(vm.name(), vm.vmid),
+            })
             .collect();
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.sort_by(|a, b| a.vm.name.cmp(&b.vm.name));
         Ok(vms)
+    }
+
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        if let Some((at, usage)) = lock(&self.disk_usage).as_ref() {
+            if at.elapsed() < DISK_USAGE_MAX_AGE {
+                return Ok(usage.clone());
+            }
+        }
+        let usage = self
+            .measure_disks()
+            .await
+            .map_err(|e| e.into_backend("disk usage"))?;
+        *lock(&self.disk_usage) = Some((Instant::now(), usage.clone()));
+        Ok(usage)
     }
 
     /// Removes the snippets (and half-written snippet files) of VMs that no longer exist. The

@@ -1,5 +1,6 @@
 //! Reading what `qm` and `pvesh` print: `pvesh … --output-format json` lists, `qm config`'s
-//! `key: value` lines, and the guest agent's JSON replies. Proxmox has printed some numbers as
+//! `key: value` lines, the guest agent's JSON replies, and storages and their volumes (what the
+//! governor's disk rule learns from). Proxmox has printed some numbers as
 //! strings and some booleans as 0/1 across versions, so the readers accept either.
 
 use std::collections::BTreeMap;
@@ -7,7 +8,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::backend::ExecStatus;
+use crate::backend::{DiskUsage, ExecStatus, Provisioning};
+use crate::model::VM_NAME_PREFIX;
 
 /// The lowest and highest VMIDs Proxmox accepts.
 pub const VMID_RANGE: std::ops::RangeInclusive<u32> = 100..=999_999_999;
@@ -50,9 +52,17 @@ pub struct VmEntry {
     pub template: bool,
     #[serde(default)]
     pub lock: Option<String>,
+    /// Proxmox's tag list, `a;b` (absent without tags).
+    #[serde(default)]
+    pub tags: Option<String>,
 }
 
 impl VmEntry {
+    /// The instance id the VM's owner tag carries, if it has one.
+    pub fn owner(&self) -> Option<String> {
+        owner_in_tags(self.tags.as_deref().unwrap_or_default())
+    }
+
     pub fn name(&self) -> &str {
         self.name.as_deref().unwrap_or_default()
     }
@@ -84,6 +94,39 @@ pub fn qm_config(stdout: &str) -> BTreeMap<String, String> {
     config
 }
 
+/// The tag that marks a VM as made by the agentlabd instance whose id follows. Proxmox tags take
+/// `[a-z0-9_][a-z0-9_+.-]*` and are lowercased, which instance ids already are.
+pub const OWNER_TAG_PREFIX: &str = "agentlab-owner-";
+
+/// A tag list as Proxmox takes and prints it: separated by `;` (`,` and spaces are accepted on
+/// input too).
+pub fn split_tags(text: &str) -> Vec<String> {
+    text.split([';', ',', ' ', '\t'])
+        .filter(|tag| !tag.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The owner named by the first owner tag in `tags`.
+pub fn owner_in_tags(tags: &str) -> Option<String> {
+    split_tags(tags)
+        .into_iter()
+        .find_map(|tag| tag.strip_prefix(OWNER_TAG_PREFIX).map(str::to_owned))
+        .filter(|owner| !owner.is_empty())
+}
+
+/// The `--tags` value of a clone: the tags it got from its template, except owner tags (a clone
+/// has one owner: us), and ours.
+pub fn tags_with_owner(template_tags: &[String], owner: &str) -> String {
+    let mut tags: Vec<String> = template_tags
+        .iter()
+        .filter(|tag| !tag.starts_with(OWNER_TAG_PREFIX))
+        .cloned()
+        .collect();
+    tags.push(format!("{OWNER_TAG_PREFIX}{owner}"));
+    tags.join(";")
+}
+
 /// What the backend needs to know of a template, once it has passed validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TemplateInfo {
@@ -91,6 +134,8 @@ pub struct TemplateInfo {
     pub root_disk: String,
     /// Its size in bytes, when the config says.
     pub root_size_bytes: Option<u64>,
+    /// The template's tags, which `qm clone` copies; a clone keeps them next to its owner tag.
+    pub tags: Vec<String>,
 }
 
 const DISK_BUSES: [&str; 4] = ["scsi", "virtio", "sata", "ide"];
@@ -213,6 +258,7 @@ pub fn template_info(vmid: u32, config: &BTreeMap<String, String>) -> Result<Tem
             return Ok(TemplateInfo {
                 root_disk: key,
                 root_size_bytes: size,
+                tags: split_tags(config.get("tags").map(String::as_str).unwrap_or_default()),
             });
         }
     }
@@ -266,6 +312,126 @@ pub fn firewall_options(stdout: &str) -> Result<FirewallOptions, String> {
     serde_json::from_str(stdout).map_err(|e| e.to_string())
 }
 
+/// One entry of `pvesh get /nodes/NODE/storage`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct StorageEntry {
+    pub storage: String,
+    /// The plugin: `dir`, `lvm`, `lvmthin`, `zfspool`, `rbd`, `nfs`, …
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Comma-separated content types (`images,rootdir`).
+    #[serde(default)]
+    pub content: String,
+    #[serde(default, deserialize_with = "flexible_bool")]
+    pub active: bool,
+}
+
+impl StorageEntry {
+    /// Holds VM disks, and is up.
+    pub fn holds_images(&self) -> bool {
+        self.active && self.content.split(',').any(|c| c.trim() == "images")
+    }
+
+    /// Whether a disk on it takes only what the guest wrote. Thin: LVM-thin, ZFS, Ceph RBD,
+    /// btrfs, and file storages (qcow2 and raw files are sparse). Plain LVM and iSCSI LUNs
+    /// allocate the whole size; a type not known here counts as thick, the safe side.
+    pub fn is_thin(&self) -> bool {
+        matches!(
+            self.kind.as_str(),
+            "lvmthin"
+                | "zfspool"
+                | "zfs"
+                | "rbd"
+                | "btrfs"
+                | "dir"
+                | "nfs"
+                | "cifs"
+                | "glusterfs"
+                | "cephfs"
+        )
+    }
+}
+
+pub fn storages(stdout: &str) -> Result<Vec<StorageEntry>, String> {
+    serde_json::from_str(stdout).map_err(|e| e.to_string())
+}
+
+/// One entry of `pvesh get /nodes/NODE/storage/STORAGE/content`. `size` is the virtual size;
+/// `used` what the volume takes, which file storages report (qcow2's allocated size) and
+/// LVM-thin and ZFS do not.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct VolumeEntry {
+    pub volid: String,
+    #[serde(default, deserialize_with = "flexible_opt_u64")]
+    pub vmid: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_opt_u64")]
+    pub size: Option<u64>,
+    #[serde(default, deserialize_with = "flexible_opt_u64")]
+    pub used: Option<u64>,
+}
+
+pub fn volumes(stdout: &str) -> Result<Vec<VolumeEntry>, String> {
+    serde_json::from_str(stdout).map_err(|e| e.to_string())
+}
+
+/// What our sandboxes' disks take, from the node's storages, each image storage's volumes (by
+/// storage id) and the node's VMs. The storages that matter are those holding a sandbox's or a
+/// template's volume; provisioning is thin only when all of them are thin. A sandbox is
+/// measured when every one of its volumes reports `used`; otherwise it is left out (and the
+/// governor counts it as having written nothing yet, holding its whole growth reserve).
+pub fn disk_usage(
+    storages: &[StorageEntry],
+    volumes: &[(String, Vec<VolumeEntry>)],
+    vms: &[VmEntry],
+) -> DiskUsage {
+    let sandboxes: BTreeMap<u64, &str> = vms
+        .iter()
+        .filter(|vm| !vm.template && vm.name().starts_with(VM_NAME_PREFIX))
+        .map(|vm| (u64::from(vm.vmid), vm.name()))
+        .collect();
+    let templates: Vec<u64> = vms
+        .iter()
+        .filter(|vm| vm.template)
+        .map(|vm| u64::from(vm.vmid))
+        .collect();
+    let mut relevant: Vec<&str> = Vec::new();
+    let mut allocated: BTreeMap<&str, Option<u64>> = BTreeMap::new();
+    for (storage, list) in volumes {
+        for volume in list {
+            let Some(vmid) = volume.vmid else { continue };
+            if let Some(name) = sandboxes.get(&vmid) {
+                let entry = allocated.entry(name).or_insert(Some(0));
+                *entry = entry
+                    .zip(volume.used)
+                    .map(|(sum, used)| sum.saturating_add(used));
+            } else if !templates.contains(&vmid) {
+                continue;
+            }
+            if !relevant.contains(&storage.as_str()) {
+                relevant.push(storage);
+            }
+        }
+    }
+    let thin = !relevant.is_empty()
+        && relevant.iter().all(|id| {
+            storages
+                .iter()
+                .find(|s| s.storage == *id)
+                .is_some_and(StorageEntry::is_thin)
+        });
+    DiskUsage {
+        provisioning: if thin {
+            Provisioning::Thin
+        } else {
+            Provisioning::Thick
+        },
+        allocated: allocated
+            .into_iter()
+            .filter_map(|(name, bytes)| Some((name.to_owned(), bytes?)))
+            .collect(),
+    }
+}
+
 fn as_i64(value: &Value) -> Option<i64> {
     match value {
         Value::Number(n) => n.as_i64(),
@@ -289,6 +455,17 @@ fn flexible_u32<'de, D: Deserializer<'de>>(de: D) -> Result<u32, D::Error> {
         .ok_or_else(|| serde::de::Error::custom(format!("`{value}` is not a VMID")))
 }
 
+fn flexible_opt_u64<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    let value = Value::deserialize(de)?;
+    if value.is_null() {
+        return Ok(None);
+    }
+    as_i64(&value)
+        .and_then(|n| u64::try_from(n).ok())
+        .map(Some)
+        .ok_or_else(|| serde::de::Error::custom(format!("`{value}` is not a size")))
+}
+
 fn flexible_bool<'de, D: Deserializer<'de>>(de: D) -> Result<bool, D::Error> {
     let value = Value::deserialize(de)?;
     as_bool(&value).ok_or_else(|| serde::de::Error::custom(format!("`{value}` is not a boolean")))
@@ -297,6 +474,85 @@ fn flexible_bool<'de, D: Deserializer<'de>>(de: D) -> Result<bool, D::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node with a directory storage (qcow2), an LVM-thin pool and a plain LVM group.
+    const STORAGES: &str = r#"[
+        {"storage":"local","type":"dir","content":"iso,vztmpl,backup,snippets,images","active":1,
+         "enabled":1,"shared":0,"total":100861726720,"used":8591601664,"avail":87092404224},
+        {"storage":"local-lvm","type":"lvmthin","content":"rootdir,images","active":1,
+         "total":141734395904,"used":2834687918,"avail":138899707986},
+        {"storage":"san","type":"lvm","content":"images","active":"1"},
+        {"storage":"off","type":"zfspool","content":"images","active":0}
+    ]"#;
+    /// `local`'s images: template 9000's base and sandbox 101's qcow2 overlay and cloud-init.
+    const LOCAL: &str = r#"[
+        {"volid":"local:9000/base-9000-disk-0.qcow2","vmid":9000,"format":"qcow2",
+         "size":2361393152,"used":598999040,"content":"images","ctime":1700000000},
+        {"volid":"local:9000/base-9000-disk-0.qcow2/101/vm-101-disk-0.qcow2","vmid":"101",
+         "format":"qcow2","size":32212254720,"used":52887552,"content":"images"},
+        {"volid":"local:101/vm-101-cloudinit.qcow2","vmid":101,"format":"qcow2",
+         "size":4194304,"used":458752,"content":"images"},
+        {"volid":"local:500/vm-500-disk-0.raw","vmid":500,"format":"raw","size":1073741824,
+         "used":1073741824,"content":"images"}
+    ]"#;
+    /// `local-lvm`: LVM-thin reports sizes only.
+    const THIN: &str = r#"[
+        {"volid":"local-lvm:base-9001-disk-0","vmid":"9001","format":"raw","size":2361393152,
+         "content":"images"},
+        {"volid":"local-lvm:vm-102-disk-0","vmid":"102","format":"raw","size":32212254720,
+         "content":"images"}
+    ]"#;
+    const VMS: &str = r#"[
+        {"vmid":9000,"name":"agentlab-template","status":"stopped","template":1},
+        {"vmid":9001,"name":"agentlab-template-thin","status":"stopped","template":1},
+        {"vmid":101,"name":"sandbox-0123456789ab","status":"running"},
+        {"vmid":102,"name":"sandbox-ba9876543210","status":"running"},
+        {"vmid":500,"name":"somebody-else","status":"running"}
+    ]"#;
+
+    #[test]
+    fn storages_say_what_holds_images_and_how() {
+        let list = storages(STORAGES).unwrap();
+        let by = |id: &str| list.iter().find(|s| s.storage == id).unwrap().clone();
+        assert!(by("local").holds_images() && by("local").is_thin());
+        assert!(by("local-lvm").holds_images() && by("local-lvm").is_thin());
+        assert!(
+            by("san").holds_images() && !by("san").is_thin(),
+            "plain LVM is thick"
+        );
+        assert!(!by("off").holds_images(), "inactive");
+        assert!(storages("{").is_err());
+    }
+
+    #[test]
+    fn disk_usage_sums_what_each_sandbox_s_volumes_take() {
+        let list = storages(STORAGES).unwrap();
+        let vms = vms(VMS).unwrap();
+        let local = ("local".to_owned(), volumes(LOCAL).unwrap());
+        let thin = ("local-lvm".to_owned(), volumes(THIN).unwrap());
+        let usage = disk_usage(&list, &[local.clone(), thin.clone()], &vms);
+        assert_eq!(usage.provisioning, Provisioning::Thin);
+        // qcow2 on a directory: the overlay's and the cloud-init volume's allocation.
+        assert_eq!(
+            usage.allocated.get("sandbox-0123456789ab"),
+            Some(&(52887552 + 458752))
+        );
+        // LVM-thin reports no usage: not measured. Another's VM is never counted.
+        assert_eq!(usage.allocated.len(), 1, "{usage:?}");
+
+        // A sandbox on plain LVM makes the storage thick.
+        let san = (
+            "san".to_owned(),
+            volumes(r#"[{"volid":"san:vm-102-disk-1","vmid":102,"size":1073741824}]"#).unwrap(),
+        );
+        let usage = disk_usage(&list, &[local, thin, san], &vms);
+        assert_eq!(usage.provisioning, Provisioning::Thick);
+        // Nothing of ours or our templates anywhere: nothing says thin.
+        assert_eq!(
+            disk_usage(&list, &[], &vms).provisioning,
+            Provisioning::Thick
+        );
+    }
 
     #[test]
     fn nextid_reads_text_and_json() {

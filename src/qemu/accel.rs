@@ -1,6 +1,8 @@
-//! Chooses between KVM and TCG. With `accel: auto` the first start boots the template's kernel
-//! once under KVM, without any disk, and expects it to run to its "cannot mount root" panic in
-//! time; the answer holds for the life of the process. `/dev/kvm` being present proves nothing:
+//! Chooses between KVM and TCG. With `accel: auto` the template's kernel is booted once under
+//! KVM, without any disk, and expected to run to its "cannot mount root" panic in time; the answer
+//! holds for the life of the process. The daemon starts that probe in the background at start-up
+//! (`QemuBackend::start_accel_probe`), so a first job's start phase finds the answer, or waits for
+//! the probe under way, instead of paying for it. `/dev/kvm` being present proves nothing:
 //! on some nested hosts a KVM guest hangs before its kernel prints a line.
 
 use std::path::{Path, PathBuf};
@@ -20,6 +22,13 @@ pub enum Accelerator {
 }
 
 impl Accelerator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accelerator::Kvm => "kvm",
+            Accelerator::Tcg => "tcg",
+        }
+    }
+
     pub fn qemu_args(self) -> [&'static str; 4] {
         match self {
             Accelerator::Kvm => ["-accel", "kvm", "-cpu", "host"],
@@ -51,6 +60,15 @@ impl AccelChooser {
             probe_timeout,
             probe_dir,
             probed: OnceCell::new(),
+        }
+    }
+
+    /// The accelerator, if known without a probe: configured, or probed already.
+    pub fn known(&self) -> Option<Accelerator> {
+        match self.configured {
+            Accel::Kvm => Some(Accelerator::Kvm),
+            Accel::Tcg => Some(Accelerator::Tcg),
+            Accel::Auto => self.probed.get().copied(),
         }
     }
 

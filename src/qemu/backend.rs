@@ -3,6 +3,11 @@
 //! the VM's pidfile, QMP and guest-agent sockets and console log. The folder is the whole state:
 //! a restarted daemon finds its VMs by listing folders and recognises their QEMU processes by
 //! command line.
+//!
+//! Ownership: `sandbox.json` records the instance id of the daemon that made the folder, and is
+//! written before anything else goes in, so even the residue of an interrupted clone says whose it
+//! is. A folder recording another daemon's id is never stopped (the process scan matches every
+//! QEMU naming files in the folder) nor removed, by destroy or by a clone's residue clean-up.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -14,7 +19,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::sync::OwnedMutexGuard;
 
-use super::accel::AccelChooser;
+use super::accel::{AccelChooser, Accelerator};
 use super::launch::{self, LaunchPlan};
 use super::layout::{self, SandboxPaths, SandboxRecord, Template};
 use super::process;
@@ -23,7 +28,8 @@ use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
 use super::tool::{self, ToolError};
 use crate::backend::{
-    Backend, BackendError, BackendKind, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm,
+    Provisioning, SandboxSpec, VmHandle, VmState,
 };
 use crate::cloudinit;
 use crate::config::qemu::QemuConfig;
@@ -65,7 +71,10 @@ pub struct QemuBackend {
     config: QemuConfig,
     dirs: QemuDirs,
     guest_endpoint: SocketAddr,
-    accel: AccelChooser,
+    accel: Arc<AccelChooser>,
+    /// This daemon's instance id: folders recording another are left alone. None (tests, the
+    /// pve stand-in): no check.
+    instance: Option<String>,
     /// Serialises the operations on one VM: QEMU serves one QMP and one guest-agent client at a
     /// time, and clone/start/destroy must not interleave.
     vm_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -116,17 +125,18 @@ impl QemuBackend {
                 "qemu.socat_binary `{socat}` must be a path without spaces, commas or quotes"
             )));
         }
-        let accel = AccelChooser::new(
+        let accel = Arc::new(AccelChooser::new(
             config.accel,
             config.qemu_binary.clone(),
             config.kvm_probe_timeout,
             dirs.sandboxes.join(".kvm-probe"),
-        );
+        ));
         Ok(QemuBackend {
             config,
             dirs,
             guest_endpoint,
             accel,
+            instance: None,
             vm_locks: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
@@ -169,6 +179,52 @@ impl QemuBackend {
 
     pub fn dirs(&self) -> &QemuDirs {
         &self.dirs
+    }
+
+    /// Makes this backend the daemon `instance`'s: what it destroys must not record another.
+    pub fn with_instance(mut self, instance: &str) -> Self {
+        self.instance = Some(instance.to_owned());
+        self
+    }
+
+    /// Starts the accelerator probe in the background (daemon start-up), with the default
+    /// template's kernel, so that the first VM start finds its answer or waits for the probe
+    /// already running instead of starting one. Returns the probe's task, or None when there is
+    /// nothing to probe (a fixed accelerator) or no default template to probe with (the first
+    /// start then probes with its own).
+    pub async fn start_accel_probe(&self) -> Option<tokio::task::JoinHandle<Accelerator>> {
+        if self.accel.known().is_some() {
+            return None;
+        }
+        let template = match Template::resolve(&self.dirs.images, "", None).await {
+            Ok(template) => template,
+            Err(e) => {
+                tracing::info!(error = %e, "no default template to probe KVM with; the first start probes");
+                return None;
+            }
+        };
+        let accel = Arc::clone(&self.accel);
+        Some(tokio::spawn(
+            async move { accel.choose(&template.kernel).await },
+        ))
+    }
+
+    /// Whether the folder records another daemon's id; its owner if so.
+    async fn foreign_owner(&self, paths: &SandboxPaths) -> Option<String> {
+        let ours = self.instance.as_deref()?;
+        let owner = Self::recorded_owner(paths).await?;
+        (owner != ours).then_some(owner)
+    }
+
+    /// The owner `sandbox.json` records; None without a readable record or an owner in it.
+    async fn recorded_owner(paths: &SandboxPaths) -> Option<String> {
+        Self::read_record(paths).await.ok()?.owner
+    }
+
+    fn refuse_foreign(name: &str, owner: &str) -> BackendError {
+        BackendError::InvalidInput(format!(
+            "{name} belongs to agentlabd instance {owner}, not this one; it is left alone"
+        ))
     }
 
     async fn lock_vm(&self, name: &str) -> OwnedMutexGuard<()> {
@@ -255,6 +311,21 @@ impl QemuBackend {
             .create(&paths.dir)
             .await
             .map_err(|e| BackendError::io(format!("creating {}", paths.dir.display()), e))?;
+        // First, so that even the residue of a clone cut short here says whose it is.
+        let record = SandboxRecord {
+            name: spec.name.clone(),
+            job_id: spec.job_id.clone(),
+            created_ms: now_ms(),
+            template: template.clone(),
+            cores: self.config.clamp_cores(spec.cores),
+            memory_mb: self.config.clamp_memory_mb(spec.memory_mb),
+            disk_gb: spec.disk_gb,
+            network: spec.network,
+            owner: Some(spec.owner.clone()),
+        };
+        let text = serde_json::to_string_pretty(&record)
+            .map_err(|e| BackendError::operation("clone", e.to_string()))?;
+        write_file(&paths.record(), text.as_bytes()).await?;
 
         // A linked clone: O(1) whatever the template's size. Never smaller than the template,
         // or the guest would see a truncated root file system.
@@ -284,19 +355,6 @@ impl QemuBackend {
         .await
         .map_err(seed_error)?;
 
-        let record = SandboxRecord {
-            name: spec.name.clone(),
-            job_id: spec.job_id.clone(),
-            created_ms: now_ms(),
-            template,
-            cores: self.config.clamp_cores(spec.cores),
-            memory_mb: self.config.clamp_memory_mb(spec.memory_mb),
-            disk_gb: spec.disk_gb,
-            network: spec.network,
-        };
-        let text = serde_json::to_string_pretty(&record)
-            .map_err(|e| BackendError::operation("clone", e.to_string()))?;
-        write_file(&paths.record(), text.as_bytes()).await?;
         write_file(&paths.complete_marker(), b"").await
     }
 
@@ -387,6 +445,10 @@ impl Backend for QemuBackend {
         )
     }
 
+    fn accelerator(&self) -> Option<&'static str> {
+        self.accel.known().map(Accelerator::as_str)
+    }
+
     async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError> {
         let paths = self.paths_for_name(&spec.name)?;
         if spec.cores == 0 || spec.memory_mb == 0 || spec.disk_gb == 0 {
@@ -401,6 +463,9 @@ impl Backend for QemuBackend {
         let _guard = self.lock_vm(&spec.name).await;
 
         if exists(&paths.complete_marker()).await? {
+            if let Some(owner) = self.foreign_owner(&paths).await {
+                return Err(Self::refuse_foreign(&spec.name, &owner));
+            }
             let record = Self::read_record(&paths).await?;
             if record.job_id != spec.job_id {
                 return Err(BackendError::InvalidInput(format!(
@@ -411,6 +476,9 @@ impl Backend for QemuBackend {
             return Ok(handle);
         }
         if exists(&paths.dir).await? {
+            if let Some(owner) = self.foreign_owner(&paths).await {
+                return Err(Self::refuse_foreign(&spec.name, &owner));
+            }
             tracing::info!(vm = %spec.name, "removing the residue of an interrupted clone");
             self.stop_processes(&paths).await?;
             remove_dir_all(&paths.dir).await?;
@@ -547,6 +615,9 @@ impl Backend for QemuBackend {
         let paths = self.paths(vm)?;
         let guard = self.lock_vm(&vm.name).await;
         if exists(&paths.dir).await? {
+            if let Some(owner) = self.foreign_owner(&paths).await {
+                return Err(Self::refuse_foreign(&vm.name, &owner));
+            }
             self.stop_processes(&paths).await?;
             // The marker goes first: should the removal be cut short, what is left reads as an
             // interrupted clone, which every operation knows to clean up.
@@ -574,7 +645,7 @@ impl Backend for QemuBackend {
         Ok(VmState::Stopped)
     }
 
-    async fn list_vms(&self) -> Result<Vec<VmHandle>, BackendError> {
+    async fn list_vms(&self) -> Result<Vec<ListedVm>, BackendError> {
         let dir = &self.dirs.sandboxes;
         let mut entries = match tokio::fs::read_dir(dir).await {
             Ok(entries) => entries,
@@ -596,11 +667,47 @@ impl Backend for QemuBackend {
             }
             let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
             if is_dir {
-                vms.push(Self::handle(&SandboxPaths::new(dir, &name), &name));
+                let paths = SandboxPaths::new(dir, &name);
+                vms.push(ListedVm {
+                    vm: Self::handle(&paths, &name),
+                    owner: Self::recorded_owner(&paths).await,
+                });
             }
         }
-        vms.sort_by(|a, b| a.name.cmp(&b.name));
+        vms.sort_by(|a, b| a.vm.name.cmp(&b.vm.name));
         Ok(vms)
+    }
+
+    /// qcow2 overlays are thin: each sandbox takes what its folder's files occupy on the host.
+    async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
+        let vms = self.list_vms().await?;
+        let dir = self.dirs.sandboxes.clone();
+        let measured = tokio::task::spawn_blocking(move || {
+            let mut allocated = HashMap::new();
+            for vm in vms {
+                let folder = SandboxPaths::new(&dir, &vm.vm.name).dir;
+                match layout::allocated_bytes(&folder) {
+                    Ok(bytes) => {
+                        allocated.insert(vm.vm.name, bytes);
+                    }
+                    // Destroyed since the listing.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(BackendError::io(
+                            format!("measuring {}", folder.display()),
+                            e,
+                        ))
+                    }
+                }
+            }
+            Ok(allocated)
+        })
+        .await
+        .map_err(|e| BackendError::operation("disk usage", e.to_string()))??;
+        Ok(DiskUsage {
+            provisioning: Provisioning::Thin,
+            allocated: measured,
+        })
     }
 }
 
@@ -817,12 +924,114 @@ mod tests {
         std::fs::create_dir_all(sandboxes.join("sandbox-none")).unwrap();
         std::fs::create_dir_all(sandboxes.join("not-ours")).unwrap();
         std::fs::create_dir_all(sandboxes.join(".kvm-probe")).unwrap();
-        assert_eq!(backend.list_vms().await.unwrap(), std::slice::from_ref(&vm));
+        let listed = backend.list_vms().await.unwrap();
+        assert_eq!(
+            listed,
+            [ListedVm {
+                vm: vm.clone(),
+                owner: None
+            }]
+        );
         assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Stopped);
         assert!(backend.start_vm(&vm).await.is_err());
         backend.destroy_vm(&vm).await.unwrap();
         assert_eq!(backend.vm_state(&vm).await.unwrap(), VmState::Missing);
         assert!(sandboxes.join("not-ours").exists());
+    }
+
+    /// A sandbox folder holding `sandbox.json` that names `owner`, as a clone writes it.
+    fn sandbox_folder(sandboxes: &Path, name: &str, owner: Option<&str>) -> VmHandle {
+        let paths = SandboxPaths::new(sandboxes, name);
+        std::fs::create_dir_all(&paths.dir).unwrap();
+        let record = SandboxRecord {
+            name: name.into(),
+            job_id: "job".into(),
+            created_ms: 0,
+            template: Template {
+                kernel: "/i/vmlinuz".into(),
+                initrd: "/i/initrd.img".into(),
+                root_disk: "/i/root.qcow2".into(),
+                kernel_cmdline: String::new(),
+            },
+            cores: 1,
+            memory_mb: 256,
+            disk_gb: 1,
+            network: crate::backend::NetworkMode::Restricted,
+            owner: owner.map(str::to_owned),
+        };
+        std::fs::write(paths.record(), serde_json::to_vec(&record).unwrap()).unwrap();
+        std::fs::write(paths.overlay(), b"disk").unwrap();
+        std::fs::write(paths.complete_marker(), b"").unwrap();
+        QemuBackend::handle(&paths, name)
+    }
+
+    #[tokio::test]
+    async fn folders_of_another_daemon_are_listed_with_their_owner_and_never_removed() {
+        let root = tempfile::tempdir().unwrap();
+        let backend = backend(root.path()).with_instance("0199-ours");
+        let sandboxes = root.path().join("sandboxes");
+        let ours = sandbox_folder(&sandboxes, "sandbox-ours", Some("0199-ours"));
+        let theirs = sandbox_folder(&sandboxes, "sandbox-theirs", Some("0199-theirs"));
+        let legacy = sandbox_folder(&sandboxes, "sandbox-legacy", None);
+        let by_hand = SandboxPaths::new(&sandboxes, "sandbox-byhand");
+        std::fs::create_dir_all(&by_hand.dir).unwrap();
+        std::fs::write(by_hand.dir.join("notes.txt"), b"mine").unwrap();
+
+        let owners: Vec<(String, Option<String>)> = backend
+            .list_vms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| (l.vm.name, l.owner))
+            .collect();
+        assert_eq!(
+            owners,
+            [
+                ("sandbox-byhand".to_owned(), None),
+                ("sandbox-legacy".to_owned(), None),
+                ("sandbox-ours".to_owned(), Some("0199-ours".to_owned())),
+                ("sandbox-theirs".to_owned(), Some("0199-theirs".to_owned())),
+            ]
+        );
+
+        let err = backend.destroy_vm(&theirs).await.unwrap_err();
+        assert!(err.to_string().contains("0199-theirs"), "{err}");
+        assert!(SandboxPaths::new(&sandboxes, "sandbox-theirs")
+            .complete_marker()
+            .exists());
+        // Nor is it taken for the residue of one of our clones and cleared.
+        let mut spec_theirs = SandboxSpec {
+            job_id: "job".into(),
+            name: "sandbox-theirs".into(),
+            template: String::new(),
+            cores: 1,
+            memory_mb: 256,
+            disk_gb: 1,
+            network: crate::backend::NetworkMode::Restricted,
+            cloud_init: crate::backend::CloudInitSpec {
+                hostname: "sandbox-theirs".into(),
+                phone_home_url: "http://10.0.2.100/p".into(),
+                guest_url: "http://10.0.2.100".into(),
+                bootstrap_token: "t".into(),
+            },
+            owner: "0199-ours".into(),
+        };
+        let err = backend.clone_vm(&spec_theirs).await.unwrap_err();
+        assert!(err.to_string().contains("0199-theirs"), "{err}");
+        std::fs::remove_file(SandboxPaths::new(&sandboxes, "sandbox-theirs").complete_marker())
+            .unwrap();
+        spec_theirs.job_id = "another".into();
+        let err = backend.clone_vm(&spec_theirs).await.unwrap_err();
+        assert!(err.to_string().contains("0199-theirs"), "{err}");
+        assert!(SandboxPaths::new(&sandboxes, "sandbox-theirs")
+            .overlay()
+            .exists());
+
+        // Ours, and one from before instance ids, are destroyed when asked.
+        backend.destroy_vm(&ours).await.unwrap();
+        backend.destroy_vm(&legacy).await.unwrap();
+        assert!(!Path::new(&ours.vm_ref).exists());
+        assert!(!Path::new(&legacy.vm_ref).exists());
     }
 
     #[tokio::test]

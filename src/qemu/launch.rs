@@ -185,6 +185,7 @@ mod tests {
             memory_mb: 512,
             disk_gb: 4,
             network,
+            owner: None,
         }
     }
 

@@ -1,5 +1,6 @@
 //! Where things live on disk: the template a sandbox is cloned from, the per-sandbox folder and its
-//! files, and `sandbox.json`, the record that lets a restarted daemon find and start its VMs.
+//! files, and `sandbox.json`, the record that lets a restarted daemon find and start its VMs and
+//! tells whose they are (its `owner`, written first thing into a new folder).
 
 use std::path::{Path, PathBuf};
 
@@ -123,6 +124,10 @@ pub struct SandboxRecord {
     pub memory_mb: u64,
     pub disk_gb: u64,
     pub network: NetworkMode,
+    /// The instance id of the daemon that made the sandbox (`crate::instance`); None in a
+    /// record from before instance ids.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// The files of one sandbox folder.
@@ -185,6 +190,29 @@ impl SandboxPaths {
     pub fn ownership_marker(&self) -> String {
         format!("{}/", self.dir.display())
     }
+}
+
+/// The bytes the files under `dir` really occupy on the host (allocated blocks, so a sparse
+/// qcow2 overlay counts what has been written, not its size). Symlinks count as themselves, not
+/// what they point at: a sandbox's base image belongs to its template. Blocking: run it off the
+/// executor.
+pub fn allocated_bytes(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    // st_blocks is in 512-byte units whatever the filesystem's block size.
+    let mut total = meta.blocks().saturating_mul(512);
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            match allocated_bytes(&entry.path()) {
+                Ok(bytes) => total = total.saturating_add(bytes),
+                // Removed while we looked (a socket, a staging folder): it takes nothing now.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Checks that `name` is one of ours and safe as a folder name, hostname and QEMU option value.
@@ -250,6 +278,32 @@ pub fn validate_sandboxes_dir_room(sandboxes_dir: &Path) -> Result<(), BackendEr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn allocation_counts_written_blocks_not_sizes() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = tempfile::tempdir().unwrap();
+        let sandbox = dir.path().join("sandbox-0123456789ab");
+        std::fs::create_dir_all(sandbox.join("seed.d")).unwrap();
+        // A 1 GiB sparse file with 1 MiB written in the middle, like a fresh overlay.
+        let mut overlay = std::fs::File::create(sandbox.join("overlay.qcow2")).unwrap();
+        overlay.set_len(1 << 30).unwrap();
+        overlay.seek(SeekFrom::Start(512 << 20)).unwrap();
+        overlay.write_all(&vec![7u8; 1 << 20]).unwrap();
+        overlay.sync_all().unwrap();
+        std::fs::write(sandbox.join("seed.d/user-data"), vec![1u8; 64 << 10]).unwrap();
+        // A link to a big base image counts as the link only.
+        let base = dir.path().join("base.img");
+        std::fs::write(&base, vec![1u8; 4 << 20]).unwrap();
+        std::os::unix::fs::symlink(&base, sandbox.join("base")).unwrap();
+
+        let bytes = allocated_bytes(&sandbox).unwrap();
+        let written = (1 << 20) + (64 << 10);
+        assert!(bytes >= written, "{bytes} < {written}");
+        // Folders and block rounding add a little; nowhere near the 1 GiB size or the 4 MiB base.
+        assert!(bytes < written + (1 << 20), "{bytes}");
+        assert!(allocated_bytes(&dir.path().join("missing")).is_err());
+    }
 
     #[test]
     fn names() {

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use rusqlite::{params, OptionalExtension, Row};
 
 use super::events::insert_event;
+use super::paging::{JobCursor, Page};
 use super::{parse_column, Store, StoreError};
 use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
 
@@ -25,6 +26,13 @@ pub struct PendingOutcome {
     pub error: Option<String>,
 }
 
+/// When a phase that begins now must end: the clock's now and the phase's time limit, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseLimit {
+    pub now_ms: i64,
+    pub limit_ms: i64,
+}
+
 /// What the guest has reported so far for a job.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GuestProgress {
@@ -36,6 +44,8 @@ pub struct GuestProgress {
 const JOB_COLUMNS: &str =
     "id, request_json, status, phase, sandbox_id, exit_code, error, restarts, \
      created_ms, started_ms, finished_ms, deadline_ms";
+/// How many columns `JOB_COLUMNS` names: a query may select more after them.
+const JOB_COLUMN_COUNT: usize = 12;
 
 fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
     let request_json: String = row.get(1)?;
@@ -165,23 +175,34 @@ impl Store {
         .transpose()
     }
 
-    /// Newest first.
-    pub fn list_jobs(&self, status: Option<JobStatus>, limit: u32) -> Result<Vec<Job>, StoreError> {
+    /// One page of jobs, newest first, optionally with one status, starting after `after`.
+    pub fn list_jobs(
+        &self,
+        status: Option<JobStatus>,
+        after: Option<JobCursor>,
+        limit: u32,
+    ) -> Result<Page<Job, JobCursor>, StoreError> {
         let conn = self.conn();
-        match status {
-            Some(status) => query_jobs(
-                &conn,
-                &format!(
-                    "SELECT {JOB_COLUMNS} FROM jobs WHERE status = ?1 ORDER BY seq DESC LIMIT ?2"
-                ),
-                params![status.as_str(), limit],
-            ),
-            None => query_jobs(
-                &conn,
-                &format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY seq DESC LIMIT ?1"),
-                [limit],
-            ),
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {JOB_COLUMNS}, seq FROM jobs
+             WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR seq < ?2)
+             ORDER BY seq DESC LIMIT ?3"
+        ))?;
+        let mut rows = stmt.query(params![
+            status.map(|s| s.as_str()),
+            after.map(|c| c.0),
+            i64::from(limit) + 1
+        ])?;
+        let mut jobs = Vec::new();
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(JOB_COLUMN_COUNT)?;
+            jobs.push((job_from_row(row)?, seq));
         }
+        let page = Page::from_rows(jobs, limit, |(_, seq)| JobCursor(*seq));
+        Ok(Page {
+            items: page.items.into_iter().map(|(job, _)| job).collect(),
+            next: page.next,
+        })
     }
 
     /// Queued jobs, oldest first.
@@ -232,18 +253,33 @@ impl Store {
     }
 
     /// Records that a phase began: the job's and sandbox's current phase, a phase run, an event.
+    /// Returns the phase's deadline: `limit.now_ms + limit.limit_ms` when the phase is new, and
+    /// the deadline it got when it first began when a restarted actor re-enters it, so a resumed
+    /// phase never gets a fresh full timeout.
     pub fn begin_phase(
         &self,
         job_id: &str,
         sandbox_id: &str,
         phase: Phase,
-    ) -> Result<Event, StoreError> {
+        limit: PhaseLimit,
+    ) -> Result<(Event, i64), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let now = now_ms();
+        let current: Option<(Option<String>, Option<i64>)> = tx
+            .query_row(
+                "SELECT phase, phase_deadline_ms FROM jobs WHERE id = ?1",
+                [job_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let deadline = match current {
+            Some((Some(current), Some(deadline))) if current == phase.as_str() => deadline,
+            _ => limit.now_ms.saturating_add(limit.limit_ms),
+        };
         tx.execute(
-            "UPDATE jobs SET phase = ?2 WHERE id = ?1",
-            params![job_id, phase.as_str()],
+            "UPDATE jobs SET phase = ?2, phase_deadline_ms = ?3 WHERE id = ?1",
+            params![job_id, phase.as_str(), deadline],
         )?;
         tx.execute(
             "UPDATE sandboxes SET phase = ?2, state = ?3, updated_ms = ?4 WHERE id = ?1",
@@ -266,7 +302,7 @@ impl Store {
         )?;
         let event = insert_event(&tx, job_id, "phase_started", Some(phase), phase.as_str())?;
         tx.commit()?;
-        Ok(event)
+        Ok((event, deadline))
     }
 
     /// Records how a phase ended (`ok`, `failed`, `timeout`, `cancelled`); returns the event and
@@ -457,4 +493,57 @@ fn phase_runs(conn: &rusqlite::Connection, job_id: &str) -> Result<Vec<PhaseRun>
         });
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::new_id;
+
+    fn submit(store: &Store) -> String {
+        let id = new_id();
+        let request = JobRequest {
+            profile: "balanced".into(),
+            task: "t".into(),
+            ..JobRequest::default()
+        };
+        store
+            .insert_job(
+                &NewJob {
+                    id: id.clone(),
+                    request,
+                    deadline_ms: None,
+                },
+                1000,
+            )
+            .unwrap();
+        id
+    }
+
+    #[test]
+    fn pages_of_jobs_run_newest_first_and_hold_each_once() {
+        let store = Store::open_in_memory().unwrap();
+        let ids: Vec<String> = (0..5).map(|_| submit(&store)).collect();
+        store
+            .finish_job(&ids[1], JobStatus::Cancelled, None, None)
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = store.list_jobs(None, after, 2).unwrap();
+            pages += 1;
+            seen.extend(page.items.into_iter().map(|j| j.id));
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+        assert_eq!(seen, newest_first);
+        assert_eq!(pages, 3);
+        let queued = store.list_jobs(Some(JobStatus::Queued), None, 10).unwrap();
+        assert_eq!(queued.items.len(), 4);
+        assert!(queued.next.is_none());
+    }
 }

@@ -91,6 +91,35 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX tokens_by_job ON tokens (job_id);
     "#,
+    // 2: what the restart policy counts and a resumed phase keeps, persisted across restarts.
+    r#"
+    -- Each time a job's actor died without finishing, or the daemon stopped under it uncleanly.
+    CREATE TABLE crashes (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs (id),
+        at_ms INTEGER NOT NULL,
+        reason TEXT NOT NULL
+    );
+    CREATE INDEX crashes_by_job ON crashes (job_id, at_ms);
+    -- When the current phase must end, set when it first began: a resumed phase keeps it.
+    ALTER TABLE jobs ADD COLUMN phase_deadline_ms INTEGER;
+    -- Set when a graceful shutdown suspended the job; a RUNNING job without it was interrupted.
+    ALTER TABLE jobs ADD COLUMN suspended_ms INTEGER;
+    "#,
+    // 3: leases that start when a sandbox is kept, retention and paging.
+    r#"
+    -- The lease a kept sandbox gets, when a renew set it while its job ran.
+    ALTER TABLE sandboxes ADD COLUMN lease_ttl_ms INTEGER;
+    CREATE INDEX sandboxes_by_created ON sandboxes (created_ms, id);
+    CREATE INDEX jobs_by_finished ON jobs (finished_ms) WHERE finished_ms IS NOT NULL;
+    CREATE INDEX artifacts_by_created ON artifacts (created_ms);
+    -- Files whose rows are gone, removed after the transaction that removed the rows: a crash in
+    -- between leaves them here for the next pass, never a row pointing at a missing file.
+    CREATE TABLE file_removals (
+        path TEXT PRIMARY KEY,
+        queued_ms INTEGER NOT NULL
+    );
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,15 +1,19 @@
-//! The daemon's state in SQLite (bundled, WAL, versioned migrations): jobs, sandboxes, events,
-//! phase runs, artifacts and tokens. Every write that changes a job's course happens in one
-//! transaction with the event that records it, so a crash never leaves the two apart.
+//! The daemon's state in SQLite (bundled, WAL, versioned migrations): jobs, sandboxes (and their
+//! leases), events, phase runs, artifacts and tokens; paging of the lists; retention. Every write
+//! that changes a job's course happens in one transaction with the event that records it, so a
+//! crash never leaves the two apart.
 //!
 //! The `Store` methods are blocking. Async code reaches them through [`Store::call`], which runs the
 //! closure on tokio's blocking pool, never on an executor thread.
 
 mod admission;
 mod artifacts;
+mod crashes;
 mod events;
 mod jobs;
 mod migrations;
+mod paging;
+mod retention;
 mod sandboxes;
 mod tokens;
 
@@ -20,7 +24,10 @@ use std::time::Duration;
 use rusqlite::Connection;
 
 pub use admission::{AdmissionView, Holding, QueuedJob};
-pub use jobs::{GuestProgress, NewJob, PendingOutcome};
+pub use jobs::{GuestProgress, NewJob, PendingOutcome, PhaseLimit};
+pub use paging::{BadCursor, JobCursor, Page, SandboxCursor};
+pub use retention::{job_artifacts_path, job_log_path};
+pub use sandboxes::{LeaseRenewal, MAX_LEASE};
 pub use tokens::TokenKind;
 
 #[derive(Debug, thiserror::Error)]
@@ -234,21 +241,38 @@ mod tests {
         let id = submit(&store);
         let sb = store.insert_sandbox(&sandbox(&id)).unwrap();
         store.start_job(&id, &sb.id).unwrap();
-        store.begin_phase(&id, &sb.id, Phase::Clone).unwrap();
+        let limit = |now_ms| PhaseLimit {
+            now_ms,
+            limit_ms: 60_000,
+        };
+        let (_, deadline) = store
+            .begin_phase(&id, &sb.id, Phase::Clone, limit(1_000))
+            .unwrap();
+        assert_eq!(deadline, 61_000);
         assert_eq!(
             store.get_sandbox(&sb.id).unwrap().unwrap().state,
             SandboxState::Provisioning
         );
-        // A restarted actor re-entering the phase closes the interrupted run.
-        store.begin_phase(&id, &sb.id, Phase::Clone).unwrap();
+        // A restarted actor re-entering the phase closes the interrupted run and keeps the
+        // deadline the phase got when it first began.
+        let (_, resumed) = store
+            .begin_phase(&id, &sb.id, Phase::Clone, limit(30_000))
+            .unwrap();
+        assert_eq!(resumed, 61_000);
         store.end_phase(&id, Phase::Clone, "ok", "cloned").unwrap();
+        // The next phase gets its own.
+        let (_, next) = store
+            .begin_phase(&id, &sb.id, Phase::Start, limit(40_000))
+            .unwrap();
+        assert_eq!(next, 100_000);
+        store.end_phase(&id, Phase::Start, "ok", "started").unwrap();
         let job = store.get_job(&id).unwrap().unwrap();
         let results: Vec<_> = job
             .phases
             .iter()
             .map(|p| p.result.clone().unwrap())
             .collect();
-        assert_eq!(results, vec!["interrupted", "ok"]);
+        assert_eq!(results, vec!["interrupted", "ok", "ok"]);
         assert!(job.phases.iter().all(|p| p.duration_seconds.is_some()));
         assert!(store
             .finish_job(&id, JobStatus::Failed, Some(2), Some("run: exit 2"))

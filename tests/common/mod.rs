@@ -11,7 +11,7 @@ use agentlab::actors::collector::LeaseCollector;
 use agentlab::actors::governor::ResourceGovernor;
 use agentlab::actors::guest_reports::GuestReports;
 use agentlab::actors::supervisor::{Admit, Supervisor};
-use agentlab::actors::{Clock, Hub, Services};
+use agentlab::actors::{Clock, Hub, LiveConfig, Services};
 use agentlab::backend::fake::{FakeBackend, FakeConfig, SharedFake};
 use agentlab::config::profile::Profiles;
 use agentlab::config::tuning::{Tuning, TuningHandle};
@@ -25,6 +25,13 @@ use agentlab::model::{new_id, Job, JobRequest};
 use agentlab::store::{NewJob, Store};
 
 pub const PROFILES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/profiles");
+
+/// The instance id of every harness, so that a restarted harness owns what the first one made.
+pub const TEST_INSTANCE: &str = "0000-test-instance";
+
+pub fn test_instance() -> agentlab::instance::Instance {
+    agentlab::instance::Instance::new(agentlab::instance::InstanceId::parse(TEST_INSTANCE).unwrap())
+}
 
 /// Runs a test body in an actix system whose clock is paused: timers fire as soon as nothing else
 /// can run, so minute-long timeouts take no real time.
@@ -106,6 +113,21 @@ impl Harness {
         tuning: Tuning,
         db: Option<&Path>,
     ) -> Harness {
+        let config = Config {
+            provisioning_timeout: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        Harness::start_configured(readings, config, fake, tuning, db)
+    }
+
+    /// With the daemon config given (its data dir, retention, …).
+    pub fn start_configured(
+        readings: HostReadings,
+        config: Config,
+        fake: FakeConfig,
+        tuning: Tuning,
+        db: Option<&Path>,
+    ) -> Harness {
         let store = match db {
             Some(path) => Store::open(path).unwrap(),
             None => Store::open_in_memory().unwrap(),
@@ -116,10 +138,7 @@ impl Harness {
             hub: Arc::clone(&hub),
         });
         let fake = Arc::new(FakeBackend::new(fake, sink).unwrap());
-        let config = Config {
-            provisioning_timeout: Duration::from_secs(3600),
-            ..Config::default()
-        };
+        let live = LiveConfig::new(&config);
         let svc = Arc::new(Services {
             config: Arc::new(config),
             store,
@@ -130,11 +149,13 @@ impl Harness {
             metrics: Metrics::new().unwrap(),
             guest_url: "http://10.0.2.100".into(),
             clock: Clock::new(),
+            live,
+            instance: test_instance(),
         });
         let host = ManualSampler::new(readings);
         let (supervisor, governor) =
             agentlab::actors::start_supervisor(Arc::clone(&svc), Box::new(host.clone()));
-        LeaseCollector::new(Arc::clone(&svc), supervisor.clone()).start();
+        LeaseCollector::new(Arc::clone(&svc)).start();
         Harness {
             svc,
             fake,

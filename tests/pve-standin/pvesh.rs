@@ -1,5 +1,7 @@
 //! `pvesh`: the API paths the backend and scripts/create_template.sh use, with their JSON:
-//! `/cluster/nextid`, `/nodes`, `/nodes/NODE/qemu`, `…/qemu/ID/status/current`, and the
+//! `/cluster/nextid`, `/nodes`, `/nodes/NODE/qemu`, `…/qemu/ID/status/current`, the node's
+//! storages and their image volumes (`/nodes/NODE/storage`, `…/storage/ID/content`, reporting
+//! each qcow2 volume's virtual size and its real allocation as a directory storage does), and the
 //! cluster's and a VM's firewall options and rules. `--output-format json` prints compact JSON as
 //! pvesh does; the text format of a scalar is the bare value.
 
@@ -50,6 +52,7 @@ pub async fn run(state: &State, args: &[String]) -> Result<Output> {
         ("set", [.., "firewall", "options"]) => allowed.extend(FIREWALL_OPTIONS),
         ("create", [.., "firewall", "rules"]) => allowed.extend(RULE_FIELDS),
         ("get", ["cluster", "resources"]) => allowed.push("type"),
+        ("get", ["nodes", _, "storage", _, "content"]) => allowed.extend(["content", "vmid"]),
         _ => {}
     }
     let parsed = opts::parse(rest, &allowed, &format!("pvesh {verb} {path}"))?;
@@ -109,6 +112,28 @@ pub async fn run(state: &State, args: &[String]) -> Result<Output> {
                 value["template"] = 1.into();
             }
             value
+        }
+        ("get", ["nodes", node, "storage"]) => {
+            check_node(state, node)?;
+            Value::Array(
+                state
+                    .storages
+                    .keys()
+                    .map(|id| {
+                        json!({"storage": id, "type": "dir", "content": "images,snippets",
+                               "active": 1, "enabled": 1, "shared": 0})
+                    })
+                    .collect(),
+            )
+        }
+        ("get", ["nodes", node, "storage", storage, "content"]) => {
+            check_node(state, node)?;
+            if !state.storages.contains_key(*storage) {
+                return Err(Fail::new(format!(
+                    "storage '{storage}' does not exist"
+                )));
+            }
+            Value::Array(storage_volumes(state, storage).await?)
         }
         ("get", ["cluster", "firewall", "options"]) => state.firewall(None)?["options"].clone(),
         ("get", ["nodes", node, "qemu", vmid, "firewall", "options"]) => {
@@ -218,7 +243,33 @@ fn update_firewall(
     state.save_firewall(vmid, &firewall)
 }
 
-/// `GET /nodes/NODE/qemu`: one entry per VM, `template: 1` on templates, the lock if any.
+/// The image volumes on `storage` that VM configs name, as a directory storage lists them: the
+/// qcow2's virtual size, and as `used` the blocks the file really occupies.
+async fn storage_volumes(state: &State, storage: &str) -> Result<Vec<Value>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut list = Vec::new();
+    for (vmid, conf) in state.all()? {
+        for (_, value) in conf.disks() {
+            let (on, volname) = crate::state::drive_volume(&value);
+            if on != storage {
+                continue;
+            }
+            let path = state.volume_path(&volname);
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
+            list.push(json!({
+                "volid": format!("{storage}:{volname}"), "vmid": vmid, "format": "qcow2",
+                "content": "images", "size": vm::virtual_size(&path).await?,
+                "used": meta.blocks() * 512, "ctime": meta.ctime(),
+            }));
+        }
+    }
+    Ok(list)
+}
+
+/// `GET /nodes/NODE/qemu`: one entry per VM, `template: 1` on templates, the lock and tags if
+/// any.
 async fn vm_list(state: &State) -> Result<Vec<(u32, Value)>> {
     let mut list = Vec::new();
     for (vmid, conf) in state.all()? {
@@ -242,6 +293,10 @@ async fn vm_list(state: &State) -> Result<Vec<(u32, Value)>> {
         }
         if let Some(lock) = conf.get("lock") {
             entry["lock"] = lock.into();
+        }
+        // Proxmox lists the config's tags as they are stored: `a;b`.
+        if let Some(tags) = conf.get("tags").filter(|t| !t.is_empty()) {
+            entry["tags"] = tags.into();
         }
         list.push((vmid, entry));
     }

@@ -167,6 +167,10 @@ fn check_value(state: &State, key: &str, value: &str) -> Result<()> {
                 return bad(&format!("storage '{storage}' does not exist"));
             }
         }
+    } else if key == "tags" {
+        if let Some(tag) = split_tags(value).into_iter().find(|tag| !valid_tag(tag)) {
+            return bad(&format!("invalid format - invalid tag '{tag}'"));
+        }
     } else if key == "agent" {
         let known = value.split(',').all(|p| {
             matches!(p, "0" | "1")
@@ -184,6 +188,35 @@ fn check_value(state: &State, key: &str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// A tag list as qemu-server reads it: split on `;`, `,` and spaces.
+fn split_tags(value: &str) -> Vec<&str> {
+    value
+        .split([';', ',', ' ', '\t'])
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// qemu-server's `pve-tag` format: `[a-z0-9_][a-z0-9_+.-]*`, any case.
+fn valid_tag(tag: &str) -> bool {
+    let mut bytes = tag.bytes().map(|b| b.to_ascii_lowercase());
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_+.-".contains(&b))
+}
+
+/// What qemu-server stores for `--tags` (`get_unique_tags` with the default tag style): the tags
+/// lowercased, sorted, without duplicates, joined by `;`.
+fn unique_tags(value: &str) -> String {
+    let mut tags: Vec<String> = split_tags(value)
+        .into_iter()
+        .map(str::to_ascii_lowercase)
+        .collect();
+    tags.sort();
+    tags.dedup();
+    tags.join(";")
+}
+
 /// Applies `--key value` config options to `conf`, allocating volumes for new disks.
 async fn apply(state: &State, vmid: u32, conf: &mut Conf, parsed: &Parsed) -> Result<()> {
     for (key, value) in &parsed.options {
@@ -196,6 +229,8 @@ async fn apply(state: &State, vmid: u32, conf: &mut Conf, parsed: &Parsed) -> Re
         check_value(state, key, value)?;
         if is_drive_key(key) {
             conf.set(key, allocate(state, vmid, value, conf).await?);
+        } else if key == "tags" {
+            conf.set(key, unique_tags(value));
         } else {
             conf.set(key, value.clone());
         }

@@ -207,6 +207,8 @@ pub async fn start(state: &State, vmid: u32, conf: &Conf) -> Result<()> {
         memory_mb: config.clamp_memory_mb(number("memory", 512)),
         disk_gb: disk_bytes.div_ceil(1 << 30),
         network,
+        // The stand-in's own folder; whose VM it is, Proxmox-style, is the config's tag.
+        owner: None,
     };
     std::fs::write(paths.record(), serde_json::to_string_pretty(&record)?)?;
     std::fs::write(paths.complete_marker(), b"")?;
