@@ -1,7 +1,8 @@
 //! agentlabd's start and stop: reads (or makes) the daemon's instance id, opens the store, loads
 //! profiles and tuning, builds the backend (the local backend's KVM probe starts here, in the
-//! background, so the first job does not wait for it), starts the actors and servers, reloads tuning and profiles on SIGHUP, and on SIGTERM stops
-//! admitting work and suspends in-flight jobs at points they resume from.
+//! background, so the first job does not wait for it), starts the actors and servers, reloads
+//! tuning, profiles and the config's reloadable keys on SIGHUP, and on SIGTERM stops admitting
+//! work and suspends in-flight jobs at points they resume from.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
