@@ -44,17 +44,6 @@ fn kept_request(ttl_minutes: u32) -> JobRequest {
     }
 }
 
-async fn sandbox_state(h: &Harness, job_id: &str) -> SandboxState {
-    let name = sandbox_name_for(job_id);
-    h.svc
-        .store
-        .call(move |s| s.get_sandbox(&name))
-        .await
-        .unwrap()
-        .unwrap()
-        .state
-}
-
 #[test]
 fn a_lease_shorter_than_the_job_does_not_stop_it_and_ends_the_kept_sandbox_after() {
     run_paused(async {
@@ -86,7 +75,7 @@ fn a_lease_shorter_than_the_job_does_not_stop_it_and_ends_the_kept_sandbox_after
 
         // The collector (every 30 s) destroys it once the minute is over.
         tokio::time::sleep(2 * MINUTE).await;
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         assert!(h.fake.vm_names().is_empty());
     });
 }
@@ -109,12 +98,12 @@ fn a_renew_while_the_job_runs_becomes_its_lease_once_kept() {
         assert_eq!(h.wait_terminal(&id).await.status, JobStatus::Completed);
         tokio::time::sleep(5 * MINUTE).await;
         assert_eq!(
-            sandbox_state(&h, &id).await,
+            h.sandbox_state(&id).await,
             SandboxState::Kept,
             "the job's own 1-minute ttl gave way to the renew"
         );
         tokio::time::sleep(30 * MINUTE).await;
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
     });
 }
 

@@ -48,17 +48,6 @@ fn hang() -> Fault {
     }
 }
 
-async fn sandbox_state(h: &Harness, job_id: &str) -> SandboxState {
-    let name = sandbox_name_for(job_id);
-    h.svc
-        .store
-        .call(move |s| s.get_sandbox(&name))
-        .await
-        .unwrap()
-        .unwrap()
-        .state
-}
-
 #[test]
 fn happy_path_runs_every_phase_in_order_and_leaves_nothing() {
     run_paused(async {
@@ -74,7 +63,7 @@ fn happy_path_runs_every_phase_in_order_and_leaves_nothing() {
             "{:?}",
             job.phases
         );
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         assert!(h.fake.vm_names().is_empty());
         assert_eq!(h.fake.creations(&sandbox_name_for(&id)), 1);
     });
@@ -123,7 +112,7 @@ fn each_phase_failure_ends_the_job_failed_naming_the_phase_with_the_vm_destroyed
             assert_eq!(failed.result.as_deref(), Some("failed"));
             assert_eq!(job.phases.last().unwrap().phase, Phase::Destroy);
             assert!(h.fake.vm_names().is_empty(), "{phase}: VM left behind");
-            assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+            assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         });
     }
 }
@@ -142,7 +131,7 @@ fn each_phase_timeout_ends_the_job_timeout_naming_the_phase_with_the_vm_destroye
                 "{phase}: {error}"
             );
             assert!(h.fake.vm_names().is_empty(), "{phase}: VM left behind");
-            assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+            assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         });
     }
 }
@@ -169,11 +158,11 @@ fn a_failed_destroy_is_retried_by_the_reconciler() {
             "the command's result stands"
         );
         assert_eq!(job.phases.last().unwrap().result.as_deref(), Some("failed"));
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroying);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroying);
         assert_eq!(h.fake.vm_names().len(), 1);
         h.supervisor.send(Reconcile).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         assert!(h.fake.vm_names().is_empty());
     });
 }
@@ -247,7 +236,7 @@ fn panics_past_the_restart_limit_fail_the_job_and_destroy_the_vm() {
         assert_eq!(job.restarts, 3);
         assert_eq!(h.fake.creations(&sandbox_name_for(&id)), 1);
         assert!(h.fake.vm_names().is_empty());
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
     });
 }
 
@@ -288,7 +277,7 @@ fn a_vm_that_now_carries_another_daemons_id_is_never_destroyed() {
         assert!(h.supervisor.send(cancel).await.unwrap().unwrap());
         assert_eq!(h.wait_terminal(&id).await.status, JobStatus::Cancelled);
         assert_eq!(h.fake.vm_names(), std::slice::from_ref(&name), "left alone");
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         // No longer ours: the reconciler reports it as foreign and still leaves it.
         h.supervisor.send(Reconcile).await.unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;

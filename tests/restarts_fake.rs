@@ -46,17 +46,6 @@ async fn wait_phase_runs(h: &Harness, id: &str, phase: Phase, times: usize) {
     panic!("job {id} never began {phase} {times} times");
 }
 
-async fn sandbox_state(h: &Harness, job_id: &str) -> SandboxState {
-    let name = sandbox_name_for(job_id);
-    h.svc
-        .store
-        .call(move |s| s.get_sandbox(&name))
-        .await
-        .unwrap()
-        .unwrap()
-        .state
-}
-
 fn events(db: &Path, job_id: &str) -> Vec<Event> {
     Store::open(db)
         .unwrap()
@@ -104,7 +93,7 @@ fn a_daemon_that_keeps_dying_under_a_job_ends_it_at_the_restart_limit() {
             "{error}"
         );
         assert!(h.fake.vm_names().is_empty(), "{:?}", h.fake.vm_names());
-        assert_eq!(sandbox_state(&h, &id).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
         assert_eq!(
             h.fake.creations(&sandbox_name_for(&id)),
             0,
@@ -199,7 +188,7 @@ fn a_kept_sandbox_holds_a_slot_until_it_is_destroyed() {
         let h = Harness::start(FakeConfig::default(), tuning, None);
         let kept = h.submit(kept_request()).await;
         assert_eq!(h.wait_terminal(&kept).await.status, JobStatus::Completed);
-        assert_eq!(sandbox_state(&h, &kept).await, SandboxState::Kept);
+        assert_eq!(h.sandbox_state(&kept).await, SandboxState::Kept);
 
         let next = h.submit(request()).await;
         tokio::time::sleep(Duration::from_secs(120)).await;
@@ -216,7 +205,7 @@ fn a_kept_sandbox_holds_a_slot_until_it_is_destroyed() {
             .unwrap()
             .unwrap();
         assert_eq!(h.wait_terminal(&next).await.status, JobStatus::Completed);
-        assert_eq!(sandbox_state(&h, &kept).await, SandboxState::Destroyed);
+        assert_eq!(h.sandbox_state(&kept).await, SandboxState::Destroyed);
         assert!(h.fake.vm_names().is_empty());
     });
 }
@@ -240,13 +229,13 @@ fn a_sandbox_whose_destroy_failed_holds_a_slot_until_the_retry_destroys_it() {
         let first = h.submit(request()).await;
         let second = h.submit(request()).await;
         assert_eq!(h.wait_terminal(&first).await.status, JobStatus::Completed);
-        assert_eq!(sandbox_state(&h, &first).await, SandboxState::Destroying);
+        assert_eq!(h.sandbox_state(&first).await, SandboxState::Destroying);
         // Until the reconciler's retry destroys the first VM, the second job may not start.
         loop {
             let job = h.job(&second).await;
             if job.status != JobStatus::Queued {
                 assert_eq!(
-                    sandbox_state(&h, &first).await,
+                    h.sandbox_state(&first).await,
                     SandboxState::Destroyed,
                     "the second job started while the first VM was still there"
                 );

@@ -63,22 +63,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{new_id, JobRequest};
-    use crate::store::NewJob;
+    use crate::store::test_support::submit;
 
     fn running_job(store: &Store) -> String {
-        let new = NewJob {
-            id: new_id(),
-            request: JobRequest {
-                profile: "balanced".into(),
-                task: "t".into(),
-                ..JobRequest::default()
-            },
-            deadline_ms: None,
-        };
-        store.insert_job(&new, 10).unwrap();
-        store.start_job(&new.id, "sandbox-x").unwrap().unwrap();
-        new.id
+        let id = submit(store);
+        store.start_job(&id, "sandbox-x").unwrap().unwrap();
+        id
     }
 
     #[test]

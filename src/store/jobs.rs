@@ -498,27 +498,8 @@ fn phase_runs(conn: &rusqlite::Connection, job_id: &str) -> Result<Vec<PhaseRun>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::new_id;
 
-    fn submit(store: &Store) -> String {
-        let id = new_id();
-        let request = JobRequest {
-            profile: "balanced".into(),
-            task: "t".into(),
-            ..JobRequest::default()
-        };
-        store
-            .insert_job(
-                &NewJob {
-                    id: id.clone(),
-                    request,
-                    deadline_ms: None,
-                },
-                1000,
-            )
-            .unwrap();
-        id
-    }
+    use crate::store::test_support::submit;
 
     #[test]
     fn pages_of_jobs_run_newest_first_and_hold_each_once() {

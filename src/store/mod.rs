@@ -17,6 +17,9 @@ mod retention;
 mod sandboxes;
 mod tokens;
 
+#[cfg(test)]
+pub(crate) mod test_support;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;

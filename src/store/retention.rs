@@ -140,28 +140,9 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{new_id, sandbox_name_for, Artifact, JobRequest, Sandbox};
-    use crate::store::NewJob;
+    use crate::model::{sandbox_name_for, Artifact, Sandbox};
 
-    fn submit(store: &Store) -> String {
-        let id = new_id();
-        let request = JobRequest {
-            profile: "balanced".into(),
-            task: "t".into(),
-            ..JobRequest::default()
-        };
-        store
-            .insert_job(
-                &NewJob {
-                    id: id.clone(),
-                    request,
-                    deadline_ms: None,
-                },
-                100,
-            )
-            .unwrap();
-        id
-    }
+    use crate::store::test_support::submit;
 
     fn sandbox(store: &Store, job_id: &str, state: SandboxState) {
         let now = crate::model::now_ms();

@@ -210,6 +210,18 @@ impl Harness {
         panic!("job {id} never ended: {:?}", self.job(id).await);
     }
 
+    /// The state of the job's sandbox, which must exist.
+    pub async fn sandbox_state(&self, job_id: &str) -> agentlab::model::SandboxState {
+        let name = agentlab::model::sandbox_name_for(job_id);
+        self.svc
+            .store
+            .call(move |s| s.get_sandbox(&name))
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+    }
+
     /// Polls until the job has begun `phase`.
     pub async fn wait_phase(&self, id: &str, phase: agentlab::model::Phase) -> Job {
         for _ in 0..100_000 {
