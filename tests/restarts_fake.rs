@@ -325,3 +325,47 @@ fn nothing_is_admitted_before_the_start_up_reconcile_removed_what_it_must() {
         assert!(h.fake.vm_names().is_empty(), "{:?}", h.fake.vm_names());
     });
 }
+
+#[test]
+fn a_shutdown_during_a_restart_backoff_does_not_count_the_crash_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agentlab.db");
+    let config = boot_hangs(&dir.path().join("fake-vms.json"));
+    let mut tuning = short_tuning();
+    tuning.restart.backoff_initial = Duration::from_secs(60);
+    tuning.restart.backoff_max = Duration::from_secs(60);
+    let id = run_paused({
+        let (config, db, tuning) = (config.clone(), db.clone(), tuning.clone());
+        async move {
+            let h = Harness::start(config, tuning, Some(&db));
+            let id = h.submit(request()).await;
+            wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
+            id
+        }
+    });
+    // The next daemon counts the interruption as crash 1 and is shut down cleanly while the
+    // job waits out its backoff.
+    run_paused({
+        let (config, db, tuning, id) = (config.clone(), db.clone(), tuning.clone(), id.clone());
+        async move {
+            let h = Harness::start(config, tuning, Some(&db));
+            for _ in 0..1000 {
+                if h.job(&id).await.restarts == 1 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert_eq!(h.job(&id).await.restarts, 1);
+            h.supervisor.send(Shutdown).await.unwrap();
+        }
+    });
+    run_paused(async move {
+        let h = Harness::start(config, tuning, Some(&db));
+        wait_phase_runs(&h, &id, Phase::CloudInit, 2).await;
+        assert_eq!(
+            h.job(&id).await.restarts,
+            1,
+            "the clean stop was counted as a crash"
+        );
+    });
+}

@@ -663,12 +663,28 @@ impl Handler<Shutdown> for Supervisor {
         for entry in self.running.values() {
             entry.signals.suspend();
         }
-        // Actors waiting out a restart backoff hold no VM operation: they can go at once.
+        // Actors waiting out a restart backoff hold no VM operation: they can go at once. Their
+        // crash is already counted; marked suspended, the next start does not count another.
+        let waiting: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, entry)| entry.restarting)
+            .map(|(id, _)| id.clone())
+            .collect();
         self.running.retain(|_, entry| !entry.restarting);
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.drained.push(tx);
         self.check_drained();
+        let svc = Arc::clone(&self.svc);
         Box::pin(async move {
+            let at = svc.clock.now_ms();
+            let marked = svc
+                .store
+                .call(move |s| waiting.iter().try_for_each(|id| s.mark_suspended(id, at)))
+                .await;
+            if let Err(err) = marked {
+                tracing::error!(%err, "marking jobs that waited to restart as suspended failed");
+            }
             let _ = rx.await;
         })
     }
