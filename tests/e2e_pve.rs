@@ -504,8 +504,20 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_k
         }
     }
     let mut first = node.daemon("");
-    let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "sleep 8; echo finished-after-restart"}));
+    let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "echo command-is-running; sleep 8; echo finished-after-restart"}));
     first.wait_phase(&id, "run", Duration::from_secs(180));
+    // Killed once the command runs, not while `qm guest exec` starts the runner: a daemon that
+    // dies in the middle of that cannot know whether a runner started, never starts a second
+    // one, and the job times out (by design; see lifecycle.rs).
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !logs(&first, &id).contains("command-is-running") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the command never started: {}",
+            first.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     first.kill9();
     assert!(
         !qemu_processes(&node.dir.display().to_string()).is_empty(),
