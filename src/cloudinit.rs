@@ -135,12 +135,13 @@ fn check_scalar(field: &'static str, value: &str) -> Result<(), CloudInitError> 
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::Path;
 
     use super::*;
 
-    fn spec() -> CloudInitSpec {
+    /// A sandbox's cloud-init input, as the backends' tests use it too.
+    pub(crate) fn spec() -> CloudInitSpec {
         CloudInitSpec {
             hostname: "sandbox-0123456789ab".into(),
             phone_home_url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123".into(),

@@ -254,15 +254,6 @@ fn client(daemon: &Daemon) -> reqwest::blocking::Client {
         .unwrap()
 }
 
-fn logs(daemon: &Daemon, id: &str) -> String {
-    client(daemon)
-        .get(format!("http://agentlabd/v1/jobs/{id}/logs"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap()
-}
-
 fn submit_job(daemon: &Daemon, repo: &Path) -> String {
     daemon.submit(&json!({
         "profile": "balanced",
@@ -296,7 +287,7 @@ fn assert_job_came_back(daemon: &Daemon, id: &str, job: &Value) {
             "destroy"
         ]
     );
-    let output = logs(daemon, id);
+    let output = daemon.job_log(id);
     assert!(output.contains("hello from the host repo"), "{output}");
     assert!(output.contains("artifact-written"), "{output}");
     let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
@@ -449,7 +440,7 @@ fn without_linked_clones_the_backend_falls_back_to_a_full_clone() {
     );
     let job = daemon.wait_terminal(&id, Duration::from_secs(300));
     assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
-    assert!(logs(&daemon, &id).contains("full-clone-ok"));
+    assert!(daemon.job_log(&id).contains("full-clone-ok"));
     let clones: Vec<String> = node
         .calls()
         .iter()
@@ -509,15 +500,7 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_k
     // Killed once the command runs, not while `qm guest exec` starts the runner: a daemon that
     // dies in the middle of that cannot know whether a runner started, never starts a second
     // one, and the job times out (by design; see lifecycle.rs).
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !logs(&first, &id).contains("command-is-running") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the command never started: {}",
-            first.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    first.wait_log(&id, "command-is-running", Duration::from_secs(120));
     first.kill9();
     assert!(
         !qemu_processes(&node.dir.display().to_string()).is_empty(),
@@ -550,7 +533,7 @@ fn a_restarted_daemon_finishes_the_job_and_cleans_up_what_it_made_and_does_not_k
     let second = node.daemon("");
     let job = second.wait_terminal(&id, Duration::from_secs(300));
     assert_eq!(job["status"], "COMPLETED", "{job}\n{}", second.log());
-    assert!(logs(&second, &id).contains("finished-after-restart"));
+    assert!(second.job_log(&id).contains("finished-after-restart"));
     // The reconciler runs every 5 s here; give it a pass after the job.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while std::time::Instant::now() < deadline

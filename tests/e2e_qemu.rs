@@ -50,19 +50,6 @@ fn assert_nothing_left(dir: &Path) {
     assert!(left.is_empty(), "sandbox files left: {left:?}");
 }
 
-fn logs(daemon: &Daemon, id: &str) -> String {
-    let client = reqwest::blocking::Client::builder()
-        .unix_socket(daemon.socket.clone())
-        .build()
-        .unwrap();
-    client
-        .get(format!("http://agentlabd/v1/jobs/{id}/logs"))
-        .send()
-        .unwrap()
-        .text()
-        .unwrap()
-}
-
 #[test]
 fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
     let dir = tempfile::tempdir().unwrap();
@@ -98,7 +85,7 @@ fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
         ]
     );
 
-    let output = logs(&daemon, &id);
+    let output = daemon.job_log(&id);
     assert!(output.contains("hello from the host repo"), "{output}");
     assert!(output.contains("artifact-written"), "{output}");
 
@@ -140,7 +127,7 @@ fn a_failing_command_fails_the_job_with_its_exit_code() {
         (Some("FAILED"), Some(7)),
         "{job}"
     );
-    assert!(logs(&daemon, &id).contains("about-to-fail"));
+    assert!(daemon.job_log(&id).contains("about-to-fail"));
     assert_nothing_left(dir.path());
 }
 
@@ -196,15 +183,7 @@ fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
     // Killed once the command runs, not while the guest agent starts the runner: a daemon that
     // dies in the middle of that cannot know whether a runner started, never starts a second
     // one, and the job times out (by design; see lifecycle.rs).
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while !logs(&first, &id).contains("command-is-running") {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the command never started: {}",
-            first.log()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    first.wait_log(&id, "command-is-running", Duration::from_secs(120));
     first.kill9();
     assert!(
         !qemu_processes(&dir.path().display().to_string()).is_empty(),
@@ -236,7 +215,7 @@ fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
     let job: Value = second.wait_terminal(&id, Duration::from_secs(240));
     // The VM and its runner survived, so the resumed actor sees the job through.
     assert_eq!(job["status"], "COMPLETED", "{job}\n{}", second.log());
-    assert!(logs(&second, &id).contains("finished-after-restart"));
+    assert!(second.job_log(&id).contains("finished-after-restart"));
     let (_, running) = second.get("/v1/jobs?status=RUNNING");
     assert!(running["jobs"].as_array().unwrap().is_empty());
     assert!(

@@ -5,35 +5,18 @@
 
 mod common;
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use actix::Actor;
 use agentlab::actors::retention::RetentionCollector;
 use agentlab::actors::supervisor::CancelJob;
-use agentlab::backend::fake::{FakeConfig, FakeOp, Latency};
 use agentlab::config::Config;
 use agentlab::model::{sandbox_name_for, Artifact, JobRequest, JobStatus, Phase, SandboxState};
 use agentlab::store::LeaseRenewal;
-use common::{host, request, run_paused, short_tuning, Harness};
+use common::{host, request, run_paused, short_tuning, slow_run, Harness};
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-/// The simulated command runs this long.
-fn slow_run(run: Duration) -> FakeConfig {
-    let ms = u64::try_from(run.as_millis()).unwrap();
-    FakeConfig {
-        latency: BTreeMap::from([(
-            FakeOp::Run,
-            Latency {
-                min_ms: ms,
-                max_ms: ms,
-            },
-        )]),
-        ..FakeConfig::default()
-    }
-}
 
 /// A job on the keepalive profile, with a lease of `ttl_minutes` once kept.
 fn kept_request(ttl_minutes: u32) -> JobRequest {

@@ -9,27 +9,13 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agentlab::actors::supervisor::{CancelJob, Reconcile, Shutdown};
-use agentlab::backend::fake::{FakeConfig, FakeOp, Fault, Latency};
+use agentlab::backend::fake::{FakeConfig, FakeOp, Fault};
 use agentlab::model::{sandbox_name_for, JobStatus, Phase, SandboxState};
-use common::{request, run_paused, short_tuning, Harness};
+use common::{request, run_paused, short_tuning, slow_run, Harness};
 
 fn faulty(op: FakeOp, fault: Fault) -> FakeConfig {
     FakeConfig {
         faults: BTreeMap::from([(op, fault)]),
-        ..FakeConfig::default()
-    }
-}
-
-/// The simulated command runs this long.
-fn slow_run(ms: u64) -> FakeConfig {
-    FakeConfig {
-        latency: BTreeMap::from([(
-            FakeOp::Run,
-            Latency {
-                min_ms: ms,
-                max_ms: ms,
-            },
-        )]),
         ..FakeConfig::default()
     }
 }
@@ -243,7 +229,7 @@ fn panics_past_the_restart_limit_fail_the_job_and_destroy_the_vm() {
 #[test]
 fn cancelling_a_running_job_destroys_its_vm() {
     run_paused(async {
-        let config = slow_run(600_000);
+        let config = slow_run(Duration::from_millis(600_000));
         let h = Harness::start(config, short_tuning(), None);
         let id = h.submit(request()).await;
         h.wait_phase(&id, Phase::Run).await;
@@ -263,7 +249,11 @@ fn cancelling_a_running_job_destroys_its_vm() {
 #[test]
 fn a_vm_that_now_carries_another_daemons_id_is_never_destroyed() {
     run_paused(async {
-        let h = Harness::start(slow_run(600_000), short_tuning(), None);
+        let h = Harness::start(
+            slow_run(Duration::from_millis(600_000)),
+            short_tuning(),
+            None,
+        );
         let id = h.submit(request()).await;
         h.wait_phase(&id, Phase::Run).await;
         // Another daemon on the host took the VM over (its id is on it now).
@@ -294,7 +284,7 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
     run_paused(async {
         let mut tuning = short_tuning();
         tuning.admission.max_concurrent = 1;
-        let config = slow_run(60_000);
+        let config = slow_run(Duration::from_millis(60_000));
         let h = Harness::start(config, tuning, None);
         let first = h.submit(request()).await;
         let second = h.submit(request()).await;
@@ -315,7 +305,7 @@ fn cancelling_a_queued_job_ends_it_without_a_vm() {
 #[test]
 fn graceful_shutdown_suspends_running_jobs_for_the_next_start() {
     run_paused(async {
-        let config = slow_run(600_000);
+        let config = slow_run(Duration::from_millis(600_000));
         let h = Harness::start(config, short_tuning(), None);
         let id = h.submit(request()).await;
         h.wait_phase(&id, Phase::Run).await;
@@ -341,7 +331,7 @@ fn after_the_daemon_dies_the_next_start_reconciles_every_job_and_vm() {
     let state = dir.path().join("fake-vms.json");
     let config = FakeConfig {
         state_file: Some(state.clone()),
-        ..slow_run(600_000)
+        ..slow_run(Duration::from_millis(600_000))
     };
     let (running, queued) = run_paused({
         let config = config.clone();

@@ -13,9 +13,10 @@ use std::time::Duration;
 
 use agentlab::actors::supervisor::{DestroySandbox, IsReady, Shutdown};
 use agentlab::backend::fake::{FakeConfig, FakeOp, Fault, Latency};
+use agentlab::config::tuning::Tuning;
 use agentlab::model::{sandbox_name_for, Event, JobRequest, JobStatus, Phase, SandboxState};
 use agentlab::store::Store;
-use common::{request, run_paused, short_tuning, Harness};
+use common::{request, run_paused, short_tuning, slow_run, Harness};
 
 /// The simulated guest never phones home: the job sits in cloud_init.
 fn boot_hangs(state: &Path) -> FakeConfig {
@@ -46,6 +47,35 @@ async fn wait_phase_runs(h: &Harness, id: &str, phase: Phase, times: usize) {
     panic!("job {id} never began {phase} {times} times");
 }
 
+/// How the daemon that began a job stops.
+#[derive(Clone, Copy)]
+enum Stop {
+    /// Dropped mid-phase without a shutdown: as if killed.
+    Killed,
+    /// A graceful shutdown (SIGTERM) first.
+    Graceful,
+}
+
+/// A daemon on `db` takes a new job into cloud_init (where `boot_hangs` holds it) and stops.
+/// Returns the job's id.
+fn first_daemon_leaves_a_job_in_cloud_init(
+    config: &FakeConfig,
+    tuning: &Tuning,
+    db: &Path,
+    stop: Stop,
+) -> String {
+    let (config, tuning, db) = (config.clone(), tuning.clone(), db.to_owned());
+    run_paused(async move {
+        let h = Harness::start(config, tuning, Some(&db));
+        let id = h.submit(request()).await;
+        wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
+        if let Stop::Graceful = stop {
+            h.supervisor.send(Shutdown).await.unwrap();
+        }
+        id
+    })
+}
+
 fn events(db: &Path, job_id: &str) -> Vec<Event> {
     Store::open(db)
         .unwrap()
@@ -58,16 +88,7 @@ fn a_daemon_that_keeps_dying_under_a_job_ends_it_at_the_restart_limit() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("agentlab.db");
     let config = boot_hangs(&dir.path().join("fake-vms.json"));
-    let id = run_paused({
-        let (config, db) = (config.clone(), db.clone());
-        async move {
-            let h = Harness::start(config, short_tuning(), Some(&db));
-            let id = h.submit(request()).await;
-            wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
-            // Dropped mid-phase without a shutdown: as if the daemon were killed.
-            id
-        }
-    });
+    let id = first_daemon_leaves_a_job_in_cloud_init(&config, &short_tuning(), &db, Stop::Killed);
     // The default policy allows 3 restarts in 10 minutes. Each start finds the job interrupted,
     // counts a crash and resumes it; in memory alone the count would start at 0 every time.
     for start in 1..=3 {
@@ -107,16 +128,7 @@ fn a_job_suspended_by_a_graceful_shutdown_resumes_without_counting_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("agentlab.db");
     let config = boot_hangs(&dir.path().join("fake-vms.json"));
-    let id = run_paused({
-        let (config, db) = (config.clone(), db.clone());
-        async move {
-            let h = Harness::start(config, short_tuning(), Some(&db));
-            let id = h.submit(request()).await;
-            wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
-            h.supervisor.send(Shutdown).await.unwrap();
-            id
-        }
-    });
+    let id = first_daemon_leaves_a_job_in_cloud_init(&config, &short_tuning(), &db, Stop::Graceful);
     run_paused({
         let (db, id) = (db.clone(), id.clone());
         async move {
@@ -139,13 +151,6 @@ fn a_phase_resumed_after_a_crash_keeps_its_deadline() {
         // run (the 100th look at the runner); the resumed phase must end at 600 s, not 700 s
         // (completed) or 700+ s (a fresh 600 s after the crash).
         let config = FakeConfig {
-            latency: BTreeMap::from([(
-                FakeOp::Run,
-                Latency {
-                    min_ms: 700_000,
-                    max_ms: 700_000,
-                },
-            )]),
             faults: BTreeMap::from([(
                 FakeOp::ExecStatus,
                 Fault {
@@ -153,7 +158,7 @@ fn a_phase_resumed_after_a_crash_keeps_its_deadline() {
                     ..Fault::default()
                 },
             )]),
-            ..FakeConfig::default()
+            ..slow_run(Duration::from_secs(700))
         };
         let mut tuning = short_tuning();
         tuning.phase_timeouts.run = Duration::from_secs(600);
@@ -257,15 +262,7 @@ fn a_job_not_yet_resumed_after_a_restart_holds_its_slot() {
     // A long backoff: the interrupted job waits 60 s without an actor before it resumes.
     tuning.restart.backoff_initial = Duration::from_secs(60);
     tuning.restart.backoff_max = Duration::from_secs(60);
-    let first = run_paused({
-        let (config, db, tuning) = (config.clone(), db.clone(), tuning.clone());
-        async move {
-            let h = Harness::start(config, tuning, Some(&db));
-            let id = h.submit(request()).await;
-            wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
-            id
-        }
-    });
+    let first = first_daemon_leaves_a_job_in_cloud_init(&config, &tuning, &db, Stop::Killed);
     run_paused(async move {
         let h = Harness::start(config, tuning, Some(&db));
         let second = h.submit(request()).await;
@@ -334,15 +331,7 @@ fn a_shutdown_during_a_restart_backoff_does_not_count_the_crash_twice() {
     let mut tuning = short_tuning();
     tuning.restart.backoff_initial = Duration::from_secs(60);
     tuning.restart.backoff_max = Duration::from_secs(60);
-    let id = run_paused({
-        let (config, db, tuning) = (config.clone(), db.clone(), tuning.clone());
-        async move {
-            let h = Harness::start(config, tuning, Some(&db));
-            let id = h.submit(request()).await;
-            wait_phase_runs(&h, &id, Phase::CloudInit, 1).await;
-            id
-        }
-    });
+    let id = first_daemon_leaves_a_job_in_cloud_init(&config, &tuning, &db, Stop::Killed);
     // The next daemon counts the interruption as crash 1 and is shut down cleanly while the
     // job waits out its backoff.
     run_paused({

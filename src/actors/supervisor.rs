@@ -389,15 +389,11 @@ async fn admission_round(
     let now = svc.clock.now_ms();
     let (expired, view) = svc
         .store
-        .call(move |s| {
-            let expired = s.expire_queued(now)?;
-            let live = s.holdings()?.len();
-            // At least the head, so the governor can say why it waits even with no slot free.
-            let head_len = u32::try_from(slots.free(live).clamp(1, HEAD_MAX)).unwrap_or(1);
-            Ok((expired, s.admission_view(head_len)?))
-        })
+        .call(move |s| Ok((s.expire_queued(now)?, s.admission_view(HEAD_MAX as u32)?)))
         .await?;
     let free = slots.free(view.holdings.len());
+    // At least the head, so the governor can say why it waits even with no slot free.
+    let head_len = free.clamp(1, HEAD_MAX);
     if !expired.is_empty() {
         tracing::info!(
             jobs = expired.len(),
@@ -409,6 +405,7 @@ async fn admission_round(
     let head: Vec<Candidate> = view
         .head
         .iter()
+        .take(head_len)
         .map(|job| Candidate {
             job_id: job.id.clone(),
             demand: profiles

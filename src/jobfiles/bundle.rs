@@ -98,15 +98,20 @@ mod tests {
         assert!(status.success(), "git {args:?}");
     }
 
+    /// A repository at `repo` with one commit.
+    fn one_commit_repo(repo: &Path) {
+        std::fs::create_dir_all(repo).unwrap();
+        git(repo, &["init", "-q"]);
+        std::fs::write(repo.join("README"), "hi").unwrap();
+        git(repo, &["add", "README"]);
+        git(repo, &["commit", "-q", "-m", "first"]);
+    }
+
     #[tokio::test]
     async fn bundles_a_repository_and_leaves_no_scratch_file() {
         let (dir, files) = files(ROOMY);
         let repo = dir.path().join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q"]);
-        std::fs::write(repo.join("README"), "hi").unwrap();
-        git(&repo, &["add", "README"]);
-        git(&repo, &["commit", "-q", "-m", "first"]);
+        one_commit_repo(&repo);
 
         let mut bundle = files
             .bundle_repo("j1", repo.to_str().unwrap())
@@ -143,11 +148,7 @@ mod tests {
     fn a_bundle_that_takes_too_long_is_stopped() {
         let dir = tempfile::tempdir().unwrap();
         let repo = dir.path().join("repo");
-        std::fs::create_dir_all(&repo).unwrap();
-        git(&repo, &["init", "-q"]);
-        std::fs::write(repo.join("README"), "hi").unwrap();
-        git(&repo, &["add", "README"]);
-        git(&repo, &["commit", "-q", "-m", "first"]);
+        one_commit_repo(&repo);
         let scratch = dir.path().join("tmp");
         let err = create_bundle(
             repo.to_str().unwrap(),

@@ -140,17 +140,8 @@ async fn remove_dir_if_present(path: &Path) -> Result<(), SeedError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::CloudInitSpec;
     use crate::cloudinit::render;
-
-    fn spec() -> CloudInitSpec {
-        CloudInitSpec {
-            hostname: "sandbox-0123456789ab".into(),
-            phone_home_url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123".into(),
-            guest_url: "http://10.0.2.100".into(),
-            bootstrap_token: "BOOTTOKEN456".into(),
-        }
-    }
+    use crate::cloudinit::tests::spec;
 
     #[tokio::test]
     async fn writes_a_cidata_vfat_image() {

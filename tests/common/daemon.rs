@@ -216,6 +216,29 @@ impl Daemon {
         }
     }
 
+    /// The job's log (stdout and stderr) so far.
+    pub fn job_log(&self, id: &str) -> String {
+        self.client
+            .get(Self::url(&format!("/v1/jobs/{id}/logs")))
+            .send()
+            .unwrap()
+            .text()
+            .unwrap()
+    }
+
+    /// Polls until the job's log holds `text` or `limit` passes.
+    pub fn wait_log(&self, id: &str, text: &str, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        while !self.job_log(id).contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "job {id} never logged {text:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     pub fn wait_phase(&self, id: &str, phase: &str, limit: Duration) -> Value {
         let deadline = Instant::now() + limit;
         loop {

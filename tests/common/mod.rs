@@ -235,6 +235,21 @@ impl Harness {
     }
 }
 
+/// A fake backend whose simulated command runs `run`.
+pub fn slow_run(run: Duration) -> FakeConfig {
+    let ms = u64::try_from(run.as_millis()).unwrap();
+    FakeConfig {
+        latency: std::collections::BTreeMap::from([(
+            agentlab::backend::fake::FakeOp::Run,
+            agentlab::backend::fake::Latency {
+                min_ms: ms,
+                max_ms: ms,
+            },
+        )]),
+        ..FakeConfig::default()
+    }
+}
+
 pub fn request() -> JobRequest {
     JobRequest {
         profile: "balanced".into(),
