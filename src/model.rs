@@ -149,6 +149,38 @@ pub struct JobRequest {
     /// The job fails rather than start after this many seconds in the queue.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_seconds: Option<u64>,
+    /// How the sandbox starts: restored from a template snapshot, booted cold, or whichever
+    /// the host can do (the default).
+    #[serde(default, skip_serializing_if = "StartMode::is_auto")]
+    pub start: StartMode,
+}
+
+/// How a job's sandbox starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartMode {
+    /// Restored from a snapshot where one exists for the sandbox's shape or can be made; a cold
+    /// boot otherwise.
+    #[default]
+    Auto,
+    /// A full boot of the template, as before snapshots.
+    Cold,
+    /// Restored from a snapshot, or the job fails.
+    Snapshot,
+}
+
+impl StartMode {
+    pub fn is_auto(&self) -> bool {
+        *self == StartMode::Auto
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StartMode::Auto => "auto",
+            StartMode::Cold => "cold",
+            StartMode::Snapshot => "snapshot",
+        }
+    }
 }
 
 /// How long one phase of one attempt took, and how it ended.

@@ -384,6 +384,7 @@ fn spec(network: NetworkMode) -> SandboxSpec {
             bootstrap_token: "boot-secret".into(),
         },
         owner: OWNER.into(),
+        start: agentlab::model::StartMode::Cold,
     }
 }
 

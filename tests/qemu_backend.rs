@@ -95,6 +95,7 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
             bootstrap_token: format!("boot-{job_id}"),
         },
         owner: OWNER.into(),
+        start: agentlab::model::StartMode::Cold,
     }
 }
 

@@ -486,6 +486,7 @@ impl Lifecycle {
                 bootstrap_token: bootstrap,
             },
             owner: self.svc.instance.id.to_string(),
+            start: self.request.start,
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
         let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());

@@ -12,6 +12,7 @@
 pub mod fake;
 
 pub use crate::config::backends::{BackendKind, NetworkMode};
+pub use crate::model::StartMode;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -57,6 +58,8 @@ pub struct SandboxSpec {
     /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
     /// daemon tells its own VMs from everyone else's.
     pub owner: String,
+    /// How the job asked the sandbox to start (`snapshot_starts` backends only restore).
+    pub start: StartMode,
 }
 
 /// A VM the backend made, as the store records it. `vm_ref` is backend-specific (a VMID for pve,
@@ -212,6 +215,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
             .await?
             .into_iter()
             .find(|listed| listed.vm.name == name))
+    }
+
+    /// Whether this backend can start a sandbox by restoring a template snapshot
+    /// (`StartMode::Snapshot`); the others boot every sandbox cold.
+    fn snapshot_starts(&self) -> bool {
+        false
     }
 
     /// The accelerator VMs run with, once known (`kvm`, `tcg`); None where the backend does not

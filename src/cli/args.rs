@@ -285,6 +285,7 @@ impl RunArgs {
             ttl_minutes: self.ttl_minutes,
             run_timeout_seconds: self.run_timeout,
             deadline_seconds: self.deadline,
+            start: Default::default(),
         })
     }
 }

@@ -1015,6 +1015,7 @@ mod tests {
                 bootstrap_token: "t".into(),
             },
             owner: "0199-ours".into(),
+            start: crate::model::StartMode::Cold,
         };
         let err = backend.clone_vm(&spec_theirs).await.unwrap_err();
         assert!(err.to_string().contains("0199-theirs"), "{err}");
