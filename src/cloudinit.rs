@@ -96,6 +96,17 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
     })
 }
 
+/// The seed of a snapshot's template VM: an identity and nothing a job owns (no token, no
+/// phone-home). Each sandbox restored from it gets its own identity through the guest agent.
+pub fn render_template(instance_id: &str, hostname: &str) -> Result<SeedFiles, CloudInitError> {
+    check_hostname("instance_id", instance_id)?;
+    check_hostname("hostname", hostname)?;
+    Ok(SeedFiles {
+        meta_data: format!("instance-id: \"{instance_id}\"\nlocal-hostname: \"{hostname}\"\n"),
+        user_data: format!("#cloud-config\nhostname: \"{hostname}\"\n"),
+    })
+}
+
 /// A hostname-like identifier: RFC 1123 labels, lower case.
 fn check_hostname(field: &'static str, value: &str) -> Result<(), CloudInitError> {
     let invalid = |reason| Err(CloudInitError { field, reason });
@@ -199,6 +210,17 @@ phone_home:
         );
         let meta: serde_json::Value = yaml_serde::from_str(&files.meta_data).unwrap();
         assert_eq!(meta["instance-id"], "sandbox-0123456789ab");
+    }
+
+    #[test]
+    fn a_template_seed_carries_an_identity_and_nothing_of_a_job() {
+        let files = render_template("snapshot-0123456789abcdef", "sandbox-snapshot").unwrap();
+        let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
+        let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
+        assert_eq!(doc, serde_json::json!({"hostname": "sandbox-snapshot"}));
+        let meta: serde_json::Value = yaml_serde::from_str(&files.meta_data).unwrap();
+        assert_eq!(meta["instance-id"], "snapshot-0123456789abcdef");
+        assert!(render_template("Bad Id", "sandbox-snapshot").is_err());
     }
 
     #[test]

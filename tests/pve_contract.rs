@@ -385,6 +385,7 @@ fn spec(network: NetworkMode) -> SandboxSpec {
         },
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
+        restore_from: None,
     }
 }
 

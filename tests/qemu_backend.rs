@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agentlab::backend::{
     Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, ListedVm, NetworkMode,
-    SandboxSpec, VmHandle, VmState,
+    SandboxSpec, SnapshotStatus, VmHandle, VmState,
 };
 use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -73,6 +73,7 @@ fn backend(root: &Path, images: &Path, endpoint: std::net::SocketAddr) -> QemuBa
     let dirs = QemuDirs {
         images: images.to_owned(),
         sandboxes: root.join("sandboxes"),
+        snapshots: root.join("snapshots"),
     };
     QemuBackend::new(config(), dirs, endpoint)
         .unwrap()
@@ -96,6 +97,7 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
         },
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
+        restore_from: None,
     }
 }
 
@@ -594,4 +596,182 @@ async fn a_reconcile_leaves_sandbox_folders_it_did_not_make() {
         .unwrap();
     assert!(again.destroyed_orphans.is_empty());
     assert_eq!(again.foreign, report.foreign);
+}
+
+/// A spec that restores from the snapshot of its shape, making it first if need be.
+async fn restoring_spec(backend: &QemuBackend, name: &str, job_id: &str) -> (SandboxSpec, String) {
+    let mut spec = spec(name, job_id);
+    spec.start = agentlab::model::StartMode::Auto;
+    let id = match backend.snapshot_status(&spec).await.unwrap() {
+        SnapshotStatus::Ready(info) => info.id,
+        SnapshotStatus::Missing { .. } => backend.make_snapshot(&spec).await.unwrap().id,
+    };
+    spec.restore_from = Some(id.clone());
+    (spec, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, _requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let snapshots = root.path().join("snapshots");
+
+    let first = spec("sandbox-snap01", "job-snap01");
+    let SnapshotStatus::Missing { id } = backend.snapshot_status(&first).await.unwrap() else {
+        panic!("no snapshot can exist yet");
+    };
+    // Two makings at once share one template VM and one snapshot.
+    let (a, b) = tokio::join!(backend.make_snapshot(&first), backend.make_snapshot(&first));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.id.as_str(), b.id.as_str()), (id.as_str(), id.as_str()));
+    assert_eq!(a.made_seconds, b.made_seconds, "made once");
+    assert!(a.state_bytes > 0 && a.state_bytes < 16 << 20, "{a:?}");
+    let folder = snapshots.join(&id);
+    for file in ["memory", "state", "overlay.qcow2", "manifest.json"] {
+        assert!(folder.join(file).exists(), "{file} is in the snapshot");
+    }
+    assert!(processes_naming(&snapshots).is_empty(), "the template VM is gone");
+    assert_eq!(
+        backend.snapshot_status(&first).await.unwrap(),
+        SnapshotStatus::Ready(a.clone())
+    );
+    // Another shape is another snapshot.
+    let mut egress = first.clone();
+    egress.network = NetworkMode::Egress;
+    let SnapshotStatus::Missing { id: other } = backend.snapshot_status(&egress).await.unwrap()
+    else {
+        panic!("the egress shape has no snapshot");
+    };
+    assert_ne!(other, id);
+
+    let (spec, _) = restoring_spec(&backend, "sandbox-snap01", "job-snap01").await;
+    let vm = backend.clone_vm(&spec).await.unwrap();
+    let report = backend.start_vm(&vm).await.unwrap();
+    assert_eq!(report.restored_from.as_deref(), Some(id.as_str()));
+    assert!(report.notes.is_empty(), "{report:?}");
+    // The agent answered before start_vm returned.
+    backend.agent_ping(&vm).await.unwrap();
+    // Booted once, by the template VM: the guest's uptime goes on from there, and its disk is
+    // the snapshot's (cloud-init's result is already written).
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "test -s /run/cloud-init/result.json && [ \"$(hostname)\" = sandbox-snapshot ]",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    // A running restored VM reports how it started.
+    assert_eq!(backend.start_vm(&vm).await.unwrap(), report);
+    let dir = PathBuf::from(&vm.vm_ref);
+    assert_eq!(processes_naming(&dir).len(), 1);
+
+    // Nothing of the snapshot is stale: a sweep leaves it.
+    assert!(backend.sweep().await.unwrap().is_empty());
+    backend.destroy_vm(&vm).await.unwrap();
+    assert!(!dir.exists());
+    assert!(processes_naming(&dir).is_empty());
+    assert!(folder.join("memory").exists(), "the snapshot outlives its sandboxes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_that_does_not_load_is_discarded_and_the_sandbox_boots_cold() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, mut requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let (spec, id) = restoring_spec(&backend, "sandbox-snap02", "job-snap02").await;
+    let state = root.path().join("snapshots").join(&id).join("state");
+    let length = std::fs::metadata(&state).unwrap().len();
+    let mut permissions = std::fs::metadata(&state).unwrap().permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
+    std::fs::set_permissions(&state, permissions).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&state)
+        .unwrap()
+        .set_len(length / 2)
+        .unwrap();
+
+    let vm = backend.clone_vm(&spec).await.unwrap();
+    let report = backend.start_vm(&vm).await.unwrap();
+    assert_eq!(report.restored_from, None);
+    assert_eq!(report.notes.len(), 1, "{report:?}");
+    assert!(
+        report.notes[0].contains(&id) && report.notes[0].contains("boots cold"),
+        "{report:?}"
+    );
+    assert!(!root.path().join("snapshots").join(&id).exists(), "discarded");
+    // A cold boot with the job's own seed: it phones home.
+    wait_for_agent(&backend, &vm).await;
+    let phoned = tokio::time::timeout(BOOT_LIMIT, async {
+        loop {
+            let request = requests.recv().await.unwrap();
+            if request.contains("/guest/v1/phone-home/ph-job-snap02") {
+                return request;
+            }
+        }
+    })
+    .await
+    .expect("the cold-booted guest phones home");
+    assert!(phoned.contains("hostname=sandbox-snap02"), "{phoned}");
+    backend.destroy_vm(&vm).await.unwrap();
+
+    // The next sandbox of the shape finds no snapshot, and a new one is made.
+    let fresh = spec.clone();
+    assert_eq!(
+        backend.snapshot_status(&fresh).await.unwrap(),
+        SnapshotStatus::Missing { id: id.clone() }
+    );
+    assert_eq!(backend.make_snapshot(&fresh).await.unwrap().id, id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_clears_an_interrupted_making_and_stale_snapshots_only() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, _requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let snapshots = root.path().join("snapshots");
+    let (_, id) = restoring_spec(&backend, "sandbox-snap03", "job-snap03").await;
+
+    // A making cut short by a crash: its folder, with our owner, and a process naming it.
+    let interrupted = snapshots.join("00000000000000aa.building");
+    std::fs::create_dir_all(&interrupted).unwrap();
+    std::fs::write(interrupted.join("owner"), OWNER).unwrap();
+    let mut sleeper = std::process::Command::new("sh")
+        .args(["-c", "sleep 300; :"])
+        .arg(interrupted.join("marker"))
+        .spawn()
+        .unwrap();
+    assert_eq!(processes_naming(&interrupted).len(), 1);
+    // Another daemon's making, and a folder that is no snapshot.
+    let theirs = snapshots.join("00000000000000bb.building");
+    std::fs::create_dir_all(&theirs).unwrap();
+    std::fs::write(theirs.join("owner"), "0199-someone-else").unwrap();
+    std::fs::create_dir_all(snapshots.join("notes")).unwrap();
+    // A snapshot of a template build that is gone.
+    let stale = snapshots.join("00000000000000cc");
+    std::fs::create_dir_all(&stale).unwrap();
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(snapshots.join(&id).join("manifest.json")).unwrap())
+            .unwrap();
+    manifest["shape"]["template"]["root_disk"] = "/gone/root.qcow2".into();
+    manifest["id"] = "00000000000000cc".into();
+    std::fs::write(stale.join("manifest.json"), manifest.to_string()).unwrap();
+
+    let mut removed = backend.sweep().await.unwrap();
+    removed.sort();
+    assert_eq!(removed.len(), 2, "{removed:?}");
+    assert!(removed[0].contains("00000000000000aa"), "{removed:?}");
+    assert!(removed[1].contains("00000000000000cc"), "{removed:?}");
+    assert!(!interrupted.exists() && !stale.exists());
+    let stopped = Instant::now();
+    while sleeper.try_wait().unwrap().is_none() {
+        assert!(stopped.elapsed() < Duration::from_secs(10), "its process was stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(theirs.exists() && snapshots.join("notes").exists());
+    assert!(snapshots.join(&id).join("memory").exists(), "the current one stays");
 }

@@ -405,7 +405,7 @@ impl Lifecycle {
     async fn run_phase(&self, phase: Phase) -> Result<(), PhaseError> {
         match phase {
             Phase::Clone => self.clone_vm().await,
-            Phase::Start => Ok(self.svc.backend.start_vm(&self.vm().await?).await?),
+            Phase::Start => self.start_vm().await,
             Phase::CloudInit => {
                 let vm = self.vm().await?;
                 self.wait_for_guest(
@@ -487,6 +487,7 @@ impl Lifecycle {
             },
             owner: self.svc.instance.id.to_string(),
             start: self.request.start,
+            restore_from: None,
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
         let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());
@@ -494,6 +495,11 @@ impl Lifecycle {
             .store
             .call(move |s| s.set_vm_ref(&id, &vm_ref))
             .await?;
+        Ok(())
+    }
+
+    async fn start_vm(&self) -> Result<(), PhaseError> {
+        self.svc.backend.start_vm(&self.vm().await?).await?;
         Ok(())
     }
 

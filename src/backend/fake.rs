@@ -15,7 +15,7 @@ pub use crate::config::fake::{FakeConfig, FakeDisk, FakeOp, Fault, Latency};
 
 use super::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink, ListedVm,
-    Provisioning, SandboxSpec, VmHandle, VmState,
+    Provisioning, SandboxSpec, StartReport, VmHandle, VmState,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -291,7 +291,7 @@ impl Backend for SharedFake {
         Ok(handle)
     }
 
-    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+    async fn start_vm(&self, vm: &VmHandle) -> Result<StartReport, BackendError> {
         let fake = &self.0;
         fake.checked(FakeOp::Start, "start").await?;
         let (was_running, job_id) = fake.with_vm(&vm.name, |v| {
@@ -302,7 +302,7 @@ impl Backend for SharedFake {
         if !was_running {
             fake.simulate_boot(vm.name.clone(), job_id);
         }
-        fake.persist().await
+        fake.persist().await.map(|()| StartReport::cold())
     }
 
     async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError> {

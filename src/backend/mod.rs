@@ -58,8 +58,46 @@ pub struct SandboxSpec {
     /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
     /// daemon tells its own VMs from everyone else's.
     pub owner: String,
-    /// How the job asked the sandbox to start (`snapshot_starts` backends only restore).
+    /// How the job asked the sandbox to start. With `Snapshot`, a restore that fails fails the
+    /// start; otherwise the backend falls back to a cold boot.
     pub start: StartMode,
+    /// The snapshot to restore the sandbox from (an id `snapshot_status` gave); None boots cold.
+    pub restore_from: Option<String>,
+}
+
+/// A template snapshot a backend can restore sandboxes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    pub id: String,
+    /// How long making it took, from the template VM's launch until it was saved.
+    pub made_seconds: f64,
+    /// What its files take on the host: the guest's RAM (sparse), device state, disk.
+    pub memory_bytes: u64,
+    pub state_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Whether the snapshot a sandbox would be restored from exists.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SnapshotStatus {
+    Ready(SnapshotInfo),
+    /// Not made yet (or discarded): `make_snapshot` makes it under this id.
+    Missing { id: String },
+}
+
+/// How a VM started.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartReport {
+    /// The snapshot the VM was restored from; None for a cold boot.
+    pub restored_from: Option<String>,
+    /// What the lifecycle should tell the job's events (a restore that fell back, say).
+    pub notes: Vec<String>,
+}
+
+impl StartReport {
+    pub fn cold() -> StartReport {
+        StartReport::default()
+    }
 }
 
 /// A VM the backend made, as the store records it. `vm_ref` is backend-specific (a VMID for pve,
@@ -188,7 +226,9 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Creates the VM (linked clone, cloud-init seed, resources) without starting it.
     async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError>;
 
-    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError>;
+    /// Boots the VM, or restores it when it was cloned with `restore_from`. On a running VM it
+    /// reports how that VM started.
+    async fn start_vm(&self, vm: &VmHandle) -> Result<StartReport, BackendError>;
 
     /// One guest-agent round trip (sync + ping). Fails fast when the agent is not up yet.
     async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError>;
@@ -221,6 +261,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// (`StartMode::Snapshot`); the others boot every sandbox cold.
     fn snapshot_starts(&self) -> bool {
         false
+    }
+
+    /// The snapshot a sandbox of `spec` would be restored from, if it exists.
+    async fn snapshot_status(&self, spec: &SandboxSpec) -> Result<SnapshotStatus, BackendError> {
+        let _ = spec;
+        Err(BackendError::InvalidInput(format!(
+            "the {} backend has no snapshot starts",
+            self.kind().as_str()
+        )))
+    }
+
+    /// Makes the snapshot for `spec`'s template and shape (booting a template VM once), or
+    /// returns it when it exists. Concurrent calls for one snapshot share one making, which
+    /// goes on to its end when a caller gives up.
+    async fn make_snapshot(&self, spec: &SandboxSpec) -> Result<SnapshotInfo, BackendError> {
+        let _ = spec;
+        Err(BackendError::InvalidInput(format!(
+            "the {} backend has no snapshot starts",
+            self.kind().as_str()
+        )))
     }
 
     /// The accelerator VMs run with, once known (`kvm`, `tcg`); None where the backend does not

@@ -40,6 +40,15 @@ pub struct QemuConfig {
     pub images_dir: Option<PathBuf>,
     /// One folder per sandbox VM. None: `data_dir/sandboxes`.
     pub sandboxes_dir: Option<PathBuf>,
+    /// Template snapshots, one folder per template and VM shape. None: `data_dir/snapshots`.
+    pub snapshots_dir: Option<PathBuf>,
+    /// How long a snapshot's template VM may take to boot until its guest is fully up.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_boot_timeout: Duration,
+    /// How long a restore may take, from loading the device state until the guest agent
+    /// answers; past it the snapshot counts as broken.
+    #[serde(with = "humantime_serde")]
+    pub restore_timeout: Duration,
     /// How long the one-time KVM probe boot may take before KVM is judged unusable.
     #[serde(with = "humantime_serde")]
     pub kvm_probe_timeout: Duration,
@@ -75,6 +84,9 @@ impl Default for QemuConfig {
             accel: Accel::Auto,
             images_dir: None,
             sandboxes_dir: None,
+            snapshots_dir: None,
+            snapshot_boot_timeout: Duration::from_secs(300),
+            restore_timeout: Duration::from_secs(30),
             kvm_probe_timeout: Duration::from_secs(20),
             stop_grace: Duration::from_secs(3),
             memory_mb_cap: None,
@@ -100,6 +112,13 @@ impl QemuConfig {
         self.sandboxes_dir
             .clone()
             .unwrap_or_else(|| data_dir.join("sandboxes"))
+    }
+
+    /// The snapshots folder, `data_dir/snapshots` unless configured.
+    pub fn snapshots_dir(&self, data_dir: &Path) -> PathBuf {
+        self.snapshots_dir
+            .clone()
+            .unwrap_or_else(|| data_dir.join("snapshots"))
     }
 
     /// The memory a guest gets once the host clamp applies.
@@ -142,6 +161,9 @@ mcopy_binary: /usr/bin/mcopy
 accel: tcg
 images_dir: /srv/images
 sandboxes_dir: /srv/sandboxes
+snapshots_dir: /srv/snapshots
+snapshot_boot_timeout: 10m
+restore_timeout: 20s
 kvm_probe_timeout: 5s
 stop_grace: 500ms
 memory_mb_cap: 512
@@ -155,6 +177,12 @@ agent_call_timeout: 30s
         assert_eq!(config.accel, Accel::Tcg);
         assert_eq!(config.stop_grace, Duration::from_millis(500));
         assert_eq!(config.tool_timeout, Duration::from_secs(120));
+        assert_eq!(config.snapshot_boot_timeout, Duration::from_secs(600));
+        assert_eq!(config.restore_timeout, Duration::from_secs(20));
+        assert_eq!(
+            config.snapshots_dir(Path::new("/var/lib/agentlab")),
+            PathBuf::from("/srv/snapshots")
+        );
         assert_eq!(config.clamp_memory_mb(2048), 512);
         assert_eq!(config.clamp_cores(4), 1);
         assert_eq!(
@@ -169,6 +197,7 @@ agent_call_timeout: 30s
         let data = Path::new("/var/lib/agentlab");
         assert_eq!(config.images_dir(data), data.join("images"));
         assert_eq!(config.sandboxes_dir(data), data.join("sandboxes"));
+        assert_eq!(config.snapshots_dir(data), data.join("snapshots"));
         assert_eq!(config.clamp_memory_mb(4096), 4096);
     }
 

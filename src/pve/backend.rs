@@ -38,7 +38,7 @@ use super::parse::{self, TemplateInfo, VmEntry};
 use super::snippets;
 use crate::backend::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, NetworkMode,
-    SandboxSpec, VmHandle, VmState,
+    SandboxSpec, StartReport, VmHandle, VmState,
 };
 use crate::config::pve::PveConfig;
 use crate::model::VM_NAME_PREFIX;
@@ -743,17 +743,17 @@ impl Backend for PveBackend {
         Ok(handle(&spec.name, vmid))
     }
 
-    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+    async fn start_vm(&self, vm: &VmHandle) -> Result<StartReport, BackendError> {
         let vmid = vmid_of(vm)?;
         let fail = |e: PveError| e.into_backend("start");
         match self.ownership(vm, vmid).await.map_err(fail)? {
             Ownership::Gone => return Err(BackendError::Missing(vm.name.clone())),
-            Ownership::Ours(entry) if entry.running() => return Ok(()),
+            Ownership::Ours(entry) if entry.running() => return Ok(StartReport::cold()),
             Ownership::Ours(_) => {}
         }
         match self.qm(["start".to_owned(), vmid.to_string()]).await {
-            Ok(_) => Ok(()),
-            Err(err) if err.is(ErrorClass::AlreadyRunning) => Ok(()),
+            Ok(_) => Ok(StartReport::cold()),
+            Err(err) if err.is(ErrorClass::AlreadyRunning) => Ok(StartReport::cold()),
             Err(err) if err.is(ErrorClass::VmMissing) => {
                 Err(BackendError::Missing(vm.name.clone()))
             }

@@ -21,15 +21,25 @@ use tokio::sync::OwnedMutexGuard;
 
 use super::accel::{AccelChooser, Accelerator};
 use super::launch::{self, LaunchPlan};
-use super::layout::{self, SandboxPaths, SandboxRecord, Template};
+use super::launch::GuestMemory;
+use super::layout::{self, RestoreSource, SandboxPaths, SandboxRecord, Template};
+use super::library::SnapshotLibrary;
+use super::restore;
+use super::snapshot::{SnapshotFiles, SnapshotManifest};
+use super::snapshot_maker::SnapshotMaker;
 use super::process;
 use super::qga::{ExecRequest, QgaClient, QgaError};
 use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
+use super::files::{
+    create_private_dir_all, exists, remove_dir_all, remove_file_if_present, write_file,
+};
+use super::overlay::{self, tool_error};
 use super::tool::{self, ToolError};
 use crate::backend::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm,
-    Provisioning, SandboxSpec, VmHandle, VmState,
+    Provisioning, SandboxSpec, SnapshotInfo, SnapshotStatus, StartMode, StartReport, VmHandle,
+    VmState,
 };
 use crate::cloudinit;
 use crate::config::qemu::QemuConfig;
@@ -42,18 +52,15 @@ pub use crate::config::qemu::GUEST_URL;
 /// replaces the agent's environment entirely, and the runner needs `git` on PATH.
 const GUEST_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-/// How long one QMP conversation during start or destroy may take.
+/// How long one QMP conversation during start may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// How long a SIGTERMed QEMU gets before SIGKILL, and how long SIGKILL may take to land.
-const TERM_GRACE: Duration = Duration::from_secs(1);
-const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// Where the backend keeps templates and sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QemuDirs {
     pub images: PathBuf,
     pub sandboxes: PathBuf,
+    pub snapshots: PathBuf,
 }
 
 impl QemuDirs {
@@ -62,6 +69,7 @@ impl QemuDirs {
         QemuDirs {
             images: config.images_dir(data_dir),
             sandboxes: config.sandboxes_dir(data_dir),
+            snapshots: config.snapshots_dir(data_dir),
         }
     }
 }
@@ -85,6 +93,8 @@ pub struct QemuBackend {
     /// boots stays queued on the connection, so the agent answers the moment it starts instead
     /// of at the next poll; the client resynchronises past the stale replies.
     agents: Mutex<HashMap<String, QgaClient>>,
+    /// Template snapshots that sandboxes are restored from.
+    snapshots: Arc<SnapshotLibrary>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -105,6 +115,15 @@ impl QemuBackend {
         layout::validate_dir("qemu.images_dir", &dirs.images)?;
         layout::validate_dir("qemu.sandboxes_dir", &dirs.sandboxes)?;
         layout::validate_sandboxes_dir_room(&dirs.sandboxes)?;
+        layout::validate_dir("qemu.snapshots_dir", &dirs.snapshots)?;
+        let building = SnapshotFiles::building(&dirs.snapshots, &"0".repeat(16));
+        layout::validate_socket_room(&building.dir, "sandbox-x")?;
+        if dirs.snapshots.to_string_lossy().contains('\'') {
+            return Err(BackendError::InvalidInput(format!(
+                "qemu.snapshots_dir {} must not contain quotes",
+                dirs.snapshots.display()
+            )));
+        }
         if guest_endpoint.port() == 0 {
             return Err(BackendError::InvalidInput(
                 "the guest endpoint needs a port".to_owned(),
@@ -131,16 +150,38 @@ impl QemuBackend {
             config.kvm_probe_timeout,
             dirs.sandboxes.join(".kvm-probe"),
         ));
+        let snapshots = Self::library(&config, &dirs, guest_endpoint, &accel, None);
         Ok(QemuBackend {
             config,
             dirs,
             guest_endpoint,
             accel,
+            snapshots,
             instance: None,
             vm_locks: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn library(
+        config: &QemuConfig,
+        dirs: &QemuDirs,
+        guest_endpoint: SocketAddr,
+        accel: &Arc<AccelChooser>,
+        owner: Option<String>,
+    ) -> Arc<SnapshotLibrary> {
+        let maker = SnapshotMaker {
+            config: config.clone(),
+            snapshots_dir: dirs.snapshots.clone(),
+            guest_endpoint,
+            owner,
+        };
+        Arc::new(SnapshotLibrary::new(
+            maker,
+            dirs.images.clone(),
+            Arc::clone(accel),
+        ))
     }
 
     /// Checks the host once at daemon start: the sandboxes folder can be made and every tool the
@@ -184,6 +225,13 @@ impl QemuBackend {
     /// Makes this backend the daemon `instance`'s: what it destroys must not record another.
     pub fn with_instance(mut self, instance: &str) -> Self {
         self.instance = Some(instance.to_owned());
+        self.snapshots = Self::library(
+            &self.config,
+            &self.dirs,
+            self.guest_endpoint,
+            &self.accel,
+            self.instance.clone(),
+        );
         self
     }
 
@@ -304,6 +352,7 @@ impl QemuBackend {
             self.config.kernel_cmdline.as_deref(),
         )
         .await?;
+        let restore = self.snapshot_to_restore(spec).await?;
         create_private_dir_all(&self.dirs.sandboxes).await?;
         let mut builder = tokio::fs::DirBuilder::new();
         builder.mode(0o700);
@@ -322,25 +371,37 @@ impl QemuBackend {
             disk_gb: spec.disk_gb,
             network: spec.network,
             owner: Some(spec.owner.clone()),
+            restore: restore.as_ref().map(|manifest| RestoreSource {
+                snapshot_id: manifest.id.clone(),
+                dir: SnapshotFiles::new(&self.dirs.snapshots, &manifest.id).dir,
+            }),
+            start: spec.start,
         };
-        let text = serde_json::to_string_pretty(&record)
-            .map_err(|e| BackendError::operation("clone", e.to_string()))?;
-        write_file(&paths.record(), text.as_bytes()).await?;
+        Self::write_record(paths, &record).await?;
 
-        // A linked clone: O(1) whatever the template's size. Never smaller than the template,
-        // or the guest would see a truncated root file system.
-        let base_bytes = qcow2_virtual_size(&template.root_disk).await?;
-        let size_bytes = (spec.disk_gb << 30).max(base_bytes);
-        let mut qemu_img = Command::new(&self.config.qemu_img_binary);
-        qemu_img
-            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
-            .arg(&template.root_disk)
-            .arg(paths.overlay())
-            .arg(size_bytes.to_string());
-        tool::run(qemu_img, self.config.tool_timeout)
-            .await
-            .map_err(|e| tool_error("clone", e))?;
+        // A linked clone: O(1) whatever the base's size. A restored sandbox's base is the
+        // snapshot's disk, as the guest left it at the pause, at the size the guest saw.
+        let (base, size_bytes) = match &restore {
+            Some(manifest) => (
+                SnapshotFiles::new(&self.dirs.snapshots, &manifest.id).disk(),
+                manifest.shape.disk_bytes,
+            ),
+            None => (
+                template.root_disk.clone(),
+                overlay::size_for(&template.root_disk, spec.disk_gb).await?,
+            ),
+        };
+        overlay::create(
+            &self.config.qemu_img_binary,
+            &base,
+            &paths.overlay(),
+            size_bytes,
+            self.config.tool_timeout,
+        )
+        .await?;
 
+        // A restored sandbox gets the job's seed too: the same devices as its snapshot, and
+        // what a cold boot needs should the restore fail.
         let tools = SeedTools {
             mkfs_vfat: self.config.mkfs_vfat_binary.clone(),
             mcopy: self.config.mcopy_binary.clone(),
@@ -358,25 +419,126 @@ impl QemuBackend {
         write_file(&paths.complete_marker(), b"").await
     }
 
-    /// Stops every QEMU process of a sandbox: QMP `quit` first, then SIGTERM and SIGKILL for
-    /// whatever is still there after `stop_grace`.
-    async fn stop_processes(&self, paths: &SandboxPaths) -> Result<(), BackendError> {
-        let pids = process::find(paths).await?;
-        if pids.is_empty() {
-            return Ok(());
+    async fn write_record(paths: &SandboxPaths, record: &SandboxRecord) -> Result<(), BackendError> {
+        let text = serde_json::to_string_pretty(record)
+            .map_err(|e| BackendError::operation("clone", e.to_string()))?;
+        write_file(&paths.record(), text.as_bytes()).await
+    }
+
+    /// The snapshot a clone of `spec` restores from: the one it names, if that is still the
+    /// snapshot of the spec's shape. A snapshot gone since the lifecycle looked makes a
+    /// `Snapshot` start fail and any other boot cold.
+    async fn snapshot_to_restore(
+        &self,
+        spec: &SandboxSpec,
+    ) -> Result<Option<SnapshotManifest>, BackendError> {
+        let Some(id) = &spec.restore_from else {
+            return Ok(None);
+        };
+        let (shape, _) = self.snapshots.shape_for(spec).await?;
+        let manifest = match shape.id() == *id {
+            true => self.snapshots.ready(id).await?,
+            false => None,
+        };
+        if manifest.is_none() && spec.start == StartMode::Snapshot {
+            return Err(BackendError::InvalidInput(format!(
+                "snapshot {id} is not the current snapshot of {}'s template and shape any more",
+                spec.name
+            )));
         }
-        let grace = self.config.stop_grace;
-        let qmp_timeout = grace.min(QMP_TIMEOUT);
-        if let Ok(mut qmp) = QmpClient::connect(&paths.qmp_socket(), qmp_timeout).await {
-            if let Err(e) = qmp.quit(qmp_timeout).await {
-                tracing::debug!(dir = %paths.dir.display(), error = %e, "QMP quit failed");
+        Ok(manifest)
+    }
+
+    /// Restores a cloned sandbox from its snapshot; on failure the snapshot is discarded and,
+    /// unless the job asked for a snapshot start, the sandbox is turned into a cold one (its
+    /// overlay made again on the template) for the caller to boot. Returns the report of a
+    /// restore that worked, or the note on one that fell back.
+    async fn restore_or_fall_back(
+        &self,
+        vm: &VmHandle,
+        paths: &SandboxPaths,
+        record: &mut SandboxRecord,
+        source: &RestoreSource,
+    ) -> Result<Result<StartReport, String>, BackendError> {
+        let files = SnapshotFiles {
+            dir: source.dir.clone(),
+        };
+        let accel = match files.read_manifest().await {
+            Ok(Some(manifest)) if manifest.shape.accel == Accelerator::Kvm.as_str() => {
+                Accelerator::Kvm
             }
+            _ => Accelerator::Tcg,
+        };
+        let memory_file = files.memory();
+        let plan = LaunchPlan {
+            qemu_binary: &self.config.qemu_binary,
+            socat_binary: &self.config.socat_binary,
+            paths,
+            record,
+            accel,
+            guest_endpoint: self.guest_endpoint,
+            memory: GuestMemory::Restore {
+                memory_file: &memory_file,
+            },
+        };
+        let started = std::time::Instant::now();
+        let restored = restore::restore(
+            &plan,
+            &files,
+            self.config.tool_timeout,
+            self.config.restore_timeout,
+            self.config.agent_ping_timeout,
+        )
+        .await;
+        let reason = match restored {
+            Ok(agent) => {
+                self.keep_agent(&vm.name, agent);
+                tracing::info!(vm = %vm.name, snapshot = %source.snapshot_id, elapsed = ?started.elapsed(), "VM restored");
+                return Ok(Ok(StartReport {
+                    restored_from: Some(source.snapshot_id.clone()),
+                    notes: Vec::new(),
+                }));
+            }
+            Err(failed) => failed.0,
+        };
+        self.stop_processes(paths).await?;
+        self.snapshots.discard(&source.snapshot_id, &reason).await?;
+        if record.start == StartMode::Snapshot {
+            return Err(BackendError::operation(
+                "start",
+                format!(
+                    "snapshot {} did not restore ({reason}); it was discarded",
+                    source.snapshot_id
+                ),
+            ));
         }
-        let remaining = process::wait_gone(paths, &pids, grace).await?;
-        if !remaining.is_empty() {
-            tracing::warn!(dir = %paths.dir.display(), pids = ?remaining, "qemu ignored quit; signalling");
-        }
-        process::terminate(paths, &remaining, TERM_GRACE, KILL_WAIT).await
+        // The record first: a crash before the new overlay is in place leaves a cold boot on
+        // the snapshot's disk, which boots; the other order could restore onto the wrong disk.
+        let cold_overlay = paths.overlay().with_extension("cold.partial");
+        remove_file_if_present(&cold_overlay).await?;
+        overlay::create(
+            &self.config.qemu_img_binary,
+            &record.template.root_disk,
+            &cold_overlay,
+            overlay::size_for(&record.template.root_disk, record.disk_gb).await?,
+            self.config.tool_timeout,
+        )
+        .await?;
+        record.restore = None;
+        Self::write_record(paths, record).await?;
+        tokio::fs::rename(&cold_overlay, paths.overlay())
+            .await
+            .map_err(|e| BackendError::io(format!("replacing {}", paths.overlay().display()), e))?;
+        Ok(Err(format!(
+            "snapshot {} did not restore ({reason}); it was discarded, the sandbox boots cold and \
+             the next sandbox of this shape makes the snapshot again",
+            source.snapshot_id
+        )))
+    }
+
+    /// Stops every QEMU process of a sandbox (see `process::stop`).
+    async fn stop_processes(&self, paths: &SandboxPaths) -> Result<(), BackendError> {
+        process::stop(paths, self.config.stop_grace).await
     }
 
     /// Checks over QMP that a VM whose QEMU is alive really runs.
@@ -449,6 +611,47 @@ impl Backend for QemuBackend {
         self.accel.known().map(Accelerator::as_str)
     }
 
+    fn snapshot_starts(&self) -> bool {
+        true
+    }
+
+    async fn snapshot_status(&self, spec: &SandboxSpec) -> Result<SnapshotStatus, BackendError> {
+        let (shape, _) = self.snapshots.shape_for(spec).await?;
+        let id = shape.id();
+        Ok(match self.snapshots.ready(&id).await? {
+            Some(manifest) => SnapshotStatus::Ready(SnapshotInfo::from(&manifest)),
+            None => SnapshotStatus::Missing { id },
+        })
+    }
+
+    async fn make_snapshot(&self, spec: &SandboxSpec) -> Result<SnapshotInfo, BackendError> {
+        let (shape, accel) = self.snapshots.shape_for(spec).await?;
+        let manifest = self.snapshots.make(shape, accel).await?;
+        Ok(SnapshotInfo::from(&manifest))
+    }
+
+    /// Clears stale snapshot folders (see `SnapshotLibrary::sweep`), keeping every snapshot a
+    /// sandbox folder names.
+    async fn sweep(&self) -> Result<Vec<String>, BackendError> {
+        let mut in_use = std::collections::HashSet::new();
+        for listed in self.list_vms().await? {
+            let paths = SandboxPaths::new(&self.dirs.sandboxes, &listed.vm.name);
+            match Self::read_record(&paths).await {
+                Ok(record) => {
+                    if let Some(source) = record.restore {
+                        in_use.insert(source.snapshot_id);
+                    }
+                }
+                // A clone cut short before its record: it restores from nothing yet.
+                Err(BackendError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound => {}
+                // Unreadable: keep every snapshot rather than guess.
+                Err(_) => return Ok(Vec::new()),
+            }
+        }
+        self.snapshots.sweep(&in_use).await
+    }
+
     async fn clone_vm(&self, spec: &SandboxSpec) -> Result<VmHandle, BackendError> {
         let paths = self.paths_for_name(&spec.name)?;
         if spec.cores == 0 || spec.memory_mb == 0 || spec.disk_gb == 0 {
@@ -489,7 +692,7 @@ impl Backend for QemuBackend {
         Ok(handle)
     }
 
-    async fn start_vm(&self, vm: &VmHandle) -> Result<(), BackendError> {
+    async fn start_vm(&self, vm: &VmHandle) -> Result<StartReport, BackendError> {
         let paths = self.paths(vm)?;
         let _guard = self.lock_vm(&vm.name).await;
         Self::require_dir(&paths, &vm.name).await?;
@@ -502,12 +705,34 @@ impl Backend for QemuBackend {
                 ),
             ));
         }
-        let record = Self::read_record(&paths).await?;
+        let mut record = Self::read_record(&paths).await?;
         if process::running_pid(&paths).await?.is_some() {
-            return Self::confirm_running(&paths).await;
+            Self::confirm_running(&paths).await?;
+            return Ok(StartReport {
+                restored_from: record.restore.map(|r| r.snapshot_id),
+                notes: Vec::new(),
+            });
         }
         // A launch cancelled before QEMU wrote its pidfile may have left a half-started VM.
         self.stop_processes(&paths).await?;
+        // A connection to a previous QEMU's agent socket is of no use to the new one.
+        lock(&self.agents).remove(&vm.name);
+        for stale in [paths.qmp_socket(), paths.qga_socket(), paths.pidfile()] {
+            remove_file_if_present(&stale).await?;
+        }
+        let mut notes = Vec::new();
+        if let Some(source) = record.restore.clone() {
+            match self
+                .restore_or_fall_back(vm, &paths, &mut record, &source)
+                .await?
+            {
+                Ok(report) => return Ok(report),
+                Err(note) => notes.push(note),
+            }
+            for stale in [paths.qmp_socket(), paths.qga_socket(), paths.pidfile()] {
+                remove_file_if_present(&stale).await?;
+            }
+        }
         if let Some(missing) = record.template.missing_file().await {
             return Err(BackendError::InvalidInput(format!(
                 "{} cannot start: its template file {} is gone (rebuild the template and clone \
@@ -516,12 +741,7 @@ impl Backend for QemuBackend {
                 missing.display()
             )));
         }
-        // A connection to a previous QEMU's agent socket is of no use to the new one.
-        lock(&self.agents).remove(&vm.name);
         let accel = self.accel.choose(&record.template.kernel).await;
-        for stale in [paths.qmp_socket(), paths.qga_socket(), paths.pidfile()] {
-            remove_file_if_present(&stale).await?;
-        }
         let plan = LaunchPlan {
             qemu_binary: &self.config.qemu_binary,
             socat_binary: &self.config.socat_binary,
@@ -529,6 +749,7 @@ impl Backend for QemuBackend {
             record: &record,
             accel,
             guest_endpoint: self.guest_endpoint,
+            memory: GuestMemory::Anonymous,
         };
         launch::launch(&plan, self.config.tool_timeout).await?;
         if process::running_pid(&paths).await?.is_none() {
@@ -539,7 +760,10 @@ impl Backend for QemuBackend {
             ));
         }
         tracing::info!(vm = %vm.name, ?accel, "VM started");
-        Ok(())
+        Ok(StartReport {
+            restored_from: None,
+            notes,
+        })
     }
 
     async fn agent_ping(&self, vm: &VmHandle) -> Result<(), BackendError> {
@@ -724,86 +948,11 @@ fn guest_env(env: &BTreeMap<String, String>) -> Vec<String> {
     entries
 }
 
-/// A qcow2 image's virtual size, from its header (big-endian u64 at offset 24).
-async fn qcow2_virtual_size(path: &Path) -> Result<u64, BackendError> {
-    use tokio::io::AsyncReadExt;
-    let mut header = [0u8; 32];
-    let mut file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| BackendError::io(format!("opening {}", path.display()), e))?;
-    file.read_exact(&mut header)
-        .await
-        .map_err(|e| BackendError::io(format!("reading {}", path.display()), e))?;
-    if &header[..4] != b"QFI\xfb" {
-        return Err(BackendError::InvalidInput(format!(
-            "{} is not a qcow2 image",
-            path.display()
-        )));
-    }
-    let mut size = [0u8; 8];
-    size.copy_from_slice(&header[24..32]);
-    Ok(u64::from_be_bytes(size))
-}
-
-fn tool_error(operation: &'static str, error: ToolError) -> BackendError {
-    match error {
-        ToolError::Timeout { timeout, .. } => BackendError::Timeout {
-            operation,
-            seconds: timeout.as_secs_f64(),
-        },
-        other => BackendError::operation(operation, other.to_string()),
-    }
-}
-
 fn seed_error(error: SeedError) -> BackendError {
     match error {
         SeedError::Render(_) => BackendError::InvalidInput(error.to_string()),
         SeedError::Io { context, source } => BackendError::io(context, source),
         SeedError::Tool(e) => tool_error("clone", e),
-    }
-}
-
-async fn exists(path: &Path) -> Result<bool, BackendError> {
-    tokio::fs::try_exists(path)
-        .await
-        .map_err(|e| BackendError::io(format!("checking {}", path.display()), e))
-}
-
-async fn create_private_dir_all(path: &Path) -> Result<(), BackendError> {
-    let mut builder = tokio::fs::DirBuilder::new();
-    builder.recursive(true).mode(0o700);
-    builder
-        .create(path)
-        .await
-        .map_err(|e| BackendError::io(format!("creating {}", path.display()), e))
-}
-
-/// Writes a file whole, through a temporary name, so readers never see half of it.
-async fn write_file(path: &Path, contents: &[u8]) -> Result<(), BackendError> {
-    let partial = path.with_extension("partial");
-    tokio::fs::write(&partial, contents)
-        .await
-        .map_err(|e| BackendError::io(format!("writing {}", partial.display()), e))?;
-    tokio::fs::rename(&partial, path)
-        .await
-        .map_err(|e| BackendError::io(format!("renaming {}", partial.display()), e))
-}
-
-async fn remove_file_if_present(path: &Path) -> Result<(), BackendError> {
-    match tokio::fs::remove_file(path).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(BackendError::io(format!("removing {}", path.display()), e))
-        }
-        _ => Ok(()),
-    }
-}
-
-async fn remove_dir_all(path: &Path) -> Result<(), BackendError> {
-    match tokio::fs::remove_dir_all(path).await {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            Err(BackendError::io(format!("removing {}", path.display()), e))
-        }
-        _ => Ok(()),
     }
 }
 
@@ -817,6 +966,7 @@ mod tests {
             QemuDirs {
                 images: root.join("images"),
                 sandboxes: root.join("sandboxes"),
+                snapshots: root.join("snapshots"),
             },
             "127.0.0.1:8848".parse().unwrap(),
         )
@@ -828,6 +978,7 @@ mod tests {
         let dirs = QemuDirs {
             images: "/i".into(),
             sandboxes: "/s".into(),
+            snapshots: "/snap".into(),
         };
         let endpoint: SocketAddr = "127.0.0.1:8848".parse().unwrap();
         assert!(QemuBackend::new(QemuConfig::default(), dirs.clone(), endpoint).is_ok());
@@ -958,6 +1109,8 @@ mod tests {
             disk_gb: 1,
             network: crate::backend::NetworkMode::Restricted,
             owner: owner.map(str::to_owned),
+            restore: None,
+            start: crate::model::StartMode::Cold,
         };
         std::fs::write(paths.record(), serde_json::to_vec(&record).unwrap()).unwrap();
         std::fs::write(paths.overlay(), b"disk").unwrap();
@@ -1016,6 +1169,7 @@ mod tests {
             },
             owner: "0199-ours".into(),
             start: crate::model::StartMode::Cold,
+            restore_from: None,
         };
         let err = backend.clone_vm(&spec_theirs).await.unwrap_err();
         assert!(err.to_string().contains("0199-theirs"), "{err}");
@@ -1033,21 +1187,5 @@ mod tests {
         backend.destroy_vm(&legacy).await.unwrap();
         assert!(!Path::new(&ours.vm_ref).exists());
         assert!(!Path::new(&legacy.vm_ref).exists());
-    }
-
-    #[tokio::test]
-    async fn reads_the_qcow2_virtual_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("x.qcow2");
-        let status = std::process::Command::new("qemu-img")
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&image)
-            .arg("3G")
-            .status()
-            .unwrap();
-        assert!(status.success());
-        assert_eq!(qcow2_virtual_size(&image).await.unwrap(), 3 << 30);
-        std::fs::write(dir.path().join("raw"), [0u8; 64]).unwrap();
-        assert!(qcow2_virtual_size(&dir.path().join("raw")).await.is_err());
     }
 }

@@ -19,6 +19,20 @@ use crate::backend::{BackendError, NetworkMode};
 /// Where the guest reaches the daemon's guest endpoint (docs/guest-contract.md).
 pub const GUEST_ENDPOINT_IN_GUEST: &str = "10.0.2.100:80";
 
+/// Where a VM's RAM lives.
+#[derive(Debug, Clone, Copy)]
+pub enum GuestMemory<'a> {
+    /// Anonymous memory, as QEMU allocates it by default: a cold boot.
+    Anonymous,
+    /// A template VM whose RAM is the snapshot's memory file, mapped shared so that what the
+    /// guest writes lands in the file.
+    SnapshotTemplate { memory_file: &'a Path },
+    /// A clone restored from a snapshot: the memory file mapped privately (copy-on-write, the
+    /// file never changes), the VM paused until its device state is loaded (`-incoming defer
+    /// -S`; see `migration::load_state`).
+    Restore { memory_file: &'a Path },
+}
+
 /// Everything that shapes one VM's command line.
 #[derive(Debug)]
 pub struct LaunchPlan<'a> {
@@ -28,6 +42,7 @@ pub struct LaunchPlan<'a> {
     pub record: &'a SandboxRecord,
     pub accel: Accelerator,
     pub guest_endpoint: SocketAddr,
+    pub memory: GuestMemory<'a>,
 }
 
 impl LaunchPlan<'_> {
@@ -91,6 +106,25 @@ impl LaunchPlan<'_> {
         // Guest entropy at boot, or TLS and key generation stall in the guest.
         push(&["-device", "virtio-rng-pci"]);
         push(&["-pidfile", &display(&paths.pidfile()), "-daemonize"]);
+        let (memory_file, share) = match self.memory {
+            GuestMemory::Anonymous => return args,
+            GuestMemory::SnapshotTemplate { memory_file } => (memory_file, "on"),
+            GuestMemory::Restore { memory_file } => (memory_file, "off"),
+        };
+        // Same id, size and machine property on both sides: migration matches RAM blocks by them.
+        push(&[
+            "-object",
+            &format!(
+                "memory-backend-file,id=ram0,size={}M,mem-path={},share={share}",
+                record.memory_mb,
+                display(memory_file)
+            ),
+            "-machine",
+            "memory-backend=ram0",
+        ]);
+        if matches!(self.memory, GuestMemory::Restore { .. }) {
+            push(&["-S", "-incoming", "defer"]);
+        }
         args
     }
 
@@ -186,10 +220,16 @@ mod tests {
             disk_gb: 4,
             network,
             owner: None,
+            restore: None,
+            start: crate::model::StartMode::Cold,
         }
     }
 
     fn args(network: NetworkMode, endpoint: &str) -> Vec<String> {
+        args_with(network, endpoint, GuestMemory::Anonymous)
+    }
+
+    fn args_with(network: NetworkMode, endpoint: &str, memory: GuestMemory) -> Vec<String> {
         let paths = SandboxPaths::new(Path::new("/s"), "sandbox-abc");
         let record = record(network);
         let plan = LaunchPlan {
@@ -199,6 +239,7 @@ mod tests {
             record: &record,
             accel: Accelerator::Tcg,
             guest_endpoint: endpoint.parse().unwrap(),
+            memory,
         };
         plan.args()
             .into_iter()
@@ -257,5 +298,44 @@ mod tests {
         // process::find relies on this to recognise the VM after a daemon restart.
         let marker = SandboxPaths::new(Path::new("/s"), "sandbox-abc").ownership_marker();
         assert!(after(&args, "-pidfile")[0].contains(&marker));
+        // A cold boot has QEMU's own anonymous RAM and starts at once.
+        assert!(after(&args, "-object").is_empty());
+        assert!(!args.contains(&"-incoming".to_owned()));
+    }
+
+    #[test]
+    fn template_maps_the_memory_file_shared_and_a_restore_privately_and_paused() {
+        let memory_file = Path::new("/snap/abc/memory");
+        let template = args_with(
+            NetworkMode::Restricted,
+            "127.0.0.1:8848",
+            GuestMemory::SnapshotTemplate { memory_file },
+        );
+        assert_eq!(
+            after(&template, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/snap/abc/memory,share=on"]
+        );
+        assert_eq!(after(&template, "-machine"), ["memory-backend=ram0"]);
+        assert!(!template.contains(&"-incoming".to_owned()));
+
+        let restore = args_with(
+            NetworkMode::Restricted,
+            "127.0.0.1:8848",
+            GuestMemory::Restore { memory_file },
+        );
+        assert_eq!(
+            after(&restore, "-object"),
+            ["memory-backend-file,id=ram0,size=512M,mem-path=/snap/abc/memory,share=off"]
+        );
+        assert_eq!(after(&restore, "-incoming"), ["defer"]);
+        assert!(restore.contains(&"-S".to_owned()));
+        // Everything else is the same machine, or the device state would not load.
+        let strip = |args: &[String]| -> Vec<String> {
+            args.iter()
+                .filter(|a| !a.starts_with("memory-backend-file") && !["-S", "-incoming", "defer"].contains(&a.as_str()))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(strip(&template), strip(&restore));
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{BackendError, NetworkMode};
+use crate::backend::{BackendError, NetworkMode, StartMode};
 use crate::model::VM_NAME_PREFIX;
 
 /// The longest VM name accepted; it doubles as the guest's hostname.
@@ -128,6 +128,21 @@ pub struct SandboxRecord {
     /// record from before instance ids.
     #[serde(default)]
     pub owner: Option<String>,
+    /// The snapshot this sandbox is restored from; None for a cold boot (and after a restore
+    /// that failed and fell back to one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSource>,
+    /// How the job asked to start: with `Snapshot`, a restore that fails fails the start instead
+    /// of falling back to a cold boot.
+    #[serde(default)]
+    pub start: StartMode,
+}
+
+/// Where a restored sandbox's snapshot is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreSource {
+    pub snapshot_id: String,
+    pub dir: PathBuf,
 }
 
 /// The files of one sandbox folder.

@@ -3,12 +3,19 @@
 
 pub mod accel;
 pub mod backend;
+pub mod files;
 pub mod launch;
+pub mod library;
+pub mod migration;
+pub mod overlay;
 pub mod layout;
 pub mod process;
 pub mod qga;
 pub mod qmp;
+pub mod restore;
 pub mod seed;
+pub mod snapshot;
+pub mod snapshot_maker;
 pub mod tool;
 mod wire;
 

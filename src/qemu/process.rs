@@ -9,7 +9,15 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::layout::SandboxPaths;
+use super::qmp::QmpClient;
 use crate::backend::BackendError;
+
+/// How long one QMP `quit` may take.
+const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a SIGTERMed QEMU gets before SIGKILL, and how long SIGKILL may take to land.
+const TERM_GRACE: Duration = Duration::from_secs(1);
+const KILL_WAIT: Duration = Duration::from_secs(5);
 
 /// How often a wait for processes to exit looks again.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -78,6 +86,26 @@ pub async fn running_pid(paths: &SandboxPaths) -> Result<Option<i32>, BackendErr
     let marker = paths.ownership_marker();
     blocking(move || read_pidfile_blocking(&pidfile).filter(|pid| is_ours_blocking(*pid, &marker)))
         .await
+}
+
+/// Stops every QEMU process of a VM folder: QMP `quit` first, then SIGTERM and SIGKILL for
+/// whatever is still there after `grace`.
+pub async fn stop(paths: &SandboxPaths, grace: Duration) -> Result<(), BackendError> {
+    let pids = find(paths).await?;
+    if pids.is_empty() {
+        return Ok(());
+    }
+    let qmp_timeout = grace.min(QMP_TIMEOUT);
+    if let Ok(mut qmp) = QmpClient::connect(&paths.qmp_socket(), qmp_timeout).await {
+        if let Err(e) = qmp.quit(qmp_timeout).await {
+            tracing::debug!(dir = %paths.dir.display(), error = %e, "QMP quit failed");
+        }
+    }
+    let remaining = wait_gone(paths, &pids, grace).await?;
+    if !remaining.is_empty() {
+        tracing::warn!(dir = %paths.dir.display(), pids = ?remaining, "qemu ignored quit; signalling");
+    }
+    terminate(paths, &remaining, TERM_GRACE, KILL_WAIT).await
 }
 
 /// Every live QEMU process of a sandbox (pidfile and a /proc scan).

@@ -40,6 +40,7 @@ fn backend(state: &State) -> Result<QemuBackend> {
             .clone()
             .unwrap_or_else(|| state.root.join("no-images")),
         sandboxes: state.vms_dir(),
+        snapshots: state.root.join("snapshots"),
     };
     let endpoint = state.guest_endpoint.unwrap_or_else(|| {
         "127.0.0.1:9"
@@ -209,6 +210,8 @@ pub async fn start(state: &State, vmid: u32, conf: &Conf) -> Result<()> {
         network,
         // The stand-in's own folder; whose VM it is, Proxmox-style, is the config's tag.
         owner: None,
+        restore: None,
+        start: agentlab::model::StartMode::Cold,
     };
     std::fs::write(paths.record(), serde_json::to_string_pretty(&record)?)?;
     std::fs::write(paths.complete_marker(), b"")?;
