@@ -636,6 +636,7 @@ mod tests {
             git_ref: Some("main".into()),
             env_keys: vec!["API_KEY".into()],
             artifacts: vec!["out/**".into()],
+            start: crate::model::StartMode::Auto,
             status: JobStatus::Failed,
             phase: None,
             sandbox_id: None,
@@ -701,6 +702,8 @@ mod tests {
             updated_at_ms: now,
             destroyed_at_ms: None,
             error: None,
+            start_method: None,
+            snapshot_id: None,
         };
         assert!(!sandbox_detail(&sandbox, now).contains("lease"));
         let list = sandbox_list(std::slice::from_ref(&sandbox), now);
