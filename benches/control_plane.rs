@@ -66,6 +66,8 @@ fn sandbox(job_id: &str) -> Sandbox {
         updated_at_ms: now,
         destroyed_at_ms: None,
         error: None,
+        start_method: None,
+        snapshot_id: None,
     }
 }
 

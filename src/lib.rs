@@ -20,5 +20,6 @@ pub mod paths;
 pub mod pve;
 pub mod qemu;
 pub mod runner;
+pub mod start;
 pub mod store;
 pub mod urlpath;

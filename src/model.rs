@@ -156,7 +156,7 @@ pub struct JobRequest {
 }
 
 /// How a job's sandbox starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StartMode {
     /// Restored from a snapshot where one exists for the sandbox's shape or can be made; a cold
@@ -170,6 +170,8 @@ pub enum StartMode {
 }
 
 impl StartMode {
+    pub const ALL: &'static [StartMode] = &[StartMode::Auto, StartMode::Cold, StartMode::Snapshot];
+
     pub fn is_auto(&self) -> bool {
         *self == StartMode::Auto
     }
@@ -181,7 +183,71 @@ impl StartMode {
             StartMode::Snapshot => "snapshot",
         }
     }
+
+    /// The valid values, for messages: `auto, cold, snapshot`.
+    pub fn valid_values() -> String {
+        StartMode::ALL
+            .iter()
+            .map(StartMode::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
+
+impl fmt::Display for StartMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for StartMode {
+    type Err = ParseEnumError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        StartMode::ALL
+            .iter()
+            .copied()
+            .find(|mode| mode.as_str() == s)
+            .ok_or_else(|| ParseEnumError {
+                kind: "start mode",
+                value: s.to_owned(),
+            })
+    }
+}
+
+// By hand rather than derived: serde's message for an unknown variant does not say which field
+// it is about, and a job request has several.
+impl<'de> Deserialize<'de> for StartMode {
+    fn deserialize<D: serde::Deserializer<'de>>(de: D) -> Result<Self, D::Error> {
+        struct StartModeVisitor;
+
+        impl serde::de::Visitor<'_> for StartModeVisitor {
+            type Value = StartMode;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "`start` as one of {}", StartMode::valid_values())
+            }
+
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<StartMode, E> {
+                value.parse().map_err(|_| {
+                    E::custom(format!(
+                        "`start` must be one of {}, not `{value}`",
+                        StartMode::valid_values()
+                    ))
+                })
+            }
+        }
+
+        de.deserialize_str(StartModeVisitor)
+    }
+}
+
+string_enum!(
+    /// How a sandbox really started, once it has: booted cold, or restored from a snapshot.
+    StartMethod, "start method", {
+        Cold => "cold",
+        Restored => "restored",
+    }
+);
 
 /// How long one phase of one attempt took, and how it ended.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +276,9 @@ pub struct Job {
     pub git_ref: Option<String>,
     pub env_keys: Vec<String>,
     pub artifacts: Vec<String>,
+    /// How the job asked its sandbox to start.
+    #[serde(default)]
+    pub start: StartMode,
     pub status: JobStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phase: Option<Phase>,
@@ -256,6 +325,12 @@ pub struct Sandbox {
     pub destroyed_at_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How the VM started, once it has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_method: Option<StartMethod>,
+    /// The snapshot it was restored from (`start_method: restored`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
 }
 
 /// One entry in a job's history.
@@ -311,6 +386,51 @@ mod tests {
             assert_eq!(phase.as_str().parse::<Phase>().unwrap(), *phase);
         }
         assert!("BOGUS".parse::<JobStatus>().is_err());
+        for mode in StartMode::ALL {
+            assert_eq!(mode.as_str().parse::<StartMode>().unwrap(), *mode);
+        }
+        for method in StartMethod::ALL {
+            assert_eq!(method.as_str().parse::<StartMethod>().unwrap(), *method);
+        }
+    }
+
+    #[test]
+    fn a_job_request_reads_start_and_names_the_field_when_it_is_wrong() {
+        let parse = |body: &str| serde_json::from_str::<JobRequest>(body);
+        let base = r#"{"profile": "balanced", "task": "t""#;
+        assert_eq!(parse(&format!("{base}}}")).unwrap().start, StartMode::Auto);
+        for mode in StartMode::ALL {
+            let body = format!(r#"{base}, "start": "{mode}"}}"#);
+            assert_eq!(parse(&body).unwrap().start, *mode);
+        }
+        let err = parse(&format!(r#"{base}, "start": "warm"}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`start` must be one of auto, cold, snapshot, not `warm`"),
+            "{err}"
+        );
+        let err = parse(&format!(r#"{base}, "start": 1}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`start` as one of auto, cold, snapshot"),
+            "{err}"
+        );
+        // The default is left out, so a request stored before start existed reads the same.
+        let auto = JobRequest {
+            profile: "balanced".into(),
+            task: "t".into(),
+            ..JobRequest::default()
+        };
+        assert!(!serde_json::to_string(&auto).unwrap().contains("start"));
+        let cold = JobRequest {
+            start: StartMode::Cold,
+            ..auto
+        };
+        assert!(serde_json::to_string(&cold)
+            .unwrap()
+            .contains(r#""start":"cold""#));
     }
 
     #[test]

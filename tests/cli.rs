@@ -123,6 +123,13 @@ fn daemon(socket: &Path) -> MockServer {
                     Response::json(200, &job_json("j1", &state.final_status.clone(), code))
                 }
             }
+            ("GET", "/v1/jobs/restored") => {
+                let mut job = job_json("restored", "RUNNING", None);
+                job["start"] = json!("auto");
+                job["start_method"] = json!("restored");
+                job["snapshot_id"] = json!("snap-2c-2048m");
+                Response::json(200, &job)
+            }
             ("POST", "/v1/jobs/j1/cancel") => {
                 Response::error(409, "conflict", "job j1 is already COMPLETED")
             }
@@ -222,6 +229,78 @@ fn job_run_sends_the_request_and_prints_the_id() {
             "artifacts": ["out/**"], "run_timeout_seconds": 60
         })
     );
+}
+
+#[test]
+fn job_run_sends_the_start_asked_for_and_refuses_an_unknown_one() {
+    for (flag, sent) in [
+        (Some("cold"), Some("cold")),
+        (Some("snapshot"), Some("snapshot")),
+        // auto is the default: the request means the same without it.
+        (Some("auto"), None),
+        (None, None),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let socket = tmp.path().join("d.sock");
+        let server = daemon(&socket);
+        let mut args = vec!["job", "run", "--profile", "small", "--task", "COMPLETED"];
+        if let Some(flag) = flag {
+            args.extend(["--start", flag]);
+        }
+        let out = agentlab(&socket, &args);
+        assert_eq!(out.status.code(), Some(0), "{flag:?}: {out:?}");
+        let post = server
+            .requests()
+            .into_iter()
+            .find(|r| r.method == "POST")
+            .unwrap();
+        let body: Value = serde_json::from_slice(&post.body).unwrap();
+        assert_eq!(body.get("start").and_then(Value::as_str), sent, "{body}");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("d.sock");
+    let server = daemon(&socket);
+    let out = agentlab(
+        &socket,
+        &[
+            "job",
+            "run",
+            "--profile",
+            "small",
+            "--task",
+            "t",
+            "--start",
+            "warm",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("warm") && stderr.contains("cold") && stderr.contains("snapshot"),
+        "{stderr}"
+    );
+    assert!(
+        server.requests().iter().all(|r| r.method != "POST"),
+        "nothing is submitted"
+    );
+}
+
+#[test]
+fn job_show_prints_how_the_sandbox_started() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("d.sock");
+    let _server = daemon(&socket);
+    let out = agentlab(&socket, &["job", "show", "restored"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("start:        restored from snapshot snap-2c-2048m (asked: auto)\n"),
+        "{stdout}"
+    );
+    let out = agentlab(&socket, &["job", "show", "j1"]);
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("start:        auto\n"), "{stdout}");
 }
 
 #[test]

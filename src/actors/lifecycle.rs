@@ -179,6 +179,8 @@ fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profil
         updated_at_ms: now,
         destroyed_at_ms: None,
         error: None,
+        start_method: None,
+        snapshot_id: None,
     }
 }
 

@@ -4,11 +4,11 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use super::client::{Target, DEFAULT_SOCKET};
 use super::exit::{CliError, EXIT_CODES_HELP};
-use crate::model::{JobRequest, JobStatus, SandboxState};
+use crate::model::{JobRequest, JobStatus, SandboxState, StartMode};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -143,6 +143,10 @@ pub struct RunArgs {
     /// Fail the job if it has not started after this many seconds in the queue.
     #[arg(long, value_name = "SECS")]
     pub deadline: Option<u64>,
+    /// How the sandbox starts: restored from a snapshot of the booted template where the host
+    /// can (auto, the default), always booted (cold), or restored or refused (snapshot).
+    #[arg(long, value_enum, value_name = "HOW")]
+    pub start: Option<StartArg>,
     /// Wait for the job to end, showing its phases; the exit code follows the job's status.
     #[arg(long)]
     pub wait: bool,
@@ -150,6 +154,24 @@ pub struct RunArgs {
     /// for the final job).
     #[arg(long)]
     pub follow: bool,
+}
+
+/// `--start`: clap's view of [`StartMode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartArg {
+    Auto,
+    Cold,
+    Snapshot,
+}
+
+impl From<StartArg> for StartMode {
+    fn from(arg: StartArg) -> Self {
+        match arg {
+            StartArg::Auto => StartMode::Auto,
+            StartArg::Cold => StartMode::Cold,
+            StartArg::Snapshot => StartMode::Snapshot,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,7 +307,7 @@ impl RunArgs {
             ttl_minutes: self.ttl_minutes,
             run_timeout_seconds: self.run_timeout,
             deadline_seconds: self.deadline,
-            start: Default::default(),
+            start: self.start.map(StartMode::from).unwrap_or_default(),
         })
     }
 }
@@ -371,6 +393,39 @@ mod tests {
         let json = serde_json::to_value(&req).unwrap();
         assert_eq!(json["ref"], "main");
         assert!(json.get("command").is_none());
+    }
+
+    #[test]
+    fn start_takes_one_of_three_ways_and_defaults_to_auto() {
+        let start_of = |extra: &[&str]| {
+            let mut args = vec!["job", "run", "--profile", "p", "--task", "t"];
+            args.extend_from_slice(extra);
+            let Command::Job(JobCommand::Run(run)) = parse(&args).unwrap().command else {
+                panic!("not job run");
+            };
+            run.to_request().unwrap().start
+        };
+        assert_eq!(start_of(&[]), StartMode::Auto);
+        assert_eq!(start_of(&["--start", "auto"]), StartMode::Auto);
+        assert_eq!(start_of(&["--start", "cold"]), StartMode::Cold);
+        assert_eq!(start_of(&["--start", "snapshot"]), StartMode::Snapshot);
+        let err = parse(&[
+            "job",
+            "run",
+            "--profile",
+            "p",
+            "--task",
+            "t",
+            "--start",
+            "warm",
+        ])
+        .unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        let message = err.to_string();
+        assert!(
+            message.contains("auto") && message.contains("cold") && message.contains("snapshot"),
+            "{message}"
+        );
     }
 
     #[test]

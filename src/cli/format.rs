@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::governor::status::{GovernorStatus, JobQueue};
-use crate::model::{Artifact, Job, PhaseRun, Sandbox};
+use crate::model::{Artifact, Job, PhaseRun, Sandbox, StartMethod};
 
 /// `1.2s`, `2m03s`, `1h02m`.
 pub fn duration(seconds: f64) -> String {
@@ -152,25 +152,44 @@ pub fn phase_table(phases: &[PhaseRun]) -> String {
     table(&["PHASE", "DURATION", "RESULT"], &rows)
 }
 
-/// A job as `GET /v1/jobs/{id}` answers: the job and, while it is queued, what it waits for.
+/// A job as `GET /v1/jobs/{id}` answers: the job, while it is queued what it waits for, and once
+/// its sandbox has started how it did.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ShownJob {
     #[serde(flatten)]
     pub job: Job,
     #[serde(default)]
     pub queue: Option<JobQueue>,
+    #[serde(default)]
+    pub start_method: Option<StartMethod>,
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
 }
 
-/// `agentlab job show`: the job, with what it waits for while queued.
+/// How a sandbox started: `booted cold`, `restored from snapshot ID`.
+pub fn start_method(method: StartMethod, snapshot_id: Option<&str>) -> String {
+    match (method, snapshot_id) {
+        (StartMethod::Cold, _) => "booted cold".to_owned(),
+        (StartMethod::Restored, Some(id)) => format!("restored from snapshot {id}"),
+        (StartMethod::Restored, None) => "restored from a snapshot".to_owned(),
+    }
+}
+
+/// `agentlab job show`: the job, with what it waits for while queued and how its sandbox
+/// started once it has.
 pub fn shown_job(shown: &ShownJob) -> String {
-    job_detail_waiting(&shown.job, shown.queue.as_ref())
+    let started = shown
+        .start_method
+        .map(|method| start_method(method, shown.snapshot_id.as_deref()));
+    job_detail_with(&shown.job, shown.queue.as_ref(), started)
 }
 
 pub fn job_detail(job: &Job) -> String {
-    job_detail_waiting(job, None)
+    job_detail_with(job, None, None)
 }
 
-fn job_detail_waiting(job: &Job, queue: Option<&JobQueue>) -> String {
+/// `started`: how the sandbox started, when known.
+fn job_detail_with(job: &Job, queue: Option<&JobQueue>, started: Option<String>) -> String {
     let mut out = String::new();
     let mut field = |name: &str, value: String| {
         // At least one space, so a label longer than the column stays readable.
@@ -208,6 +227,13 @@ fn job_detail_waiting(job: &Job, queue: Option<&JobQueue>) -> String {
     if let Some(sandbox) = &job.sandbox_id {
         field("sandbox", sandbox.clone());
     }
+    field(
+        "start",
+        match started {
+            Some(started) => format!("{started} (asked: {})", job.start),
+            None => job.start.to_string(),
+        },
+    );
     if let Some(code) = job.exit_code {
         field("exit code", code.to_string());
     }
@@ -327,6 +353,9 @@ pub fn sandbox_detail(s: &Sandbox, now_ms: i64) -> String {
         ),
     );
     field("keepalive", s.keepalive.to_string());
+    if let Some(method) = s.start_method {
+        field("start", start_method(method, s.snapshot_id.as_deref()));
+    }
     if let Some(at) = lease_ends(s) {
         field(
             "lease",
@@ -636,6 +665,7 @@ mod tests {
             git_ref: Some("main".into()),
             env_keys: vec!["API_KEY".into()],
             artifacts: vec!["out/**".into()],
+            start: crate::model::StartMode::Auto,
             status: JobStatus::Failed,
             phase: None,
             sandbox_id: None,
@@ -701,6 +731,8 @@ mod tests {
             updated_at_ms: now,
             destroyed_at_ms: None,
             error: None,
+            start_method: None,
+            snapshot_id: None,
         };
         assert!(!sandbox_detail(&sandbox, now).contains("lease"));
         let list = sandbox_list(std::slice::from_ref(&sandbox), now);
@@ -716,6 +748,29 @@ mod tests {
             list.contains("LEASE") && list.ends_with("in 2h\n"),
             "{list}"
         );
+    }
+
+    #[test]
+    fn sandbox_show_prints_how_it_started_once_it_has() {
+        let now = 1_700_000_000_000;
+        let mut sandbox: Sandbox = serde_json::from_value(serde_json::json!({
+            "id": "sandbox-1", "job_id": "j1", "backend": "qemu", "state": "RUNNING",
+            "profile": "small", "cores": 2, "memory_mb": 2048, "disk_gb": 10,
+            "keepalive": false, "lease_expires_at_ms": now, "created_at_ms": now,
+            "updated_at_ms": now
+        }))
+        .unwrap();
+        assert!(!sandbox_detail(&sandbox, now).contains("start:"));
+        sandbox.start_method = Some(StartMethod::Restored);
+        sandbox.snapshot_id = Some("snap-2c".into());
+        let detail = sandbox_detail(&sandbox, now);
+        assert!(
+            detail.contains("start:        restored from snapshot snap-2c\n"),
+            "{detail}"
+        );
+        sandbox.start_method = Some(StartMethod::Cold);
+        sandbox.snapshot_id = None;
+        assert!(sandbox_detail(&sandbox, now).contains("start:        booted cold\n"));
     }
 
     #[test]
@@ -772,6 +827,37 @@ mod tests {
             "{detail}"
         );
         assert!(!job_detail(&job()).contains("waiting for"));
+    }
+
+    #[test]
+    fn job_show_prints_the_start_asked_for_and_how_it_went() {
+        let mut value = serde_json::to_value(Job {
+            start: crate::model::StartMode::Snapshot,
+            ..job()
+        })
+        .unwrap();
+        let shown: ShownJob = serde_json::from_value(value.clone()).unwrap();
+        assert!(
+            shown_job(&shown).contains("start:        snapshot\n"),
+            "{}",
+            shown_job(&shown)
+        );
+        value["start_method"] = "restored".into();
+        value["snapshot_id"] = "snap-2c".into();
+        let shown: ShownJob = serde_json::from_value(value.clone()).unwrap();
+        let detail = shown_job(&shown);
+        assert!(
+            detail.contains("start:        restored from snapshot snap-2c (asked: snapshot)\n"),
+            "{detail}"
+        );
+        value["start_method"] = "cold".into();
+        value["start"] = "auto".into();
+        let shown: ShownJob = serde_json::from_value(value).unwrap();
+        let detail = shown_job(&shown);
+        assert!(
+            detail.contains("start:        booted cold (asked: auto)\n"),
+            "{detail}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Operator tuning (`tuning/*.yaml`): per-phase timeouts, the restart policy, admission limits,
-//! loop intervals and the ResourceGovernor (`governor:`, see [`super::governor`]). Reloaded on
-//! SIGHUP; an invalid file keeps the values in force.
+//! loop intervals, the ResourceGovernor (`governor:`, see [`super::governor`]) and the switch for
+//! snapshot starts (`snapshots:`). Reloaded on SIGHUP; an invalid file keeps the values in force.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -147,6 +147,21 @@ impl Default for Intervals {
     }
 }
 
+/// Snapshot starts: a backend that can (the local qemu one) restores a sandbox from a snapshot
+/// of a booted template instead of booting it. Off, every sandbox boots cold: `start: auto`
+/// jobs boot, `start: snapshot` jobs are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Snapshots {
+    pub enabled: bool,
+}
+
+impl Default for Snapshots {
+    fn default() -> Self {
+        Snapshots { enabled: true }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Tuning {
@@ -155,9 +170,16 @@ pub struct Tuning {
     pub admission: Admission,
     pub intervals: Intervals,
     pub governor: GovernorSection,
+    pub snapshots: Snapshots,
 }
 
 impl Tuning {
+    /// Whether sandboxes may start from a snapshot (`snapshots.enabled`); see
+    /// [`crate::start::resolve_start`].
+    pub fn snapshots_enabled(&self) -> bool {
+        self.snapshots.enabled
+    }
+
     pub fn load(path: &Path) -> Result<Tuning, ConfigError> {
         let tuning: Tuning = read_yaml(path)?;
         tuning.validate(path)?;
@@ -276,6 +298,9 @@ mod tests {
             );
         }
         assert!(small.governor.boot_cap.max < large.governor.boot_cap.max);
+        for preset in [&small, &medium, &large, &load("default.yaml")] {
+            assert!(preset.snapshots_enabled());
+        }
     }
 
     fn parse(text: &str) -> Result<Tuning, ConfigError> {
@@ -350,6 +375,37 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn snapshot_starts_are_on_unless_the_tuning_turns_them_off() {
+        assert!(parse("{}\n").unwrap().snapshots_enabled());
+        assert!(parse("snapshots: {}\n").unwrap().snapshots_enabled());
+        assert!(!parse("snapshots: {enabled: false}\n")
+            .unwrap()
+            .snapshots_enabled());
+        let err = parse("snapshots: {enable: false}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshots") && err.contains("enable"), "{err}");
+        let err = parse("snapshots: {enabled: sometimes}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("snapshots.enabled"), "{err}");
+    }
+
+    #[test]
+    fn a_reload_turns_snapshot_starts_off_and_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.yaml");
+        let handle = TuningHandle::new(Tuning::default());
+        assert!(handle.get().snapshots_enabled());
+        std::fs::write(&path, "snapshots:\n  enabled: false\n").unwrap();
+        handle.reload(&path).unwrap();
+        assert!(!handle.get().snapshots_enabled());
+        std::fs::write(&path, "snapshots: {enabled: true}\n").unwrap();
+        handle.reload(&path).unwrap();
+        assert!(handle.get().snapshots_enabled());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Control API routes for jobs: submit (with validation), list, show (with, for a queued job, its
-//! place in the queue and what it waits for), cancel.
+//! Control API routes for jobs: submit (with validation, including whether this host can start
+//! the sandbox as asked), list, show (with, for a queued job, its place in the queue and what it
+//! waits for; once its sandbox has started, how it did), cancel.
 
 use std::path::Path;
 
@@ -12,8 +13,9 @@ use super::{paging, ApiState};
 use crate::actors::governor::GetHeadWait;
 use crate::actors::supervisor::{Admit, CancelJob, IsReady};
 use crate::governor::status::JobQueue;
-use crate::model::{new_id, Job, JobRequest, JobStatus};
+use crate::model::{new_id, Job, JobRequest, JobStatus, StartMethod, StartMode};
 use crate::paths::is_safe_relative;
+use crate::start::resolve_start;
 use crate::store::NewJob;
 
 /// Caps on what one job request may carry, beyond the body size limit.
@@ -125,6 +127,18 @@ pub fn validate(
     Ok(())
 }
 
+/// Refuses a start the host cannot give: `snapshot` where the backend cannot restore or the
+/// tuning has snapshot starts off. The lifecycle decides again when the sandbox is built.
+pub fn check_start(
+    requested: StartMode,
+    backend_can: bool,
+    tuning_enabled: bool,
+) -> Result<(), ApiError> {
+    resolve_start(requested, backend_can, tuning_enabled)
+        .map(drop)
+        .map_err(|refusal| ApiError::BadRequest(refusal.to_string()))
+}
+
 /// A repo on this host must be an absolute path to a git repository (the daemon bundles it).
 fn check_local_repo(repo: &str) -> Result<(), ApiError> {
     let path = Path::new(repo);
@@ -154,6 +168,11 @@ async fn submit(
     }
     let request = body.into_inner();
     validate(&request, &state.svc.profiles())?;
+    check_start(
+        request.start,
+        state.svc.backend.snapshot_starts(),
+        state.svc.tuning.get().snapshots_enabled(),
+    )?;
     if let Some(repo) = request.repo.clone().filter(|r| !is_remote_repo(r)) {
         web::block(move || check_local_repo(&repo))
             .await
@@ -233,10 +252,26 @@ struct ShownJob {
     /// While it is queued: its place and what it waits for.
     #[serde(skip_serializing_if = "Option::is_none")]
     queue: Option<JobQueue>,
+    /// How its sandbox started, once it has (`job.start` is what it asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    start_method: Option<StartMethod>,
+    /// The snapshot a restored sandbox came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    snapshot_id: Option<String>,
 }
 
 async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
-    let job = load_job(&state, id.into_inner()).await?;
+    let id = id.into_inner();
+    let shown = id.clone();
+    let (job, sandbox) = state
+        .svc
+        .store
+        .call(move |s| Ok((s.get_job(&id)?, s.sandbox_for_job(&id)?)))
+        .await?;
+    let job = job.ok_or_else(|| ApiError::NotFound(format!("job {shown} does not exist")))?;
+    let (start_method, snapshot_id) = sandbox
+        .map(|s| (s.start_method, s.snapshot_id))
+        .unwrap_or_default();
     let queue = match (job.status, job.queue_position) {
         (JobStatus::Queued, Some(position))
             if !state
@@ -266,7 +301,12 @@ async fn show(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpR
         }
         _ => None,
     };
-    Ok(HttpResponse::Ok().json(ShownJob { job, queue }))
+    Ok(HttpResponse::Ok().json(ShownJob {
+        job,
+        queue,
+        start_method,
+        snapshot_id,
+    }))
 }
 
 async fn cancel(
@@ -359,6 +399,24 @@ mod tests {
         ];
         for case in cases {
             assert!(validate(&case, &p).is_err(), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn a_start_the_host_cannot_give_is_a_bad_request_that_says_why() {
+        assert!(check_start(StartMode::Snapshot, true, true).is_ok());
+        assert!(check_start(StartMode::Auto, false, false).is_ok());
+        assert!(check_start(StartMode::Cold, false, false).is_ok());
+        for (backend_can, tuning_enabled, says) in [
+            (false, true, "backend: qemu"),
+            (true, false, "snapshots.enabled: false"),
+        ] {
+            match check_start(StartMode::Snapshot, backend_can, tuning_enabled) {
+                Err(err @ ApiError::BadRequest(_)) => {
+                    assert!(err.to_string().contains(says), "{err}")
+                }
+                other => panic!("{backend_can} {tuning_enabled}: {other:?}"),
+            }
         }
     }
 

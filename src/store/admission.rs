@@ -212,6 +212,8 @@ mod tests {
             updated_at_ms: 0,
             destroyed_at_ms: None,
             error: None,
+            start_method: None,
+            snapshot_id: None,
         }
     }
 

@@ -65,6 +65,7 @@ fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         git_ref: request.git_ref,
         env_keys: request.env.into_keys().collect(),
         artifacts: request.artifacts.unwrap_or_default(),
+        start: request.start,
         status: parse_column("jobs", &status)?,
         phase: phase.map(|p| parse_column("jobs", &p)).transpose()?,
         sandbox_id: row.get(4)?,

@@ -120,9 +120,21 @@ const MIGRATIONS: &[&str] = &[
         queued_ms INTEGER NOT NULL
     );
     "#,
+    // 4: how a sandbox started.
+    r#"
+    -- NULL until its VM has started; then 'cold' (booted) or 'restored' (from a snapshot).
+    ALTER TABLE sandboxes ADD COLUMN start_method TEXT;
+    -- The snapshot a restored sandbox came from.
+    ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
+    apply_through(conn, MIGRATIONS.len())
+}
+
+/// Applies the migrations up to schema `last` (tests build older schemas with it).
+fn apply_through(conn: &mut Connection, last: usize) -> Result<(), StoreError> {
     let current: usize = conn.pragma_query_value(None, "user_version", |row| row.get(0))?;
     if current > MIGRATIONS.len() {
         return Err(StoreError::TooNew {
@@ -130,7 +142,7 @@ pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
             known: MIGRATIONS.len(),
         });
     }
-    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+    for (index, sql) in MIGRATIONS.iter().enumerate().take(last).skip(current) {
         let version = index + 1;
         let tx = conn.transaction()?;
         tx.execute_batch(sql)
@@ -160,5 +172,46 @@ mod tests {
             apply(&mut conn),
             Err(StoreError::TooNew { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_schema_3_database_gains_the_start_columns_and_keeps_its_sandboxes() {
+        use crate::model::StartMethod;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentlab.db");
+        {
+            let mut old = Connection::open(&path).unwrap();
+            apply_through(&mut old, 3).unwrap();
+            old.execute_batch(
+                "INSERT INTO jobs (id, profile, request_json, status, created_ms)
+                 VALUES ('j1', 'balanced', '{\"profile\":\"balanced\",\"task\":\"t\"}',
+                         'RUNNING', 1);
+                 INSERT INTO sandboxes (id, job_id, backend, vm_ref, state, profile, cores,
+                     memory_mb, disk_gb, keepalive, lease_expires_ms, created_ms, updated_ms)
+                 VALUES ('sandbox-j1', 'j1', 'qemu', 'vm-1', 'RUNNING', 'balanced', 2, 2048,
+                         10, 0, 5, 1, 1);",
+            )
+            .unwrap();
+        }
+        let store = super::super::Store::open(&path).unwrap();
+        let version: usize = store
+            .conn()
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 4);
+        let before = store.get_sandbox("sandbox-j1").unwrap().unwrap();
+        assert_eq!(before.vm_ref.as_deref(), Some("vm-1"));
+        assert_eq!((before.start_method, before.snapshot_id), (None, None));
+        // The job's request predates `start`: it reads as the default.
+        let job = store.get_job("j1").unwrap().unwrap();
+        assert_eq!(job.start, crate::model::StartMode::Auto);
+
+        store
+            .set_sandbox_start("sandbox-j1", StartMethod::Restored, Some("snap-2cores"))
+            .unwrap();
+        let after = store.get_sandbox("sandbox-j1").unwrap().unwrap();
+        assert_eq!(after.start_method, Some(StartMethod::Restored));
+        assert_eq!(after.snapshot_id.as_deref(), Some("snap-2cores"));
     }
 }

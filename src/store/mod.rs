@@ -184,6 +184,8 @@ mod tests {
             updated_at_ms: now_ms(),
             destroyed_at_ms: None,
             error: None,
+            start_method: None,
+            snapshot_id: None,
         }
     }
 

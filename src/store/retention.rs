@@ -164,6 +164,8 @@ mod tests {
                 updated_at_ms: now,
                 destroyed_at_ms: None,
                 error: None,
+                start_method: None,
+                snapshot_id: None,
             })
             .unwrap();
         store.start_job(job_id, &sb.id).unwrap();

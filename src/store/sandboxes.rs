@@ -12,7 +12,7 @@ use rusqlite::{params, OptionalExtension, Row};
 
 use super::paging::{Page, SandboxCursor};
 use super::{parse_column, Store, StoreError};
-use crate::model::{now_ms, JobStatus, Sandbox, SandboxState};
+use crate::model::{now_ms, JobStatus, Sandbox, SandboxState, StartMethod};
 
 /// The longest lease a sandbox can get, from its profile, its job or a renew: a typo must not keep
 /// a VM for years.
@@ -36,11 +36,13 @@ pub enum LeaseRenewal {
 
 const SANDBOX_COLUMNS: &str =
     "id, job_id, backend, vm_ref, state, phase, profile, cores, memory_mb, \
-     disk_gb, keepalive, lease_expires_ms, created_ms, updated_ms, destroyed_ms, error";
+     disk_gb, keepalive, lease_expires_ms, created_ms, updated_ms, destroyed_ms, error, \
+     start_method, snapshot_id";
 
 fn sandbox_from_row(row: &Row<'_>) -> Result<Sandbox, StoreError> {
     let state: String = row.get(4)?;
     let phase: Option<String> = row.get(5)?;
+    let start_method: Option<String> = row.get(16)?;
     Ok(Sandbox {
         id: row.get(0)?,
         job_id: row.get(1)?,
@@ -58,6 +60,10 @@ fn sandbox_from_row(row: &Row<'_>) -> Result<Sandbox, StoreError> {
         updated_at_ms: row.get(13)?,
         destroyed_at_ms: row.get(14)?,
         error: row.get(15)?,
+        start_method: start_method
+            .map(|m| parse_column("sandboxes", &m))
+            .transpose()?,
+        snapshot_id: row.get(17)?,
     })
 }
 
@@ -290,6 +296,23 @@ impl Store {
         Ok(())
     }
 
+    /// Records how the sandbox's VM started: booted cold, or restored from `snapshot_id`. A later
+    /// start (a restarted job) replaces what an earlier one recorded.
+    pub fn set_sandbox_start(
+        &self,
+        id: &str,
+        method: StartMethod,
+        snapshot_id: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE sandboxes SET start_method = ?2, snapshot_id = ?3, updated_ms = ?4
+             WHERE id = ?1",
+            params![id, method.as_str(), snapshot_id, now_ms()],
+        )?;
+        Ok(())
+    }
+
     pub fn set_exec_pid(&self, id: &str, pid: i64) -> Result<(), StoreError> {
         let conn = self.conn();
         conn.execute(
@@ -388,6 +411,8 @@ mod tests {
                 updated_at_ms: created_ms,
                 destroyed_at_ms: None,
                 error: None,
+                start_method: None,
+                snapshot_id: None,
             })
             .unwrap();
         store.start_job(&job_id, &sb.id).unwrap();
@@ -492,6 +517,62 @@ mod tests {
                 other => panic!("{id}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn how_a_sandbox_started_is_read_back_by_every_query() {
+        let store = Store::open_in_memory().unwrap();
+        let id = running(&store, true, 0);
+        let fresh = store.get_sandbox(&id).unwrap().unwrap();
+        assert_eq!(
+            (fresh.start_method, fresh.snapshot_id.clone()),
+            (None, None)
+        );
+        let shown = serde_json::to_value(&fresh).unwrap();
+        assert!(
+            shown.get("start_method").is_none() && shown.get("snapshot_id").is_none(),
+            "{shown}"
+        );
+
+        store
+            .set_sandbox_start(&id, StartMethod::Restored, Some("snap-1"))
+            .unwrap();
+        let job_id = job_of(&store, &id);
+        store.keep_sandbox(&id, 0, MINUTE).unwrap();
+        let reads = [
+            store.get_sandbox(&id).unwrap(),
+            store.sandbox_for_job(&job_id).unwrap(),
+            store.list_sandboxes(None).unwrap().pop(),
+            store
+                .list_sandboxes(Some(SandboxState::Kept))
+                .unwrap()
+                .pop(),
+            store.live_sandboxes().unwrap().pop(),
+            store
+                .list_sandboxes_page(None, None, 10)
+                .unwrap()
+                .items
+                .pop(),
+            store.expired_kept_sandboxes(i64::MAX).unwrap().pop(),
+        ];
+        for read in reads {
+            let sandbox = read.unwrap();
+            assert_eq!(sandbox.start_method, Some(StartMethod::Restored));
+            assert_eq!(sandbox.snapshot_id.as_deref(), Some("snap-1"));
+        }
+        let shown = serde_json::to_value(store.get_sandbox(&id).unwrap().unwrap()).unwrap();
+        assert_eq!(shown["start_method"], "restored");
+        assert_eq!(shown["snapshot_id"], "snap-1");
+
+        // A restarted job that booted cold this time drops the snapshot it no longer runs from.
+        store
+            .set_sandbox_start(&id, StartMethod::Cold, None)
+            .unwrap();
+        let cold = store.get_sandbox(&id).unwrap().unwrap();
+        assert_eq!(
+            (cold.start_method, cold.snapshot_id),
+            (Some(StartMethod::Cold), None)
+        );
     }
 
     #[test]
