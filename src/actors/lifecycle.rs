@@ -12,12 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::Services;
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, SnapshotStatus, VmHandle,
+    VmState,
 };
 use crate::config::profile::Profile;
 use crate::model::{
     now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
+    StartMethod, StartMode,
 };
+use crate::start::resolve_start;
 use crate::store::{GuestProgress, PhaseLimit, StoreError, TokenKind};
 
 /// Where the runner lives in every guest image, and how it finds its bootstrap token.
@@ -488,8 +491,12 @@ impl Lifecycle {
                 bootstrap_token: bootstrap,
             },
             owner: self.svc.instance.id.to_string(),
-            start: self.request.start,
+            start: self.start_mode()?,
             restore_from: None,
+        };
+        let spec = SandboxSpec {
+            restore_from: self.snapshot_to_restore(&spec).await?,
+            ..spec
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
         let (id, vm_ref) = (self.sandbox.id.clone(), vm.vm_ref.clone());
@@ -500,8 +507,112 @@ impl Lifecycle {
         Ok(())
     }
 
+    /// How the backend should start the sandbox, decided again at clone time: a reload that
+    /// turned snapshots off since the submit makes an `auto` job boot cold and fails a
+    /// `snapshot` one with the reason.
+    fn start_mode(&self) -> Result<StartMode, PhaseError> {
+        let snapshots_enabled = self.svc.tuning.get().snapshots_enabled();
+        resolve_start(
+            self.request.start,
+            self.svc.backend.snapshot_starts(),
+            snapshots_enabled,
+        )
+        .map_err(|refusal| PhaseError::Guest(refusal.to_string()))
+    }
+
+    /// The snapshot the sandbox is restored from: the one of its template and shape, made first
+    /// when there is none yet (the template boots once, in this clone phase, and counts as this
+    /// job's boot). Where none can be had, an `auto` job boots cold and says why; a `snapshot`
+    /// job fails.
+    async fn snapshot_to_restore(&self, spec: &SandboxSpec) -> Result<Option<String>, PhaseError> {
+        if spec.start == StartMode::Cold {
+            return Ok(None);
+        }
+        let backend = &self.svc.backend;
+        let made = match backend.snapshot_status(spec).await {
+            Ok(SnapshotStatus::Ready(info)) => Ok(info),
+            Ok(SnapshotStatus::Missing { id }) => {
+                self.event(
+                    "snapshot",
+                    &format!(
+                        "making snapshot {id}: the template boots once ({} vCPU, {} MB), then \
+                         sandboxes of this shape are restored from it",
+                        spec.cores, spec.memory_mb
+                    ),
+                )
+                .await?;
+                let made = backend.make_snapshot(spec).await;
+                if let Ok(info) = &made {
+                    self.event(
+                        "snapshot",
+                        &format!(
+                            "snapshot {} made in {:.1}s (memory {:.0} MB, device state {:.1} MB \
+                             on disk)",
+                            info.id,
+                            info.made_seconds,
+                            info.memory_bytes as f64 / 1e6,
+                            info.state_bytes as f64 / 1e6
+                        ),
+                    )
+                    .await?;
+                }
+                made
+            }
+            Err(err) => Err(err),
+        };
+        match made {
+            Ok(info) => Ok(Some(info.id)),
+            Err(err) if spec.start == StartMode::Snapshot => Err(err.into()),
+            Err(err) => {
+                self.event(
+                    "snapshot",
+                    &format!("no snapshot to restore from ({err}); the sandbox boots cold"),
+                )
+                .await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Starts (or restores) the VM and records how: the cloud-init phase differs for a
+    /// restored guest, and the job's events say which snapshot it came from.
     async fn start_vm(&self) -> Result<(), PhaseError> {
-        self.svc.backend.start_vm(&self.vm().await?).await?;
+        let started = std::time::Instant::now();
+        let report = self.svc.backend.start_vm(&self.vm().await?).await?;
+        for note in &report.notes {
+            self.event("snapshot", note).await?;
+        }
+        let (id, snapshot) = (self.sandbox.id.clone(), report.restored_from.clone());
+        let method = match snapshot {
+            Some(_) => StartMethod::Restored,
+            None => StartMethod::Cold,
+        };
+        self.svc
+            .store
+            .call(move |s| s.set_sandbox_start(&id, method, snapshot.as_deref()))
+            .await?;
+        if let Some(snapshot) = &report.restored_from {
+            self.event(
+                "restored",
+                &format!(
+                    "restored from snapshot {snapshot} in {:.2}s",
+                    started.elapsed().as_secs_f64()
+                ),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds an event to the job's history and publishes it.
+    async fn event(&self, kind: &'static str, message: &str) -> Result<(), StoreError> {
+        let (id, message) = (self.job.id.clone(), message.to_owned());
+        let event = self
+            .svc
+            .store
+            .call(move |s| s.add_event(&id, kind, None, &message))
+            .await?;
+        self.svc.hub.publish(event);
         Ok(())
     }
 
