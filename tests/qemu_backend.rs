@@ -140,6 +140,7 @@ async fn run_in_guest(backend: &QemuBackend, vm: &VmHandle, script: &str) -> Exe
         path: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
         env: Default::default(),
+        stdin: None,
     };
     let pid = backend.exec(vm, &command).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -229,6 +230,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
         path: "/bin/sh".into(),
         args: vec!["-c".into(), "echo hi; exit 3".into()],
         env: Default::default(),
+        stdin: None,
     };
     let pid = backend.exec(&vm, &command).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -250,6 +252,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
             "test \"$GREETING\" = hello && command -v wget".into(),
         ],
         env: [("GREETING".to_owned(), "hello".to_owned())].into(),
+        stdin: None,
     };
     let env_pid = backend.exec(&vm, &with_env).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
