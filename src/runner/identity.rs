@@ -303,12 +303,11 @@ impl GuestSystem for LinuxSystem {
     }
 
     fn set_clock(&self, unix_time_ms: i64) -> io::Result<()> {
+        // Below 10^9, so it fits every platform's Nsecs (an i32 c_long on 32-bit libc).
         let nanos = unix_time_ms.rem_euclid(1000) * 1_000_000;
         let time = rustix::time::Timespec {
             tv_sec: unix_time_ms.div_euclid(1000),
-            tv_nsec: nanos
-                .try_into()
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?,
+            tv_nsec: nanos as rustix::time::Nsecs,
         };
         rustix::time::clock_settime(rustix::time::ClockId::Realtime, time).map_err(io::Error::from)
     }
