@@ -77,3 +77,27 @@ fn apply_identity() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_subcommand_it_runs_the_job_as_before() {
+        let args = Args::try_parse_from(["agentlab-runner", "--bootstrap", "/tmp/b.json"]).unwrap();
+        assert!(args.command.is_none());
+        assert_eq!(args.bootstrap, PathBuf::from("/tmp/b.json"));
+        let args = Args::try_parse_from(["agentlab-runner"]).unwrap();
+        assert!(args.command.is_none());
+        assert_eq!(args.bootstrap, PathBuf::from(DEFAULT_BOOTSTRAP_PATH));
+    }
+
+    #[test]
+    fn identity_is_a_subcommand_of_its_own() {
+        let args = Args::try_parse_from(["agentlab-runner", "identity"]).unwrap();
+        assert!(matches!(args.command, Some(Command::Identity)));
+        assert!(
+            Args::try_parse_from(["agentlab-runner", "--bootstrap", "/x", "identity"]).is_err()
+        );
+    }
+}
