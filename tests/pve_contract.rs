@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentlab::backend::{
-    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, ListedVm, NetworkMode,
-    SandboxSpec, VmHandle, VmState,
+    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, ListedVm,
+    NetworkMode, SandboxSpec, VmHandle, VmState,
 };
 use agentlab::pve::command::{CommandError, CommandOutput};
 use agentlab::pve::{CommandRunner, Invocation, PveBackend, PveConfig, Tool};
@@ -719,6 +719,7 @@ async fn the_runner_starts_asynchronously_and_its_exit_is_remembered() {
         path: "/usr/local/bin/agentlab-runner".into(),
         args: vec!["--bootstrap".into(), "/etc/agentlab/bootstrap.json".into()],
         env: Default::default(),
+        stdin: None,
     };
     assert_eq!(rig.backend.exec(&handle, &command).await.unwrap(), 4242);
     let calls = std::mem::take(&mut rig.model().calls);
@@ -766,6 +767,55 @@ async fn the_runner_starts_asynchronously_and_its_exit_is_remembered() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("qm guest exec-status 100 7"), "{err}");
+}
+
+#[tokio::test]
+async fn guest_stdin_goes_through_pass_stdin_and_only_when_given() {
+    let rig = Rig::new();
+    let handle = rig
+        .backend
+        .clone_vm(&spec(NetworkMode::Egress))
+        .await
+        .unwrap();
+    rig.backend.start_vm(&handle).await.unwrap();
+    rig.take();
+    let document = br#"{"hostname":"sandbox-0123456789ab","bootstrap":{"token":"boot-secret"}}"#;
+    let command = GuestCommand {
+        path: "/usr/local/bin/agentlab-runner".into(),
+        args: vec!["identity".into()],
+        env: Default::default(),
+        stdin: Some(GuestInput::new(&document[..])),
+    };
+    assert_eq!(rig.backend.exec(&handle, &command).await.unwrap(), 4242);
+    let calls = std::mem::take(&mut rig.model().calls);
+    let exec = calls.last().unwrap();
+    assert_eq!(
+        exec.args,
+        [
+            "guest",
+            "exec",
+            "100",
+            "--synchronous",
+            "0",
+            "--pass-stdin",
+            "1",
+            "--",
+            "/usr/local/bin/agentlab-runner",
+            "identity"
+        ]
+    );
+    assert_eq!(exec.stdin.as_deref(), Some(&document[..]));
+    assert!(!exec.loggable);
+    assert!(!format!("{exec:?}").contains("boot-secret"), "{exec:?}");
+
+    // More than qm forwards is refused before anything runs.
+    let too_much = GuestCommand {
+        stdin: Some(GuestInput::new(vec![b' '; 1024 * 1024 + 1])),
+        ..command
+    };
+    let err = rig.backend.exec(&handle, &too_much).await.unwrap_err();
+    assert!(matches!(err, BackendError::InvalidInput(_)), "{err}");
+    assert!(!rig.take().iter().any(|c| c.starts_with("qm guest exec")));
 }
 
 #[tokio::test]
@@ -1029,6 +1079,7 @@ async fn every_qm_option_is_one_qm_accepts_and_every_command_has_its_timeout() {
         path: "/usr/local/bin/agentlab-runner".into(),
         args: vec!["--bootstrap".into(), "/etc/agentlab/bootstrap.json".into()],
         env: Default::default(),
+        stdin: None,
     };
     let pid = rig.backend.exec(&handle, &command).await.unwrap();
     rig.model().exec_statuses = vec![r#"{"exited":1,"exitcode":0}"#];

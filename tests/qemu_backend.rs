@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentlab::backend::{
-    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, ListedVm, NetworkMode,
-    SandboxSpec, SnapshotStatus, VmHandle, VmState,
+    Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, ListedVm,
+    NetworkMode, SandboxSpec, SnapshotStatus, VmHandle, VmState,
 };
 use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
+use agentlab::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -142,6 +143,7 @@ async fn run_in_guest(backend: &QemuBackend, vm: &VmHandle, script: &str) -> Exe
         path: "/bin/sh".into(),
         args: vec!["-c".into(), script.into()],
         env: Default::default(),
+        stdin: None,
     };
     let pid = backend.exec(vm, &command).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -231,6 +233,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
         path: "/bin/sh".into(),
         args: vec!["-c".into(), "echo hi; exit 3".into()],
         env: Default::default(),
+        stdin: None,
     };
     let pid = backend.exec(&vm, &command).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -252,6 +255,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
             "test \"$GREETING\" = hello && command -v wget".into(),
         ],
         env: [("GREETING".to_owned(), "hello".to_owned())].into(),
+        stdin: None,
     };
     let env_pid = backend.exec(&vm, &with_env).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -332,6 +336,126 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
     eprintln!(
         "timings: clone {clone_time:?}, start to agent ready {agent_time:?}, destroy {destroy_time:?}"
     );
+}
+
+/// Starts `agentlab-runner identity` with `document` on its stdin and waits for its exit.
+async fn apply_identity(backend: &QemuBackend, vm: &VmHandle, document: &[u8]) -> ExecStatus {
+    let command = GuestCommand {
+        path: "/usr/local/bin/agentlab-runner".into(),
+        args: vec![identity::SUBCOMMAND.into()],
+        env: Default::default(),
+        stdin: Some(GuestInput::new(document)),
+    };
+    let pid = backend.exec(vm, &command).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match backend.exec_status(vm, pid).await.unwrap() {
+            ExecStatus::Running => {
+                assert!(Instant::now() < deadline, "identity still running");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            done => return done,
+        }
+    }
+}
+
+fn unix_now_ms() -> i64 {
+    let since = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    i64::try_from(since.as_millis()).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_step_renames_the_guest_sets_its_clock_and_writes_its_bootstrap_file() {
+    let images = template_dir();
+    let root = scratch();
+    let backend = backend(root.path(), &images, "127.0.0.1:9".parse().unwrap());
+    let vm = backend
+        .clone_vm(&spec("sandbox-ident1", "job-ident1"))
+        .await
+        .unwrap();
+    backend.start_vm(&vm).await.unwrap();
+    wait_for_agent(&backend, &vm).await;
+
+    let hour_ahead_ms = unix_now_ms() + 3_600_000;
+    let document = |hostname: &str, unix_time_ms: i64, token: &str| {
+        serde_json::to_vec(&Identity {
+            hostname: hostname.into(),
+            unix_time_ms,
+            entropy: Entropy::random(64),
+            bootstrap_path: "/etc/agentlab/bootstrap.json".into(),
+            bootstrap: BootstrapFile {
+                url: "http://10.0.2.100".into(),
+                token: token.into(),
+            },
+        })
+        .unwrap()
+    };
+    let status = apply_identity(
+        &backend,
+        &vm,
+        &document("sandbox-renamed", hour_ahead_ms, "identity-token-1"),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+
+    let status = run_in_guest(&backend, &vm, "test \"$(hostname)\" = sandbox-renamed").await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 }, "hostname");
+    // cloud-init's file (the cold boot's token) is replaced, and still private.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "test \"$(stat -c %a /etc/agentlab/bootstrap.json)\" = 600 && \
+         grep -q '\"token\":\"identity-token-1\"' /etc/agentlab/bootstrap.json && \
+         ! grep -q boot-job-ident1 /etc/agentlab/bootstrap.json",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 }, "bootstrap file");
+    // The guest's clock runs on from the time given, an hour ahead of the host's; the slack
+    // above covers the exec round trips of a busy TCG guest.
+    let hour_ahead = hour_ahead_ms / 1000;
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "now=$(date +%s); test \"$now\" -ge {} && test \"$now\" -le {}",
+            hour_ahead - 2,
+            hour_ahead + 120
+        ),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 }, "clock");
+
+    // A document it refuses changes nothing and exits 2.
+    let status = apply_identity(&backend, &vm, b"{\"hostname\": \"Bad_Name\"}").await;
+    assert_eq!(status, ExecStatus::Exited { code: 2 });
+
+    // And back to the host's time, with a second identity over the first.
+    let now_ms = unix_now_ms();
+    let status = apply_identity(
+        &backend,
+        &vm,
+        &document("sandbox-ident1", now_ms, "identity-token-2"),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        &format!(
+            "now=$(date +%s); test \"$now\" -ge {} && test \"$now\" -le {} && \
+             test \"$(hostname)\" = sandbox-ident1 && \
+             grep -q identity-token-2 /etc/agentlab/bootstrap.json",
+            now_ms / 1000 - 2,
+            now_ms / 1000 + 120
+        ),
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 }, "set back");
+
+    backend.destroy_vm(&vm).await.unwrap();
+    assert!(processes_naming(Path::new(&vm.vm_ref)).is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

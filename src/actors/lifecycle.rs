@@ -657,6 +657,7 @@ impl Lifecycle {
             path: RUNNER_PATH.to_owned(),
             args: vec!["--bootstrap".to_owned(), BOOTSTRAP_PATH.to_owned()],
             env: Default::default(),
+            stdin: None,
         };
         let pid = self.svc.backend.exec(vm, &command).await?;
         let id = self.sandbox.id.clone();

@@ -3,7 +3,7 @@
 //! unit tests and control-plane benchmarks; it is never how a feature is shown to work.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -12,6 +12,8 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 
 pub use crate::config::fake::{FakeConfig, FakeDisk, FakeOp, Fault, Latency};
+
+use crate::runner::identity;
 
 use super::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink, ListedVm,
@@ -48,6 +50,10 @@ pub struct FakeBackend {
     clone_called: Mutex<HashMap<String, std::time::Instant>>,
     next_pid: AtomicI64,
     disk: Mutex<Option<FakeDisk>>,
+    /// Every command `exec` was given, stdin included, with the VM it was for, in order.
+    executed: Mutex<Vec<(String, GuestCommand)>>,
+    /// What a simulated `agentlab-runner identity` exits with.
+    identity_exit_code: AtomicI32,
 }
 
 const ALL_OPS: [FakeOp; 9] = [
@@ -103,6 +109,8 @@ impl FakeBackend {
             calls: Mutex::new(HashMap::new()),
             clone_called: Mutex::new(HashMap::new()),
             next_pid: AtomicI64::new(1000),
+            executed: Mutex::new(Vec::new()),
+            identity_exit_code: AtomicI32::new(0),
         })
     }
 
@@ -117,6 +125,20 @@ impl FakeBackend {
 
     pub fn calls(&self, op: FakeOp) -> u32 {
         lock(&self.calls).get(&op).copied().unwrap_or(0)
+    }
+
+    /// The commands `exec` started in the VM named `name`, stdin included, oldest first.
+    pub fn executed(&self, name: &str) -> Vec<GuestCommand> {
+        lock(&self.executed)
+            .iter()
+            .filter(|(vm, _)| vm == name)
+            .map(|(_, command)| command.clone())
+            .collect()
+    }
+
+    /// Makes every later `agentlab-runner identity` exit with `code` (0 until then).
+    pub fn set_identity_exit_code(&self, code: i32) {
+        self.identity_exit_code.store(code, Ordering::SeqCst);
     }
 
     /// Changes what `disk_usage` reports from now on.
@@ -320,15 +342,28 @@ impl Backend for SharedFake {
         }
     }
 
-    async fn exec(&self, vm: &VmHandle, _command: &GuestCommand) -> Result<i64, BackendError> {
+    async fn exec(&self, vm: &VmHandle, command: &GuestCommand) -> Result<i64, BackendError> {
         let fake = &self.0;
         fake.checked(FakeOp::Exec, "guest exec").await?;
+        lock(&fake.executed).push((vm.name.clone(), command.clone()));
         let pid = fake.next_pid.fetch_add(1, Ordering::SeqCst);
+        // The identity step is done by the time anyone polls it, and reports nothing to the sink;
+        // any other command is taken for the job runner.
+        let identity = command.args.first().map(String::as_str) == Some(identity::SUBCOMMAND);
+        let status = if identity {
+            ExecStatus::Exited {
+                code: fake.identity_exit_code.load(Ordering::SeqCst),
+            }
+        } else {
+            ExecStatus::Running
+        };
         let job_id = fake.with_vm(&vm.name, |v| {
-            v.procs.insert(pid, ExecStatus::Running);
+            v.procs.insert(pid, status);
             v.job_id.clone()
         })?;
-        fake.simulate_runner(vm.name.clone(), job_id, pid);
+        if !identity {
+            fake.simulate_runner(vm.name.clone(), job_id, pid);
+        }
         Ok(pid)
     }
 
@@ -385,5 +420,105 @@ impl Backend for SharedFake {
                 .map(|name| (name.clone(), disk.allocated_bytes))
                 .collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{CloudInitSpec, GuestInput, NetworkMode, StartMode};
+
+    /// Counts what the simulated guest reports.
+    #[derive(Debug, Default)]
+    struct CountingSink {
+        exits: Mutex<Vec<(String, i32)>>,
+    }
+
+    #[async_trait]
+    impl GuestSink for CountingSink {
+        async fn phoned_home(&self, _job_id: &str) {}
+        async fn command_exited(&self, job_id: &str, exit_code: i32) {
+            lock(&self.exits).push((job_id.to_owned(), exit_code));
+        }
+        async fn uploads_done(&self, _job_id: &str) {}
+    }
+
+    fn spec() -> SandboxSpec {
+        SandboxSpec {
+            job_id: "job-1".into(),
+            name: "sandbox-one".into(),
+            template: String::new(),
+            cores: 1,
+            memory_mb: 256,
+            disk_gb: 1,
+            network: NetworkMode::Restricted,
+            cloud_init: CloudInitSpec {
+                hostname: "sandbox-one".into(),
+                phone_home_url: "http://10.0.2.100/ph".into(),
+                guest_url: "http://10.0.2.100".into(),
+                bootstrap_token: "boot".into(),
+            },
+            owner: "me".into(),
+            start: StartMode::Cold,
+            restore_from: None,
+        }
+    }
+
+    fn command(args: &[&str], stdin: Option<&str>) -> GuestCommand {
+        GuestCommand {
+            path: "/usr/local/bin/agentlab-runner".into(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
+            env: Default::default(),
+            stdin: stdin.map(GuestInput::new),
+        }
+    }
+
+    async fn settled(backend: &SharedFake, vm: &VmHandle, pid: i64) -> ExecStatus {
+        for _ in 0..1000 {
+            match backend.exec_status(vm, pid).await.unwrap() {
+                ExecStatus::Running => tokio::task::yield_now().await,
+                done => return done,
+            }
+        }
+        panic!("process {pid} never finished");
+    }
+
+    #[tokio::test]
+    async fn exec_records_commands_with_their_stdin_and_identity_exits_on_its_own() {
+        let sink = Arc::new(CountingSink::default());
+        let fake = Arc::new(FakeBackend::new(FakeConfig::default(), sink.clone()).unwrap());
+        let backend = SharedFake(Arc::clone(&fake));
+        let vm = backend.clone_vm(&spec()).await.unwrap();
+        backend.start_vm(&vm).await.unwrap();
+
+        let identity = command(&["identity"], Some(r#"{"hostname":"sandbox-one"}"#));
+        let pid = backend.exec(&vm, &identity).await.unwrap();
+        assert_eq!(
+            backend.exec_status(&vm, pid).await.unwrap(),
+            ExecStatus::Exited { code: 0 }
+        );
+        fake.set_identity_exit_code(2);
+        let pid = backend.exec(&vm, &identity).await.unwrap();
+        assert_eq!(
+            backend.exec_status(&vm, pid).await.unwrap(),
+            ExecStatus::Exited { code: 2 }
+        );
+        assert!(lock(&sink.exits).is_empty(), "identity is not the job");
+
+        let runner = command(&["--bootstrap", "/etc/agentlab/bootstrap.json"], None);
+        let pid = backend.exec(&vm, &runner).await.unwrap();
+        assert_eq!(
+            settled(&backend, &vm, pid).await,
+            ExecStatus::Exited { code: 0 }
+        );
+        assert_eq!(*lock(&sink.exits), [("job-1".to_owned(), 0)]);
+
+        let executed = fake.executed("sandbox-one");
+        assert_eq!(executed, [identity.clone(), identity, runner]);
+        assert_eq!(
+            executed[0].stdin.as_ref().map(GuestInput::as_bytes),
+            Some(&br#"{"hostname":"sandbox-one"}"#[..])
+        );
+        assert!(fake.executed("sandbox-other").is_empty());
     }
 }

@@ -123,6 +123,37 @@ pub struct GuestCommand {
     pub path: String,
     pub args: Vec<String>,
     pub env: BTreeMap<String, String>,
+    /// Bytes for the command's stdin, which is closed after them (the guest sees EOF). None
+    /// leaves the agent's own stdin to the command.
+    pub stdin: Option<GuestInput>,
+}
+
+/// What a guest command reads on its stdin. It can carry a token, so Debug shows only its size.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GuestInput(Vec<u8>);
+
+impl GuestInput {
+    pub fn new(bytes: impl Into<Vec<u8>>) -> Self {
+        GuestInput(bytes.into())
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for GuestInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "GuestInput(<{} bytes>)", self.0.len())
+    }
 }
 
 /// What the guest agent reports of a command it started.
@@ -313,4 +344,22 @@ pub trait GuestSink: Send + Sync + std::fmt::Debug {
     async fn phoned_home(&self, job_id: &str);
     async fn command_exited(&self, job_id: &str, exit_code: i32);
     async fn uploads_done(&self, job_id: &str);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_input_debug_shows_only_its_size() {
+        let command = GuestCommand {
+            path: "/usr/local/bin/agentlab-runner".into(),
+            args: vec!["identity".into()],
+            env: Default::default(),
+            stdin: Some(GuestInput::new(r#"{"token":"secret-token"}"#)),
+        };
+        let text = format!("{command:?}");
+        assert!(!text.contains("secret-token"), "{text}");
+        assert!(text.contains("GuestInput(<24 bytes>)"), "{text}");
+    }
 }

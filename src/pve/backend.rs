@@ -55,6 +55,9 @@ const STATUS_RETRY_WAIT: Duration = Duration::from_millis(500);
 /// The guest's `env(1)`, for commands given an environment: `qm guest exec` has no option for it.
 const GUEST_ENV: &str = "/usr/bin/env";
 
+/// What `qm guest exec --pass-stdin 1` forwards at most (it aborts past 1 MiB).
+const MAX_PASS_STDIN_BYTES: usize = 1024 * 1024;
+
 /// How long a disk-usage measurement is reused: disks grow over minutes, and each `pvesh` costs
 /// the node a fraction of a CPU second.
 const DISK_USAGE_MAX_AGE: Duration = Duration::from_secs(5);
@@ -806,11 +809,25 @@ impl Backend for PveBackend {
             // synchronous exec; qm refuses the pair.)
             "--synchronous".to_owned(),
             "0".to_owned(),
-            "--".to_owned(),
         ];
+        if let Some(input) = &command.stdin {
+            if input.len() > MAX_PASS_STDIN_BYTES {
+                return Err(BackendError::InvalidInput(format!(
+                    "{} bytes of stdin for a guest command: qm passes at most {MAX_PASS_STDIN_BYTES}",
+                    input.len()
+                )));
+            }
+            // qm reads its own stdin to EOF and hands it to the agent as input-data.
+            args.extend(["--pass-stdin".to_owned(), "1".to_owned()]);
+        }
+        args.push("--".to_owned());
         args.extend(guest_argv(command)?);
         let mut invocation = self.invocation(Tool::Qm, args);
         invocation.loggable = false;
+        invocation.stdin = command
+            .stdin
+            .as_ref()
+            .map(|input| input.as_bytes().to_vec());
         let text = self.run(invocation).await.map_err(fail)?;
         parse::exec_pid(&text)
             .map_err(|problem| fail(unreadable(&format!("qm guest exec {vmid}"), problem, &text)))
@@ -1027,6 +1044,7 @@ mod tests {
             path: "/usr/local/bin/agentlab-runner".into(),
             args: vec!["--bootstrap".into(), "/etc/agentlab/bootstrap.json".into()],
             env: Default::default(),
+            stdin: None,
         };
         assert_eq!(
             guest_argv(&command).unwrap(),

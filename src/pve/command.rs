@@ -41,6 +41,9 @@ pub struct Invocation {
     /// Whether the arguments may be written to logs. Guest commands carry the job's arguments,
     /// which stay out of them.
     pub loggable: bool,
+    /// Bytes for the command's stdin (`qm guest exec --pass-stdin 1` forwards them to the guest);
+    /// None gives it /dev/null. Never logged: they can carry a token.
+    pub stdin: Option<Vec<u8>>,
 }
 
 impl Invocation {
@@ -54,6 +57,7 @@ impl Invocation {
             args: args.into_iter().map(Into::into).collect(),
             timeout,
             loggable: true,
+            stdin: None,
         }
     }
 
@@ -73,6 +77,7 @@ impl fmt::Debug for Invocation {
         f.debug_struct("Invocation")
             .field("command", &self.display())
             .field("timeout", &self.timeout)
+            .field("stdin_bytes", &self.stdin.as_ref().map(Vec::len))
             .finish()
     }
 }
@@ -183,8 +188,13 @@ impl CommandRunner for DuctRunner {
         let started = Instant::now();
         // As an OsStr, not a Path: duct turns a relative Path into `./qm`, which would defeat the
         // PATH lookup of the default `qm`/`pvesh`.
-        let handle = duct::cmd(program.as_os_str(), &invocation.args)
-            .stdin_null()
+        let expression = duct::cmd(program.as_os_str(), &invocation.args);
+        let expression = match &invocation.stdin {
+            // duct writes them from a thread of its own and closes the pipe after them.
+            Some(bytes) => expression.stdin_bytes(bytes.clone()),
+            None => expression.stdin_null(),
+        };
+        let handle = expression
             .stdout_capture()
             .stderr_capture()
             .unchecked()
@@ -288,6 +298,25 @@ mod tests {
             !dir.path().join("x").exists(),
             "no shell ever saw the argument"
         );
+    }
+
+    #[test]
+    fn stdin_bytes_reach_the_program_and_end_in_eof() {
+        let dir = tempfile::tempdir().unwrap();
+        // `cat` only ends once its stdin is closed.
+        script(dir.path(), "qm", "cat; echo '<eof>'");
+        let mut invocation = Invocation::new(Tool::Qm, ["guest"], Duration::from_secs(10));
+        invocation.stdin = Some(b"{\"token\":\"t\"}\n".to_vec());
+        let output = runner(dir.path()).run(&invocation).unwrap();
+        assert_eq!(output.stdout, "{\"token\":\"t\"}\n<eof>\n");
+        assert!(
+            !format!("{invocation:?}").contains("token"),
+            "{invocation:?}"
+        );
+        // Without bytes, stdin is empty rather than the daemon's own.
+        invocation.stdin = None;
+        let output = runner(dir.path()).run(&invocation).unwrap();
+        assert_eq!(output.stdout, "<eof>\n");
     }
 
     #[test]

@@ -786,7 +786,12 @@ impl Backend for QemuBackend {
             path: command.path.clone(),
             args: command.args.clone(),
             env: guest_env(&command.env),
-            input: None,
+            // guest-exec's input-data: qemu-ga writes it to a pipe on the command's stdin and
+            // closes the pipe after it, so the command reads to EOF.
+            input: command
+                .stdin
+                .as_ref()
+                .map(|input| input.as_bytes().to_vec()),
             capture_output: false,
         };
         let _guard = self.lock_vm(&vm.name).await;

@@ -97,7 +97,9 @@ pub struct ExecRequest {
     pub args: Vec<String>,
     /// `KEY=VALUE` entries. When not empty they replace the agent's environment entirely.
     pub env: Vec<String>,
-    /// Written to the command's stdin.
+    /// Sent base64-encoded as `input-data`: qemu-ga writes it to a pipe on the command's stdin
+    /// and closes the pipe after the last byte, so the command reads it to EOF. None leaves the
+    /// command qemu-ga's own stdin.
     pub input: Option<Vec<u8>>,
     /// Have the agent buffer stdout/stderr for `guest-exec-status` (capped at about 16 MB).
     pub capture_output: bool,
@@ -809,6 +811,30 @@ mod tests {
         assert_eq!(status.signal, None);
         assert_eq!(status.stdout, b"hi\n");
         assert_eq!(status.stderr, b"oops");
+    }
+
+    #[tokio::test]
+    async fn input_goes_only_when_given_and_stays_out_of_debug() {
+        let (mut client, state) = start_pair(Script::default());
+        let mut request = ExecRequest {
+            path: "/usr/local/bin/agentlab-runner".into(),
+            args: vec!["identity".into()],
+            input: Some(br#"{"token":"boot-secret"}"#.to_vec()),
+            ..ExecRequest::default()
+        };
+        let shown = format!("{request:?}");
+        assert!(!shown.contains("boot-secret"), "{shown}");
+        assert!(shown.contains("input_bytes: Some(23)"), "{shown}");
+        client.exec(&request, T).await.unwrap();
+        request.input = None;
+        client.exec(&request, T).await.unwrap();
+        let execs = state.lock().unwrap().execs.clone();
+        let sent = BASE64
+            .decode(execs[0]["input-data"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(sent, br#"{"token":"boot-secret"}"#);
+        assert!(execs[1].get("input-data").is_none(), "{}", execs[1]);
+        assert!(execs[1].get("env").is_none(), "{}", execs[1]);
     }
 
     #[tokio::test]

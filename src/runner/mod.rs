@@ -9,6 +9,7 @@ pub mod artifacts;
 pub mod client;
 pub mod error;
 pub mod exec;
+pub mod identity;
 pub mod logs;
 pub mod mask;
 pub mod repo;
