@@ -5,6 +5,7 @@ pub mod accel;
 pub mod backend;
 pub mod launch;
 pub mod layout;
+pub mod memory;
 pub mod process;
 pub mod qga;
 pub mod qmp;
