@@ -27,6 +27,8 @@ pub enum MemoryError {
     MissingField(&'static str),
     #[error("smaps_rollup holds no rollup")]
     Empty,
+    #[error("parsing smaps_rollup: {0}")]
+    Parse(#[source] ProcError),
     #[error("reading /proc/{pid}/smaps_rollup: {source}")]
     Read {
         pid: i32,
