@@ -46,6 +46,7 @@ fn the_governor_route_carries_committed_memory_and_measured_pss() {
         "{memory}"
     );
     assert_eq!(sandboxes[0]["committed_mb"].as_u64(), Some(committed_mb));
+    assert_eq!(sandboxes[0]["booting"], false, "in its run phase");
     assert_eq!(sandboxes[0]["pss_bytes"].as_u64(), Some(300 * MIB));
 
     let status = daemon.get("/v1/status").1;

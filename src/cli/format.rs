@@ -626,8 +626,9 @@ fn memory_view(m: &MemoryStatus) -> String {
     for s in measured.iter().take(MEMORY_ROWS_MAX) {
         let _ = writeln!(
             out,
-            "    {}: {} MB committed, {} PSS, {} RSS",
+            "    {}{}: {} MB committed, {} PSS, {} RSS",
             s.vm,
+            if s.booting { " (booting)" } else { "" },
             s.committed_mb,
             s.pss_bytes.map_or_else(|| "-".to_owned(), mb),
             s.rss_bytes.map_or_else(|| "-".to_owned(), mb)
@@ -889,6 +890,7 @@ mod tests {
         const MIB: u64 = 1 << 20;
         let sandbox = |vm: &str, pss: Option<u64>| SandboxMemory {
             vm: vm.into(),
+            booting: false,
             committed_mb: 1024,
             pss_bytes: pss.map(|p| p * MIB),
             rss_bytes: pss.map(|p| 3 * p * MIB),

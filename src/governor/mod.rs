@@ -60,6 +60,7 @@ pub fn memory_view(
     let committed = holdings.iter().map(|holding| {
         (
             crate::model::sandbox_name_for(&holding.job_id),
+            holding.booting,
             size(demand_of(holding, profiles)).memory_mb,
         )
     });

@@ -57,16 +57,19 @@ pub struct MemoryStatus {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxMemory {
     pub vm: String,
+    /// In its boot phases (or admitted and not cloning yet), when it holds less than it will.
+    #[serde(default)]
+    pub booting: bool,
     pub committed_mb: u64,
     pub pss_bytes: Option<u64>,
     pub rss_bytes: Option<u64>,
 }
 
 impl MemoryStatus {
-    /// Sets each sandbox's committed memory (`(vm, memory_mb)`, in order) against the backend's
-    /// measurement; a measurement of a VM not among them (another daemon's) is left out.
+    /// Sets each sandbox's committed memory (`(vm, booting, memory_mb)`, in order) against the
+    /// backend's measurement; a measurement of a VM not among them (another daemon's) is left out.
     pub fn of(
-        committed: impl IntoIterator<Item = (String, u64)>,
+        committed: impl IntoIterator<Item = (String, bool, u64)>,
         measured: Result<&crate::backend::MemoryUsage, String>,
     ) -> MemoryStatus {
         let empty = HashMap::new();
@@ -76,9 +79,10 @@ impl MemoryStatus {
         };
         let sandboxes: Vec<SandboxMemory> = committed
             .into_iter()
-            .map(|(vm, committed_mb)| {
+            .map(|(vm, booting, committed_mb)| {
                 let used = by_vm.get(&vm);
                 SandboxMemory {
+                    booting,
                     committed_mb,
                     pss_bytes: used.map(|m| m.pss_bytes),
                     rss_bytes: used.map(|m| m.rss_bytes),
@@ -246,10 +250,10 @@ mod tests {
             ]),
         };
         let committed = [
-            ("sandbox-a".to_owned(), 1024),
-            ("sandbox-b".to_owned(), 1024),
+            ("sandbox-a".to_owned(), false, 1024),
+            ("sandbox-b".to_owned(), false, 1024),
             // Admitted, no VM yet.
-            ("sandbox-c".to_owned(), 2048),
+            ("sandbox-c".to_owned(), true, 2048),
         ];
         let memory = MemoryStatus::of(committed.clone(), Ok(&usage));
         assert_eq!(memory.committed_mb, 4096);
@@ -261,6 +265,7 @@ mod tests {
             memory.sandboxes[2],
             SandboxMemory {
                 vm: "sandbox-c".into(),
+                booting: true,
                 committed_mb: 2048,
                 pss_bytes: None,
                 rss_bytes: None,
