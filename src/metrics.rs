@@ -1,6 +1,8 @@
 //! Prometheus metrics, with the performance document's names. Gauges of jobs and sandboxes (and
 //! the queue's length) are read from the store at scrape time, so they are right after a restart
-//! too. The ResourceGovernor's metrics are `agentlab_governor_*`.
+//! too. The ResourceGovernor's metrics are `agentlab_governor_*`. What live sandboxes really hold
+//! in host memory (`agentlab_sandbox_memory_pss_bytes`, one total: a series per sandbox would grow
+//! without bound) is set from the backend's measurement at scrape time and by the status routes.
 
 use prometheus::{
     exponential_buckets, Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec,
@@ -30,6 +32,8 @@ pub struct Metrics {
     pub phase_duration: HistogramVec,
     pub phase_transitions: IntCounterVec,
     pub actor_restarts: IntCounterVec,
+    /// Sum of the live sandboxes' PSS, as the backend last measured it.
+    pub sandbox_memory_pss_bytes: Gauge,
     pub governor: GovernorMetrics,
 }
 
@@ -223,6 +227,10 @@ impl Metrics {
                 ),
                 &["outcome"],
             )?,
+            sandbox_memory_pss_bytes: Gauge::with_opts(Opts::new(
+                "agentlab_sandbox_memory_pss_bytes",
+                "Host memory live sandboxes really hold (sum of their VMs' PSS)",
+            ))?,
             governor: GovernorMetrics::new()?,
             registry,
         };
@@ -253,6 +261,9 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.actor_restarts.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.sandbox_memory_pss_bytes.clone()))?;
         metrics.governor.register(&metrics.registry)?;
         for reason in crate::governor::policy::Throttle::ALL {
             metrics
@@ -271,6 +282,12 @@ impl Metrics {
         self.phase_transitions
             .with_label_values(&[phase, result])
             .inc();
+    }
+
+    /// Takes in the backend's memory measurement.
+    pub fn observe_memory(&self, usage: &crate::backend::MemoryUsage) {
+        self.sandbox_memory_pss_bytes
+            .set(usage.total_pss_bytes() as f64);
     }
 
     /// Refreshes the store-backed gauges and renders the text exposition. Blocking (store).
@@ -303,6 +320,18 @@ mod tests {
         let metrics = Metrics::new().unwrap();
         metrics.observe_phase("clone", "ok", 0.5);
         metrics.provisioning_duration.observe(3.0);
+        metrics.observe_memory(&crate::backend::MemoryUsage {
+            by_vm: [("a", 300u64 << 20), ("b", 200 << 20)]
+                .into_iter()
+                .map(|(vm, pss_bytes)| {
+                    let memory = crate::backend::VmMemory {
+                        pss_bytes,
+                        rss_bytes: pss_bytes * 3,
+                    };
+                    (vm.to_owned(), memory)
+                })
+                .collect(),
+        });
         metrics.lease_gc_duration.observe(0.001);
         metrics
             .api_duration
@@ -317,6 +346,7 @@ mod tests {
             "agentlab_lease_gc_duration_seconds_bucket",
             "agentlab_phase_duration_seconds_bucket{phase=\"clone\",result=\"ok\"",
             "agentlab_governor_admitted_total 0",
+            "agentlab_sandbox_memory_pss_bytes 524288000",
             "agentlab_governor_queue_length 0",
             "agentlab_governor_throttled{reason=\"boot_cap\"} 0",
             "agentlab_governor_throttled{reason=\"cpu\"} 0",

@@ -628,6 +628,7 @@ impl ResourceGovernor {
                 admissions_per_minute: self.admission_rate().map(|r| r * 60.0),
             },
             cost: self.cost,
+            memory: None,
         }
     }
 }

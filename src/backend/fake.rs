@@ -11,13 +11,13 @@ use async_trait::async_trait;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::fake::{FakeConfig, FakeDisk, FakeOp, Fault, Latency};
+pub use crate::config::fake::{FakeConfig, FakeDisk, FakeMemory, FakeOp, Fault, Latency};
 
 use crate::runner::identity;
 
 use super::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, GuestSink, ListedVm,
-    Provisioning, SandboxSpec, StartReport, VmHandle, VmState,
+    MemoryUsage, Provisioning, SandboxSpec, StartReport, VmHandle, VmMemory, VmState,
 };
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -54,6 +54,7 @@ pub struct FakeBackend {
     executed: Mutex<Vec<(String, GuestCommand)>>,
     /// What a simulated `agentlab-runner identity` exits with.
     identity_exit_code: AtomicI32,
+    memory: Mutex<Option<FakeMemory>>,
 }
 
 const ALL_OPS: [FakeOp; 9] = [
@@ -98,6 +99,7 @@ impl FakeBackend {
         };
         Ok(FakeBackend {
             disk: Mutex::new(config.disk),
+            memory: Mutex::new(config.memory),
             config,
             sink,
             vms: Arc::new(Mutex::new(vms)),
@@ -144,6 +146,11 @@ impl FakeBackend {
     /// Changes what `disk_usage` reports from now on.
     pub fn set_disk(&self, disk: Option<FakeDisk>) {
         *lock(&self.disk) = disk;
+    }
+
+    /// Changes what `memory_usage` reports for every running VM from now on.
+    pub fn set_memory(&self, memory: Option<FakeMemory>) {
+        *lock(&self.memory) = memory;
     }
 
     pub fn vm_names(&self) -> Vec<String> {
@@ -418,6 +425,27 @@ impl Backend for SharedFake {
             allocated: lock(&self.0.vms)
                 .keys()
                 .map(|name| (name.clone(), disk.allocated_bytes))
+                .collect(),
+        })
+    }
+
+    async fn memory_usage(&self) -> Result<MemoryUsage, BackendError> {
+        let Some(memory) = *lock(&self.0.memory) else {
+            return Ok(MemoryUsage::default());
+        };
+        Ok(MemoryUsage {
+            by_vm: lock(&self.0.vms)
+                .iter()
+                .filter(|(_, vm)| vm.running)
+                .map(|(name, _)| {
+                    (
+                        name.clone(),
+                        VmMemory {
+                            pss_bytes: memory.pss_bytes,
+                            rss_bytes: memory.rss_bytes,
+                        },
+                    )
+                })
                 .collect(),
         })
     }

@@ -202,6 +202,30 @@ impl DiskUsage {
     }
 }
 
+/// What one live VM's process really holds in host memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMemory {
+    /// Proportional set size: each page counted once across every process that maps it, so pages
+    /// shared with other clones of the same template snapshot count a share each. What it costs.
+    pub pss_bytes: u64,
+    /// Resident set size: every page it maps, shared or not.
+    pub rss_bytes: u64,
+}
+
+/// What the backend's live VMs really hold in host memory, measured once for all VMs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryUsage {
+    /// By VM name. A VM that is not running, or that the backend cannot measure, is left out.
+    pub by_vm: HashMap<String, VmMemory>,
+}
+
+impl MemoryUsage {
+    /// Sum of the measured VMs' PSS.
+    pub fn total_pss_bytes(&self) -> u64 {
+        self.by_vm.values().map(|m| m.pss_bytes).sum()
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("VM {0} does not exist")]
@@ -332,6 +356,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     /// default is thick with nothing measured, which keeps the governor counting virtual sizes.
     async fn disk_usage(&self) -> Result<DiskUsage, BackendError> {
         Ok(DiskUsage::thick())
+    }
+
+    /// What each live VM really holds in host memory (for status and metrics, not admission: a
+    /// sandbox's `memory_mb` is what it is committed, which the budget keeps counting). Cheap
+    /// enough to call per status request; a backend whose measurement is not caches it. The
+    /// default measures nothing.
+    async fn memory_usage(&self) -> Result<MemoryUsage, BackendError> {
+        Ok(MemoryUsage::default())
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::governor::status::{GovernorStatus, JobQueue};
+use crate::governor::status::{GovernorStatus, JobQueue, MemoryStatus, SandboxMemory};
 use crate::model::{Artifact, Job, PhaseRun, Sandbox, StartMethod};
 
 /// `1.2s`, `2m03s`, `1h02m`.
@@ -544,6 +544,9 @@ pub fn governor_view(g: &GovernorStatus, now_ms: i64) -> String {
             c.booting
         );
     }
+    if let Some(memory) = &g.memory {
+        out.push_str(&memory_view(memory));
+    }
     let cap = &g.boot_cap;
     let baseline = cap.baseline_seconds.map_or_else(
         || "no baseline yet".to_owned(),
@@ -612,6 +615,57 @@ pub fn governor_view(g: &GovernorStatus, now_ms: i64) -> String {
         "  sampling:   {:.2} ms CPU per sample (mean of {})",
         g.cost.mean_cpu_ms, g.cost.samples
     );
+    out
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.0} MB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// Sandboxes listed one by one in `agentlab status`; the rest are counted.
+const MEMORY_ROWS_MAX: usize = 20;
+
+/// Memory committed to live sandboxes next to what they really hold (PSS, and RSS, which counts
+/// the pages they share in full for each), in total and per sandbox.
+fn memory_view(m: &MemoryStatus) -> String {
+    let mut out = String::new();
+    let used = match (m.pss_bytes, m.rss_bytes) {
+        (Some(pss), Some(rss)) => format!(
+            "really holding {} PSS ({} RSS) in the {} measured",
+            mb(pss),
+            mb(rss),
+            m.measured
+        ),
+        _ => match &m.error {
+            Some(error) => format!("not measured: {error}"),
+            None => "not measured by this backend".to_owned(),
+        },
+    };
+    let _ = writeln!(
+        out,
+        "  sandbox memory: {} MB committed to {}; {used}",
+        m.committed_mb,
+        m.sandboxes.len()
+    );
+    let measured: Vec<&SandboxMemory> = m
+        .sandboxes
+        .iter()
+        .filter(|s| s.pss_bytes.is_some())
+        .collect();
+    for s in measured.iter().take(MEMORY_ROWS_MAX) {
+        let _ = writeln!(
+            out,
+            "    {}{}: {} MB committed, {} PSS, {} RSS",
+            s.vm,
+            if s.booting { " (booting)" } else { "" },
+            s.committed_mb,
+            s.pss_bytes.map_or_else(|| "-".to_owned(), mb),
+            s.rss_bytes.map_or_else(|| "-".to_owned(), mb)
+        );
+    }
+    if measured.len() > MEMORY_ROWS_MAX {
+        let _ = writeln!(out, "    … and {} more", measured.len() - MEMORY_ROWS_MAX);
+    }
     out
 }
 
@@ -918,6 +972,60 @@ mod tests {
     }
 
     #[test]
+    fn the_governor_view_sets_committed_memory_against_pss() {
+        const MIB: u64 = 1 << 20;
+        let sandbox = |vm: &str, pss: Option<u64>| SandboxMemory {
+            vm: vm.into(),
+            booting: false,
+            committed_mb: 1024,
+            pss_bytes: pss.map(|p| p * MIB),
+            rss_bytes: pss.map(|p| 3 * p * MIB),
+        };
+        let g = GovernorStatus {
+            memory: Some(MemoryStatus {
+                committed_mb: 3072,
+                pss_bytes: Some(500 * MIB),
+                rss_bytes: Some(1500 * MIB),
+                measured: 2,
+                error: None,
+                sandboxes: vec![
+                    sandbox("sandbox-a", Some(300)),
+                    sandbox("sandbox-b", Some(200)),
+                    sandbox("sandbox-c", None),
+                ],
+            }),
+            ..GovernorStatus::default()
+        };
+        let text = governor_view(&g, 0);
+        for want in [
+            "sandbox memory: 3072 MB committed to 3; really holding 500 MB PSS (1500 MB RSS) in the 2 measured",
+            "    sandbox-a: 1024 MB committed, 300 MB PSS, 900 MB RSS\n",
+            "    sandbox-b: 1024 MB committed, 200 MB PSS, 600 MB RSS\n",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in\n{text}");
+        }
+        assert!(
+            !text.contains("sandbox-c"),
+            "unmeasured rows are left out:\n{text}"
+        );
+
+        let unmeasured = GovernorStatus {
+            memory: Some(MemoryStatus {
+                committed_mb: 1024,
+                error: Some("memory usage failed: boom".into()),
+                sandboxes: vec![sandbox("sandbox-a", None)],
+                ..MemoryStatus::default()
+            }),
+            ..GovernorStatus::default()
+        };
+        let text = governor_view(&unmeasured, 0);
+        assert!(
+            text.contains("1024 MB committed to 1; not measured: memory usage failed: boom"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn the_governor_view_says_why_the_head_waits() {
         let status = serde_json::json!({
             "enabled": true, "sample_interval_ms": 1000, "sampled_at_ms": 1_000_000,
@@ -967,6 +1075,10 @@ mod tests {
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
+        assert!(
+            !text.contains("sandbox memory"),
+            "no figures, no line:\n{text}"
+        );
         assert!(self::status(&status).contains("governor:     on"));
         // A daemon without a governor block still prints.
         assert!(!self::status(&DaemonStatus::default()).contains("governor"));

@@ -56,6 +56,16 @@ pub struct FakeConfig {
     pub state_file: Option<PathBuf>,
     /// What `disk_usage` reports. None: the trait's default (thick, nothing measured).
     pub disk: Option<FakeDisk>,
+    /// What `memory_usage` reports for every running VM. None: nothing measured.
+    pub memory: Option<FakeMemory>,
+}
+
+/// What every running fake VM holds in host memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FakeMemory {
+    pub pss_bytes: u64,
+    pub rss_bytes: u64,
 }
 
 /// The fake's storage: thin or thick, and what every VM's disk takes on it.

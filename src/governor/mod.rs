@@ -8,10 +8,11 @@ pub mod readings;
 pub mod sampler;
 pub mod status;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, MemoryUsage};
 use crate::config::profile::Profiles;
 use crate::store::Holding;
 use policy::{Committed, Demand};
+use status::MemoryStatus;
 
 /// Adds up what live sandboxes (and admitted jobs not holding one yet) hold. A sandbox row carries
 /// its own resources; an admitted job without one is counted at its profile's size. `size` turns
@@ -24,24 +25,46 @@ pub fn tally(
 ) -> Committed {
     let mut committed = Committed::default();
     for holding in holdings {
-        let demand = match holding.resources {
-            Some((vcpus, memory_mb, disk_gb)) => Demand {
-                vcpus,
-                memory_mb,
-                disk_gb,
-            },
-            None => profiles
-                .get(&holding.profile)
-                .map(Demand::of)
-                .unwrap_or_default(),
-        };
         committed.add_named(
-            &size(demand),
+            &size(demand_of(holding, profiles)),
             holding.booting,
             crate::model::sandbox_name_for(&holding.job_id),
         );
     }
     committed
+}
+
+/// What one holding is counted at: its sandbox row's resources, or its profile's size.
+fn demand_of(holding: &Holding, profiles: &Profiles) -> Demand {
+    match holding.resources {
+        Some((vcpus, memory_mb, disk_gb)) => Demand {
+            vcpus,
+            memory_mb,
+            disk_gb,
+        },
+        None => profiles
+            .get(&holding.profile)
+            .map(Demand::of)
+            .unwrap_or_default(),
+    }
+}
+
+/// Each holding's committed memory (as `tally` counts it) against the backend's measurement
+/// (`Err`: why it failed), by VM name.
+pub fn memory_view(
+    holdings: &[Holding],
+    profiles: &Profiles,
+    size: impl Fn(Demand) -> Demand,
+    measured: Result<&MemoryUsage, String>,
+) -> MemoryStatus {
+    let committed = holdings.iter().map(|holding| {
+        (
+            crate::model::sandbox_name_for(&holding.job_id),
+            holding.booting,
+            size(demand_of(holding, profiles)).memory_mb,
+        )
+    });
+    MemoryStatus::of(committed, measured)
 }
 
 /// A backend's view of a requested size: what the VM really gets.

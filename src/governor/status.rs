@@ -1,7 +1,10 @@
 //! What `GET /v1/governor` answers and `agentlab status` prints: the readings, the signals with
-//! their hysteresis state, the static budget against what is committed, the boot cap, why the
-//! queue's head waits, and what sampling costs; and, for one queued job, its place in the queue
+//! their hysteresis state, the static budget against what is committed, the memory committed to
+//! live sandboxes next to what they really hold, the boot cap, why the queue's head waits, and
+//! what sampling costs; and, for one queued job, its place in the queue
 //! and what it waits for (`GET /v1/jobs/{id}`, `agentlab job run --follow`).
+
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -25,6 +28,82 @@ pub struct GovernorStatus {
     pub boot_cap: BootCapStatus,
     pub queue: QueueStatus,
     pub cost: SampleCost,
+    /// Memory committed to live sandboxes next to what they really hold. The routes fill it in
+    /// from the backend's measurement; None where nobody measured (the actor's own view).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryStatus>,
+}
+
+/// What live sandboxes are committed in memory, as the budget counts it (`committed.memory_mb`),
+/// next to what they really hold on the host. Sandboxes restored from one template snapshot share
+/// its pages until they write them, so their PSS can be far below what they were committed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryStatus {
+    /// Sum of the live sandboxes' memory_mb (and admitted jobs' not holding one yet).
+    pub committed_mb: u64,
+    /// Sum of the measured sandboxes' PSS; None when the backend measured none of them.
+    pub pss_bytes: Option<u64>,
+    /// Sum of their RSS (shared pages counted in full for each).
+    pub rss_bytes: Option<u64>,
+    /// How many of the sandboxes below were measured.
+    pub measured: u32,
+    /// Why the backend's measurement failed, when it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub sandboxes: Vec<SandboxMemory>,
+}
+
+/// One live sandbox's committed memory and, when measured, what it really holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxMemory {
+    pub vm: String,
+    /// In its boot phases (or admitted and not cloning yet), when it holds less than it will.
+    #[serde(default)]
+    pub booting: bool,
+    pub committed_mb: u64,
+    pub pss_bytes: Option<u64>,
+    pub rss_bytes: Option<u64>,
+}
+
+impl MemoryStatus {
+    /// Sets each sandbox's committed memory (`(vm, booting, memory_mb)`, in order) against the
+    /// backend's measurement; a measurement of a VM not among them (another daemon's) is left out.
+    pub fn of(
+        committed: impl IntoIterator<Item = (String, bool, u64)>,
+        measured: Result<&crate::backend::MemoryUsage, String>,
+    ) -> MemoryStatus {
+        let empty = HashMap::new();
+        let (by_vm, error) = match measured {
+            Ok(usage) => (&usage.by_vm, None),
+            Err(error) => (&empty, Some(error)),
+        };
+        let sandboxes: Vec<SandboxMemory> = committed
+            .into_iter()
+            .map(|(vm, booting, committed_mb)| {
+                let used = by_vm.get(&vm);
+                SandboxMemory {
+                    booting,
+                    committed_mb,
+                    pss_bytes: used.map(|m| m.pss_bytes),
+                    rss_bytes: used.map(|m| m.rss_bytes),
+                    vm,
+                }
+            })
+            .collect();
+        let measured: Vec<&SandboxMemory> =
+            sandboxes.iter().filter(|s| s.pss_bytes.is_some()).collect();
+        let sum = |field: fn(&SandboxMemory) -> Option<u64>| {
+            (!measured.is_empty()).then(|| measured.iter().filter_map(|s| field(s)).sum())
+        };
+        MemoryStatus {
+            committed_mb: sandboxes.iter().map(|s| s.committed_mb).sum(),
+            pss_bytes: sum(|s| s.pss_bytes),
+            rss_bytes: sum(|s| s.rss_bytes),
+            measured: u32::try_from(measured.len()).unwrap_or(u32::MAX),
+            error,
+            sandboxes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -139,6 +218,73 @@ pub struct SampleCost {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{MemoryUsage, VmMemory};
+
+    #[test]
+    fn memory_sets_what_each_sandbox_was_committed_against_what_it_holds() {
+        const MIB: u64 = 1 << 20;
+        let usage = MemoryUsage {
+            by_vm: HashMap::from([
+                (
+                    "sandbox-a".to_owned(),
+                    VmMemory {
+                        pss_bytes: 300 * MIB,
+                        rss_bytes: 900 * MIB,
+                    },
+                ),
+                (
+                    "sandbox-b".to_owned(),
+                    VmMemory {
+                        pss_bytes: 200 * MIB,
+                        rss_bytes: 850 * MIB,
+                    },
+                ),
+                // Another daemon's VM on this host: not ours to sum.
+                (
+                    "sandbox-x".to_owned(),
+                    VmMemory {
+                        pss_bytes: 999 * MIB,
+                        rss_bytes: 999 * MIB,
+                    },
+                ),
+            ]),
+        };
+        let committed = [
+            ("sandbox-a".to_owned(), false, 1024),
+            ("sandbox-b".to_owned(), false, 1024),
+            // Admitted, no VM yet.
+            ("sandbox-c".to_owned(), true, 2048),
+        ];
+        let memory = MemoryStatus::of(committed.clone(), Ok(&usage));
+        assert_eq!(memory.committed_mb, 4096);
+        assert_eq!(memory.pss_bytes, Some(500 * MIB));
+        assert_eq!(memory.rss_bytes, Some(1750 * MIB));
+        assert_eq!(memory.measured, 2);
+        assert_eq!(memory.error, None);
+        assert_eq!(
+            memory.sandboxes[2],
+            SandboxMemory {
+                vm: "sandbox-c".into(),
+                booting: true,
+                committed_mb: 2048,
+                pss_bytes: None,
+                rss_bytes: None,
+            }
+        );
+        assert_eq!(memory.sandboxes[0].pss_bytes, Some(300 * MIB));
+
+        // Nothing measured: the committed figure stands alone, and a failure says why.
+        let none = MemoryStatus::of(committed.clone(), Ok(&MemoryUsage::default()));
+        assert_eq!(
+            (none.committed_mb, none.pss_bytes, none.measured),
+            (4096, None, 0)
+        );
+        let failed = MemoryStatus::of(committed, Err("boom".into()));
+        assert_eq!(
+            (failed.pss_bytes, failed.error.as_deref()),
+            (None, Some("boom"))
+        );
+    }
 
     fn waiting_head() -> HeadWait {
         HeadWait {

@@ -245,6 +245,11 @@ pub fn bind_guest(addr: SocketAddr) -> Result<std::net::TcpListener, HttpError> 
 }
 
 async fn metrics(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    // A failed measurement leaves the gauge at its last value; the scrape still answers.
+    match state.svc.backend.memory_usage().await {
+        Ok(usage) => state.svc.metrics.observe_memory(&usage),
+        Err(err) => tracing::debug!(%err, "measuring sandbox memory failed"),
+    }
     let svc = Arc::clone(&state.svc);
     let text = state
         .svc

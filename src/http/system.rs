@@ -1,5 +1,6 @@
 //! Control API routes about the daemon itself: health, status (with the daemon's instance id and
-//! the foreign VMs the reconciler last saw), the governor, profiles.
+//! the foreign VMs the reconciler last saw), the governor (with the memory live sandboxes are
+//! committed next to what the backend measures them holding), profiles.
 
 use actix_web::{web, HttpResponse};
 use serde_json::json;
@@ -16,20 +17,33 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/profiles", web::get().to(profiles));
 }
 
-/// The governor's state, with what live sandboxes hold tallied afresh from the store.
+/// The governor's state, with what live sandboxes hold tallied afresh from the store, and their
+/// memory as the backend measures it (its own cache keeps that cheap).
 async fn governor_status(state: &ApiState) -> Result<GovernorStatus, ApiError> {
     let holdings = state.svc.store.call(|s| s.holdings()).await?;
     let backend = state.svc.backend.as_ref();
-    let committed = crate::governor::tally(&holdings, &state.svc.profiles(), |d| {
-        crate::governor::effective(backend, d)
-    });
-    state
+    let profiles = state.svc.profiles();
+    let size = |d| crate::governor::effective(backend, d);
+    let committed = crate::governor::tally(&holdings, &profiles, size);
+    let measured = backend.memory_usage().await;
+    if let Ok(usage) = &measured {
+        state.svc.metrics.observe_memory(usage);
+    }
+    let memory = crate::governor::memory_view(
+        &holdings,
+        &profiles,
+        size,
+        measured.as_ref().map_err(ToString::to_string),
+    );
+    let mut status = state
         .governor
         .send(GetStatus {
             committed: Some(committed),
         })
         .await
-        .map_err(ApiError::internal)
+        .map_err(ApiError::internal)?;
+    status.memory = Some(memory);
+    Ok(status)
 }
 
 async fn governor(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {

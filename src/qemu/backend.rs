@@ -27,6 +27,7 @@ use super::library::SnapshotLibrary;
 use super::restore;
 use super::snapshot::{SnapshotFiles, SnapshotManifest};
 use super::snapshot_maker::SnapshotMaker;
+use super::memory::{self, MemoryCache};
 use super::process;
 use super::qga::{ExecRequest, QgaClient, QgaError};
 use super::qmp::QmpClient;
@@ -37,7 +38,7 @@ use super::files::{
 use super::overlay::{self, tool_error};
 use super::tool::{self, ToolError};
 use crate::backend::{
-    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm,
+    Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, MemoryUsage,
     Provisioning, SandboxSpec, SnapshotInfo, SnapshotStatus, StartMode, StartReport, VmHandle,
     VmState,
 };
@@ -95,6 +96,8 @@ pub struct QemuBackend {
     agents: Mutex<HashMap<String, QgaClient>>,
     /// Template snapshots that sandboxes are restored from.
     snapshots: Arc<SnapshotLibrary>,
+    /// The last `memory_usage` measurement, answered again for a few seconds.
+    memory: MemoryCache,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -161,6 +164,7 @@ impl QemuBackend {
             vm_locks: Mutex::new(HashMap::new()),
             finished: Mutex::new(HashMap::new()),
             agents: Mutex::new(HashMap::new()),
+            memory: MemoryCache::new(memory::MEMORY_USAGE_MAX_AGE),
         })
     }
 
@@ -938,6 +942,27 @@ impl Backend for QemuBackend {
             allocated: measured,
         })
     }
+
+    /// PSS and RSS of each running sandbox of this daemon's, by its trusted pidfile; cached for
+    /// `memory::MEMORY_USAGE_MAX_AGE`.
+    async fn memory_usage(&self) -> Result<MemoryUsage, BackendError> {
+        self.memory
+            .get_or_measure(|| async {
+                let mut pids = Vec::new();
+                for listed in self.list_vms().await? {
+                    let ours = self.instance.is_none() || listed.owner == self.instance;
+                    if !ours {
+                        continue;
+                    }
+                    let paths = SandboxPaths::new(&self.dirs.sandboxes, &listed.vm.name);
+                    if let Some(pid) = process::running_pid(&paths).await? {
+                        pids.push((listed.vm.name, pid));
+                    }
+                }
+                memory::measure(pids).await
+            })
+            .await
+    }
 }
 
 /// The environment for `guest-exec`: empty keeps the agent's own; otherwise PATH is supplied if
@@ -1192,5 +1217,48 @@ mod tests {
         backend.destroy_vm(&legacy).await.unwrap();
         assert!(!Path::new(&ours.vm_ref).exists());
         assert!(!Path::new(&legacy.vm_ref).exists());
+    }
+
+    /// Kills a test's stand-in QEMU even when an assertion fails first.
+    struct KillOnDrop(std::process::Child);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// A process naming a file in the sandbox folder, recorded in its pidfile, as QEMU is.
+    fn stand_in_qemu(sandboxes: &Path, name: &str) -> KillOnDrop {
+        let paths = SandboxPaths::new(sandboxes, name);
+        let log = paths.dir.join("console.log");
+        std::fs::write(&log, b"").unwrap();
+        let child = std::process::Command::new("tail")
+            .arg("-f")
+            .arg(&log)
+            .spawn()
+            .unwrap();
+        std::fs::write(paths.pidfile(), format!("{}\n", child.id())).unwrap();
+        KillOnDrop(child)
+    }
+
+    #[tokio::test]
+    async fn memory_usage_measures_running_sandboxes_of_this_daemon_only() {
+        let root = tempfile::tempdir().unwrap();
+        let backend = backend(root.path()).with_instance("0199-ours");
+        let sandboxes = root.path().join("sandboxes");
+        sandbox_folder(&sandboxes, "sandbox-running", Some("0199-ours"));
+        sandbox_folder(&sandboxes, "sandbox-stopped", Some("0199-ours"));
+        sandbox_folder(&sandboxes, "sandbox-theirs", Some("0199-theirs"));
+        let _running = stand_in_qemu(&sandboxes, "sandbox-running");
+        let _theirs = stand_in_qemu(&sandboxes, "sandbox-theirs");
+
+        let usage = backend.memory_usage().await.unwrap();
+        let names: Vec<&str> = usage.by_vm.keys().map(String::as_str).collect();
+        assert_eq!(names, ["sandbox-running"], "{usage:?}");
+        let running = usage.by_vm["sandbox-running"];
+        assert!(running.pss_bytes > 0, "{running:?}");
+        assert!(running.rss_bytes >= running.pss_bytes, "{running:?}");
     }
 }

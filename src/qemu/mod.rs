@@ -9,6 +9,7 @@ pub mod library;
 pub mod migration;
 pub mod overlay;
 pub mod layout;
+pub mod memory;
 pub mod process;
 pub mod qga;
 pub mod qmp;
