@@ -12,9 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::Services;
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, SnapshotStatus, VmHandle,
-    VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, SandboxSpec,
+    SnapshotStatus, VmHandle, VmState,
 };
+use crate::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use crate::config::profile::Profile;
 use crate::model::{
     now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
@@ -30,6 +31,12 @@ pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
 /// whether the runner started, and a second one must not be started (it would lose the one-time
 /// bootstrap token and look like a failure).
 const EXEC_PENDING: i64 = -1;
+
+/// The host entropy a restored guest gets mixed into its kernel pool.
+const IDENTITY_ENTROPY_BYTES: usize = 64;
+
+/// Between two looks at the identity step, which takes a few milliseconds in the guest.
+const IDENTITY_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhaseError {
@@ -413,6 +420,9 @@ impl Lifecycle {
             Phase::Start => self.start_vm().await,
             Phase::CloudInit => {
                 let vm = self.vm().await?;
+                if self.restored().await? {
+                    return self.give_identity(&vm).await;
+                }
                 self.wait_for_guest(
                     &vm,
                     |p| p.phoned_home,
@@ -601,6 +611,73 @@ impl Lifecycle {
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// Whether the sandbox was restored from a snapshot, as its start phase recorded.
+    async fn restored(&self) -> Result<bool, StoreError> {
+        let id = self.sandbox.id.clone();
+        let sandbox = self.svc.store.call(move |s| s.get_sandbox(&id)).await?;
+        Ok(sandbox.and_then(|s| s.start_method) == Some(StartMethod::Restored))
+    }
+
+    /// The cloud-init phase of a restored sandbox: its guest booted as the template, so it gets
+    /// its own identity through the guest agent before its runner starts: a fresh one-time
+    /// bootstrap token in its bootstrap file, its hostname, the host's wall clock (the guest's
+    /// stopped at the snapshot) and host entropy mixed into its kernel pool and reseeded (or
+    /// every clone of the snapshot would produce the same random numbers). Run again after a
+    /// restart, it simply gives a newer token.
+    async fn give_identity(&self, vm: &VmHandle) -> Result<(), PhaseError> {
+        self.wait_for_agent().await?;
+        let (job, ttl) = (self.job.id.clone(), self.svc.config.token_ttl());
+        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
+        let token = self
+            .svc
+            .store
+            .call(move |s| s.issue_token(&job, TokenKind::Bootstrap, ttl_ms))
+            .await?;
+        let identity = Identity {
+            hostname: self.sandbox.id.clone(),
+            // The host's wall clock, not the services' (tests may run that one paused).
+            unix_time_ms: now_ms(),
+            entropy: Entropy::random(IDENTITY_ENTROPY_BYTES),
+            bootstrap_path: BOOTSTRAP_PATH.into(),
+            bootstrap: BootstrapFile {
+                url: self.svc.guest_url.trim_end_matches('/').to_owned(),
+                token,
+            },
+        };
+        let document = serde_json::to_vec(&identity)
+            .map_err(|e| PhaseError::Guest(format!("cannot encode the identity: {e}")))?;
+        let command = GuestCommand {
+            path: RUNNER_PATH.to_owned(),
+            args: vec![identity::SUBCOMMAND.to_owned()],
+            env: Default::default(),
+            stdin: Some(GuestInput::new(document)),
+        };
+        let pid = self.svc.backend.exec(vm, &command).await?;
+        loop {
+            match self.svc.backend.exec_status(vm, pid).await? {
+                ExecStatus::Running => tokio::time::sleep(IDENTITY_POLL).await,
+                ExecStatus::Exited { code: 0 } => break,
+                other => {
+                    return Err(PhaseError::Guest(format!(
+                        "the guest refused its identity ({RUNNER_PATH} {} ended with {})",
+                        identity::SUBCOMMAND,
+                        describe(other)
+                    )))
+                }
+            }
+        }
+        self.event(
+            "identity",
+            &format!(
+                "hostname {}, wall clock, entropy and a bootstrap token given through the guest \
+                 agent",
+                self.sandbox.id
+            ),
+        )
+        .await?;
         Ok(())
     }
 
