@@ -151,10 +151,12 @@ fn a_command_that_overruns_the_run_timeout_ends_timeout_with_the_vm_destroyed() 
 #[test]
 fn a_guest_that_never_phones_home_ends_in_a_cloud_init_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    // The guest's phone-home URL points at a port nothing forwards: it never gets through.
+    // The guest's phone-home URL points at a port nothing forwards: it never gets through. A
+    // cold boot: a restored guest does not phone home (the daemon gives it its identity).
     let tuning = "phase_timeouts: {cloud_init: 25s}\n";
     let daemon = daemon(dir.path(), tuning, "guest_url: http://10.0.2.100:81\n");
-    let id = daemon.submit(&json!({"profile": "balanced", "task": "t", "command": "true"}));
+    let id = daemon
+        .submit(&json!({"profile": "balanced", "task": "t", "command": "true", "start": "cold"}));
     let job = daemon.wait_terminal(&id, Duration::from_secs(180));
     assert_eq!(job["status"], "TIMEOUT", "{job}");
     assert!(

@@ -756,7 +756,10 @@ async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
     for file in ["memory", "state", "overlay.qcow2", "manifest.json"] {
         assert!(folder.join(file).exists(), "{file} is in the snapshot");
     }
-    assert!(processes_naming(&snapshots).is_empty(), "the template VM is gone");
+    assert!(
+        processes_naming(&snapshots).is_empty(),
+        "the template VM is gone"
+    );
     assert_eq!(
         backend.snapshot_status(&first).await.unwrap(),
         SnapshotStatus::Ready(a.clone())
@@ -796,7 +799,10 @@ async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
     backend.destroy_vm(&vm).await.unwrap();
     assert!(!dir.exists());
     assert!(processes_naming(&dir).is_empty());
-    assert!(folder.join("memory").exists(), "the snapshot outlives its sandboxes");
+    assert!(
+        folder.join("memory").exists(),
+        "the snapshot outlives its sandboxes"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -826,7 +832,10 @@ async fn a_snapshot_that_does_not_load_is_discarded_and_the_sandbox_boots_cold()
         report.notes[0].contains(&id) && report.notes[0].contains("boots cold"),
         "{report:?}"
     );
-    assert!(!root.path().join("snapshots").join(&id).exists(), "discarded");
+    assert!(
+        !root.path().join("snapshots").join(&id).exists(),
+        "discarded"
+    );
     // A cold boot with the job's own seed: it phones home.
     wait_for_agent(&backend, &vm).await;
     let phoned = tokio::time::timeout(BOOT_LIMIT, async {
@@ -893,9 +902,15 @@ async fn a_sweep_clears_an_interrupted_making_and_stale_snapshots_only() {
     assert!(!interrupted.exists() && !stale.exists());
     let stopped = Instant::now();
     while sleeper.try_wait().unwrap().is_none() {
-        assert!(stopped.elapsed() < Duration::from_secs(10), "its process was stopped");
+        assert!(
+            stopped.elapsed() < Duration::from_secs(10),
+            "its process was stopped"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(theirs.exists() && snapshots.join("notes").exists());
-    assert!(snapshots.join(&id).join("memory").exists(), "the current one stays");
+    assert!(
+        snapshots.join(&id).join("memory").exists(),
+        "the current one stays"
+    );
 }

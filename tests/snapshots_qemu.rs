@@ -14,7 +14,8 @@ use common::vm::{git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const TUNING: &str = "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}\n\
+const TUNING: &str =
+    "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}\n\
      intervals: {guest_poll: 250ms, reconcile: 2s}\n\
      governor: {budget: {disk_min_free_percent: null}, boot_cap: {initial: 2}}\n";
 
@@ -126,9 +127,26 @@ fn a_restored_job_completes_with_its_output_and_artifact_and_says_where_it_came_
     assert_eq!(ids.len(), 1, "one snapshot: {ids:?}");
     let snapshot = &ids[0];
     let history = events(&daemon, &first);
-    assert!(has_event(&history, "snapshot", &format!("making snapshot {snapshot}")), "{history:?}");
-    assert!(has_event(&history, "snapshot", &format!("snapshot {snapshot} made in")), "{history:?}");
-    assert!(has_event(&history, "restored", &format!("restored from snapshot {snapshot}")), "{history:?}");
+    assert!(
+        has_event(&history, "snapshot", &format!("making snapshot {snapshot}")),
+        "{history:?}"
+    );
+    assert!(
+        has_event(
+            &history,
+            "snapshot",
+            &format!("snapshot {snapshot} made in")
+        ),
+        "{history:?}"
+    );
+    assert!(
+        has_event(
+            &history,
+            "restored",
+            &format!("restored from snapshot {snapshot}")
+        ),
+        "{history:?}"
+    );
 
     // The second restores without making anything.
     let second = submit();
@@ -139,7 +157,15 @@ fn a_restored_job_completes_with_its_output_and_artifact_and_says_where_it_came_
     assert_eq!(job["snapshot_id"], snapshot.as_str(), "{job}");
     assert_eq!(
         phases(&job),
-        ["clone", "start", "cloud_init", "guest_agent", "run", "upload", "destroy"]
+        [
+            "clone",
+            "start",
+            "cloud_init",
+            "guest_agent",
+            "run",
+            "upload",
+            "destroy"
+        ]
     );
     let history = events(&daemon, &second);
     assert!(!has_event(&history, "snapshot", "making"), "{history:?}");
@@ -156,7 +182,9 @@ fn a_restored_job_completes_with_its_output_and_artifact_and_says_where_it_came_
         .build()
         .unwrap();
     let bytes = client
-        .get(format!("http://agentlabd/v1/jobs/{second}/artifacts/out/host.txt"))
+        .get(format!(
+            "http://agentlabd/v1/jobs/{second}/artifacts/out/host.txt"
+        ))
         .send()
         .unwrap()
         .bytes()
@@ -181,7 +209,8 @@ fn guest_value(log: &str, key: &str) -> String {
 fn two_sandboxes_restored_at_once_have_their_own_hostname_randomness_and_the_hosts_clock() {
     let dir = tempfile::tempdir().unwrap();
     let daemon = daemon(dir.path(), &images(), "");
-    let warm = daemon.submit(&json!({"profile": "balanced", "task": "make the snapshot", "command": "true"}));
+    let warm = daemon
+        .submit(&json!({"profile": "balanced", "task": "make the snapshot", "command": "true"}));
     let job = daemon.wait_terminal(&warm, Duration::from_secs(240));
     assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
     // The snapshot's clock is now behind the host's by more than the tolerance below.
@@ -189,7 +218,9 @@ fn two_sandboxes_restored_at_once_have_their_own_hostname_randomness_and_the_hos
 
     let command = "echo host=$(hostname); echo rand=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'); echo clock=$(date +%s)";
     let ids: Vec<String> = (0..2)
-        .map(|_| daemon.submit(&json!({"profile": "balanced", "task": "twins", "command": command})))
+        .map(|_| {
+            daemon.submit(&json!({"profile": "balanced", "task": "twins", "command": command}))
+        })
         .collect();
     let mut seen = Vec::new();
     for id in &ids {
@@ -211,11 +242,19 @@ fn two_sandboxes_restored_at_once_have_their_own_hostname_randomness_and_the_hos
             clock >= run_start - 2 && clock <= run_end + 2,
             "guest clock {clock} outside the run phase [{run_start}, {run_end}] ± 2 s"
         );
-        seen.push((guest_value(&log, "host"), guest_value(&log, "rand"), job["sandbox_id"].clone()));
+        seen.push((
+            guest_value(&log, "host"),
+            guest_value(&log, "rand"),
+            job["sandbox_id"].clone(),
+        ));
     }
     assert_ne!(seen[0].0, seen[1].0, "hostnames differ");
     for (host, rand, sandbox) in &seen {
-        assert_eq!(Value::from(host.as_str()), *sandbox, "the hostname is the sandbox's");
+        assert_eq!(
+            Value::from(host.as_str()),
+            *sandbox,
+            "the hostname is the sandbox's"
+        );
         assert_eq!(rand.len(), 64, "{rand}");
     }
     assert_ne!(seen[0].1, seen[1].1, "random numbers differ");
@@ -261,7 +300,9 @@ fn a_rebuilt_template_gets_a_new_snapshot_and_a_broken_one_boots_cold() {
     let images_dir = own_template(dir.path());
     let daemon = daemon(dir.path(), &images_dir, "");
     let run = |task: &str| {
-        let id = daemon.submit(&json!({"profile": "balanced", "task": task, "command": "echo ran-$AGENTLAB_TASK"}));
+        let id = daemon.submit(
+            &json!({"profile": "balanced", "task": task, "command": "echo ran-$AGENTLAB_TASK"}),
+        );
         let job = daemon.wait_terminal(&id, Duration::from_secs(240));
         assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
         assert!(daemon.job_log(&id).contains(&format!("ran-{task}")));
@@ -283,7 +324,11 @@ fn a_rebuilt_template_gets_a_new_snapshot_and_a_broken_one_boots_cold() {
     let (id, job) = run("rebuilt");
     let new = job["snapshot_id"].as_str().unwrap().to_owned();
     assert_ne!(new, old[0], "{job}");
-    assert!(has_event(&events(&daemon, &id), "snapshot", &format!("making snapshot {new}")));
+    assert!(has_event(
+        &events(&daemon, &id),
+        "snapshot",
+        &format!("making snapshot {new}")
+    ));
     let deadline = Instant::now() + Duration::from_secs(30);
     while snapshot_ids(dir.path()) != [new.clone()] {
         assert!(
@@ -311,7 +356,11 @@ fn a_rebuilt_template_gets_a_new_snapshot_and_a_broken_one_boots_cold() {
     assert_eq!(job["start_method"], "cold", "{job}");
     let history = events(&daemon, &id);
     assert!(
-        has_event(&history, "snapshot", &format!("snapshot {new} did not restore")),
+        has_event(
+            &history,
+            "snapshot",
+            &format!("snapshot {new} did not restore")
+        ),
         "{history:?}"
     );
     let (_, job) = run("remade");
@@ -340,7 +389,10 @@ fn a_daemon_killed_while_it_makes_or_restores_a_snapshot_leaves_nothing_after_re
     std::thread::sleep(Duration::from_secs(1));
     first.kill9();
     let needle = snapshots(dir.path()).display().to_string();
-    assert!(!qemu_processes(&needle).is_empty(), "the template VM outlives the daemon");
+    assert!(
+        !qemu_processes(&needle).is_empty(),
+        "the template VM outlives the daemon"
+    );
 
     // The next daemon clears the interrupted making and the job makes the snapshot again.
     let mut second = daemon(dir.path(), &images(), &guest);
@@ -349,7 +401,8 @@ fn a_daemon_killed_while_it_makes_or_restores_a_snapshot_leaves_nothing_after_re
     assert_eq!(job["start_method"], "restored", "{job}");
 
     // Killed as soon as a restore begins.
-    let restoring = second.submit(&json!({"profile": "balanced", "task": "t", "command": "echo restored"}));
+    let restoring =
+        second.submit(&json!({"profile": "balanced", "task": "t", "command": "echo restored"}));
     second.wait_phase(&restoring, "start", Duration::from_secs(120));
     second.kill9();
     let third = daemon(dir.path(), &images(), &guest);

@@ -12,15 +12,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::Services;
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, SandboxSpec,
-    SnapshotStatus, VmHandle, VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, SandboxSpec, SnapshotStatus,
+    VmHandle, VmState,
 };
-use crate::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use crate::config::profile::Profile;
 use crate::model::{
     now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
     StartMethod, StartMode,
 };
+use crate::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use crate::start::resolve_start;
 use crate::store::{GuestProgress, PhaseLimit, StoreError, TokenKind};
 

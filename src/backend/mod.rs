@@ -82,7 +82,9 @@ pub struct SnapshotInfo {
 pub enum SnapshotStatus {
     Ready(SnapshotInfo),
     /// Not made yet (or discarded): `make_snapshot` makes it under this id.
-    Missing { id: String },
+    Missing {
+        id: String,
+    },
 }
 
 /// How a VM started.

@@ -20,22 +20,22 @@ use tokio::process::Command;
 use tokio::sync::OwnedMutexGuard;
 
 use super::accel::{AccelChooser, Accelerator};
-use super::launch::{self, LaunchPlan};
-use super::launch::GuestMemory;
-use super::layout::{self, RestoreSource, SandboxPaths, SandboxRecord, Template};
-use super::library::SnapshotLibrary;
-use super::restore;
-use super::snapshot::{SnapshotFiles, SnapshotManifest};
-use super::snapshot_maker::SnapshotMaker;
-use super::memory::{self, MemoryCache};
-use super::process;
-use super::qga::{ExecRequest, QgaClient, QgaError};
-use super::qmp::QmpClient;
-use super::seed::{self, SeedError, SeedTools};
 use super::files::{
     create_private_dir_all, exists, remove_dir_all, remove_file_if_present, write_file,
 };
+use super::launch::GuestMemory;
+use super::launch::{self, LaunchPlan};
+use super::layout::{self, RestoreSource, SandboxPaths, SandboxRecord, Template};
+use super::library::SnapshotLibrary;
+use super::memory::{self, MemoryCache};
 use super::overlay::{self, tool_error};
+use super::process;
+use super::qga::{ExecRequest, QgaClient, QgaError};
+use super::qmp::QmpClient;
+use super::restore;
+use super::seed::{self, SeedError, SeedTools};
+use super::snapshot::{SnapshotFiles, SnapshotManifest};
+use super::snapshot_maker::SnapshotMaker;
 use super::tool::{self, ToolError};
 use crate::backend::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, MemoryUsage,
@@ -423,7 +423,10 @@ impl QemuBackend {
         write_file(&paths.complete_marker(), b"").await
     }
 
-    async fn write_record(paths: &SandboxPaths, record: &SandboxRecord) -> Result<(), BackendError> {
+    async fn write_record(
+        paths: &SandboxPaths,
+        record: &SandboxRecord,
+    ) -> Result<(), BackendError> {
         let text = serde_json::to_string_pretty(record)
             .map_err(|e| BackendError::operation("clone", e.to_string()))?;
         write_file(&paths.record(), text.as_bytes()).await

@@ -332,7 +332,10 @@ mod tests {
         // Everything else is the same machine, or the device state would not load.
         let strip = |args: &[String]| -> Vec<String> {
             args.iter()
-                .filter(|a| !a.starts_with("memory-backend-file") && !["-S", "-incoming", "defer"].contains(&a.as_str()))
+                .filter(|a| {
+                    !a.starts_with("memory-backend-file")
+                        && !["-S", "-incoming", "defer"].contains(&a.as_str())
+                })
                 .cloned()
                 .collect()
         };

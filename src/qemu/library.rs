@@ -12,8 +12,7 @@ use super::files::remove_dir_all;
 use super::layout::Template;
 use super::overlay;
 use super::snapshot::{
-    self, QemuBuild, SnapshotEntry, SnapshotFiles, SnapshotManifest, SnapshotShape,
-    SNAPSHOT_FORMAT,
+    self, QemuBuild, SnapshotEntry, SnapshotFiles, SnapshotManifest, SnapshotShape, SNAPSHOT_FORMAT,
 };
 use super::snapshot_maker::SnapshotMaker;
 use super::tool;

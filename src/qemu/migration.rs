@@ -95,9 +95,7 @@ async fn ignore_shared_ram(qmp: &mut QmpClient) -> Result<(), MigrationError> {
 async fn wait_completed(qmp: &mut QmpClient, timeout: Duration) -> Result<(), MigrationError> {
     let started = Instant::now();
     loop {
-        let reply = qmp
-            .execute("query-migrate", None, COMMAND_TIMEOUT)
-            .await?;
+        let reply = qmp.execute("query-migrate", None, COMMAND_TIMEOUT).await?;
         let info: MigrationInfo =
             serde_json::from_value(reply).map_err(|e| QmpError::Protocol {
                 command: "query-migrate",

@@ -69,18 +69,19 @@ pub async fn restore(
             Err(_) => {}
         }
         if matches!(process::running_pid(paths).await, Ok(None)) {
-            return Err(failed(paths, "waiting for the guest agent", "the VM stopped".into()).await);
+            return Err(failed(
+                paths,
+                "waiting for the guest agent",
+                "the VM stopped".into(),
+            )
+            .await);
         }
         tokio::time::sleep(AGENT_POLL).await;
     }
 }
 
 /// A failure's reason with QEMU's own last words, which say why a stream did not load.
-async fn failed(
-    paths: &super::layout::SandboxPaths,
-    step: &str,
-    reason: String,
-) -> RestoreFailed {
+async fn failed(paths: &super::layout::SandboxPaths, step: &str, reason: String) -> RestoreFailed {
     let qemu_log = process::log_tail(paths.qemu_log(), 400).await;
     let qemu_log = qemu_log.trim();
     if qemu_log.is_empty() {

@@ -308,7 +308,14 @@ mod tests {
             SnapshotEntry::parse("0123456789abcdef.building"),
             Some(SnapshotEntry::Building("0123456789abcdef".into()))
         );
-        for other in ["", "notes", "0123456789abcde", "0123456789abcdeg", ".building", "0123456789abcdef.old"] {
+        for other in [
+            "",
+            "notes",
+            "0123456789abcde",
+            "0123456789abcdeg",
+            ".building",
+            "0123456789abcdef.old",
+        ] {
             assert_eq!(SnapshotEntry::parse(other), None, "{other}");
         }
     }
@@ -333,7 +340,10 @@ mod tests {
         };
         std::fs::write(files.manifest(), serde_json::to_vec(&manifest).unwrap()).unwrap();
         assert_eq!(files.read_manifest().await.unwrap(), Some(manifest));
-        assert_eq!(files.recorded_owner().await.as_deref(), Some("0199-manifest"));
+        assert_eq!(
+            files.recorded_owner().await.as_deref(),
+            Some("0199-manifest")
+        );
         assert_eq!(files.missing_file().await, Some(files.memory()));
     }
 

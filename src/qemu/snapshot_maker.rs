@@ -203,7 +203,9 @@ impl SnapshotMaker {
                 let qemu = process::log_tail(vm.qemu_log(), 500).await;
                 return Err(BackendError::operation(
                     "snapshot boot",
-                    format!("the template VM stopped while booting (console: {console}; qemu: {qemu})"),
+                    format!(
+                        "the template VM stopped while booting (console: {console}; qemu: {qemu})"
+                    ),
                 ));
             }
             if agent.ping(self.config.agent_ping_timeout).await.is_ok() {
@@ -233,9 +235,14 @@ fn report_cloud_init(result: &[u8]) {
     match errors {
         Some(0) => {}
         Some(count) => {
-            tracing::warn!(count, "cloud-init reported errors in the snapshot's template VM")
+            tracing::warn!(
+                count,
+                "cloud-init reported errors in the snapshot's template VM"
+            )
         }
-        None => tracing::warn!("cloud-init's result.json in the template VM is not what it should be"),
+        None => {
+            tracing::warn!("cloud-init's result.json in the template VM is not what it should be")
+        }
     }
 }
 
