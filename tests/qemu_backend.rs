@@ -878,7 +878,12 @@ async fn a_sweep_clears_an_interrupted_making_and_stale_snapshots_only() {
         .arg(interrupted.join("marker"))
         .spawn()
         .unwrap();
-    assert_eq!(processes_naming(&interrupted).len(), 1);
+    // Until the child has exec'd, its command line is still this test's.
+    let spawned = Instant::now();
+    while processes_naming(&interrupted).is_empty() {
+        assert!(spawned.elapsed() < Duration::from_secs(10), "the stand-in never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // Another daemon's making, and a folder that is no snapshot.
     let theirs = snapshots.join("00000000000000bb.building");
     std::fs::create_dir_all(&theirs).unwrap();
