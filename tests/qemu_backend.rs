@@ -881,7 +881,10 @@ async fn a_sweep_clears_an_interrupted_making_and_stale_snapshots_only() {
     // Until the child has exec'd, its command line is still this test's.
     let spawned = Instant::now();
     while processes_naming(&interrupted).is_empty() {
-        assert!(spawned.elapsed() < Duration::from_secs(10), "the stand-in never ran");
+        assert!(
+            spawned.elapsed() < Duration::from_secs(10),
+            "the stand-in never ran"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Another daemon's making, and a folder that is no snapshot.

@@ -207,6 +207,7 @@ impl Config {
             config.fake.state_file.as_mut(),
             config.qemu.images_dir.as_mut(),
             config.qemu.sandboxes_dir.as_mut(),
+            config.qemu.snapshots_dir.as_mut(),
         ];
         for path in optional_paths.into_iter().flatten() {
             if path.is_relative() {
@@ -347,6 +348,15 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn the_example_config_parses_and_shows_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/config.example.yaml");
+        let config = Config::load(&example).unwrap();
+        assert_eq!(config.qemu, crate::config::qemu::QemuConfig::default());
+        assert_eq!(config.pve, crate::config::pve::PveConfig::default());
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
