@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::vm::{git_repo, images, qemu_processes};
+use common::vm::{free_port, git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -173,12 +173,7 @@ fn a_guest_that_never_phones_home_ends_in_a_cloud_init_timeout() {
 fn a_daemon_killed_while_a_vm_runs_is_reconciled_on_restart() {
     let dir = tempfile::tempdir().unwrap();
     // Running VMs forward to the guest port they were started with, so it must survive the restart.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let guest = format!("guest_listen: 127.0.0.1:{port}\n");
+    let guest = format!("guest_listen: 127.0.0.1:{}\n", free_port());
     let mut first = daemon(dir.path(), TUNING, &guest);
     let id = first.submit(&json!({"profile": "balanced", "task": "t", "command": "echo command-is-running; sleep 8; echo finished-after-restart"}));
     first.wait_phase(&id, "run", Duration::from_secs(180));

@@ -6,6 +6,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+mod common;
+
 use agentlab::backend::{
     Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, ListedVm,
     NetworkMode, SandboxSpec, SnapshotStatus, VmHandle, VmState,
@@ -156,6 +158,23 @@ async fn run_in_guest(backend: &QemuBackend, vm: &VmHandle, script: &str) -> Exe
             done => return done,
         }
     }
+}
+
+/// Restricted networking: the host's loopback (10.0.2.2 in user-mode networking) is out of the
+/// guest's reach, even the port the guest endpoint listens on.
+async fn assert_host_out_of_reach(
+    backend: &QemuBackend,
+    vm: &VmHandle,
+    endpoint: std::net::SocketAddr,
+    requests: &mut mpsc::UnboundedReceiver<String>,
+) {
+    let escape = format!(
+        "timeout 10 wget -q -O /dev/null http://10.0.2.2:{}/escape",
+        endpoint.port()
+    );
+    let status = run_in_guest(backend, vm, &escape).await;
+    assert_ne!(status, ExecStatus::Exited { code: 0 });
+    assert!(requests.try_recv().is_err(), "the guest reached the host");
 }
 
 /// A stand-in for the daemon's guest endpoint: answers every request with 200 and reports each
@@ -310,19 +329,7 @@ async fn boots_runs_a_command_phones_home_and_leaves_nothing() {
             .unwrap();
         assert!(request.starts_with(&format!("GET /seq/{i} ")), "{request}");
     }
-    // Restricted: the host's loopback (10.0.2.2 in user-mode networking) is out of reach, even
-    // the port the guest endpoint listens on.
-    let status = run_in_guest(
-        &backend,
-        &vm,
-        &format!(
-            "timeout 10 wget -q -O /dev/null http://10.0.2.2:{}/escape",
-            endpoint.port()
-        ),
-    )
-    .await;
-    assert_ne!(status, ExecStatus::Exited { code: 0 });
-    assert!(requests.try_recv().is_err(), "the guest reached the host");
+    assert_host_out_of_reach(&backend, &vm, endpoint, &mut requests).await;
 
     let started = Instant::now();
     backend.destroy_vm(&vm).await.unwrap();
@@ -738,16 +745,20 @@ async fn restoring_spec(backend: &QemuBackend, name: &str, job_id: &str) -> (San
 async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
     let images = template_dir();
     let root = scratch();
-    let (endpoint, _requests) = guest_endpoint().await;
+    // The snapshot is made by a backend on another guest endpoint than the one that restores
+    // from it: a restored guest's traffic goes where its own QEMU forwards it.
+    let (making_endpoint, _making_requests) = guest_endpoint().await;
+    let maker = backend(root.path(), &images, making_endpoint);
+    let (endpoint, mut requests) = guest_endpoint().await;
     let backend = backend(root.path(), &images, endpoint);
     let snapshots = root.path().join("snapshots");
 
     let first = spec("sandbox-snap01", "job-snap01");
-    let SnapshotStatus::Missing { id } = backend.snapshot_status(&first).await.unwrap() else {
+    let SnapshotStatus::Missing { id } = maker.snapshot_status(&first).await.unwrap() else {
         panic!("no snapshot can exist yet");
     };
     // Two makings at once share one template VM and one snapshot.
-    let (a, b) = tokio::join!(backend.make_snapshot(&first), backend.make_snapshot(&first));
+    let (a, b) = tokio::join!(maker.make_snapshot(&first), maker.make_snapshot(&first));
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.id.as_str(), b.id.as_str()), (id.as_str(), id.as_str()));
     assert_eq!(a.made_seconds, b.made_seconds, "made once");
@@ -761,13 +772,13 @@ async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
         "the template VM is gone"
     );
     assert_eq!(
-        backend.snapshot_status(&first).await.unwrap(),
+        maker.snapshot_status(&first).await.unwrap(),
         SnapshotStatus::Ready(a.clone())
     );
     // Another shape is another snapshot.
     let mut egress = first.clone();
     egress.network = NetworkMode::Egress;
-    let SnapshotStatus::Missing { id: other } = backend.snapshot_status(&egress).await.unwrap()
+    let SnapshotStatus::Missing { id: other } = maker.snapshot_status(&egress).await.unwrap()
     else {
         panic!("the egress shape has no snapshot");
     };
@@ -789,6 +800,29 @@ async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
     )
     .await;
     assert_eq!(status, ExecStatus::Exited { code: 0 });
+    // The restored guest's network is its sandbox's: the guest endpoint answers, through this
+    // QEMU's own guestfwd, and the host beyond it is out of reach.
+    let status = run_in_guest(
+        &backend,
+        &vm,
+        "wget -q -O /dev/null http://10.0.2.100/restored",
+    )
+    .await;
+    assert_eq!(status, ExecStatus::Exited { code: 0 });
+    let request = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let request = requests.recv().await.unwrap();
+            if request.starts_with("GET /restored ") {
+                return request;
+            }
+        }
+    })
+    .await;
+    assert!(
+        request.is_ok(),
+        "the restored guest reached the guest endpoint"
+    );
+    assert_host_out_of_reach(&backend, &vm, endpoint, &mut requests).await;
     // A running restored VM reports how it started.
     assert_eq!(backend.start_vm(&vm).await.unwrap(), report);
     let dir = PathBuf::from(&vm.vm_ref);
@@ -812,17 +846,7 @@ async fn a_snapshot_that_does_not_load_is_discarded_and_the_sandbox_boots_cold()
     let (endpoint, mut requests) = guest_endpoint().await;
     let backend = backend(root.path(), &images, endpoint);
     let (spec, id) = restoring_spec(&backend, "sandbox-snap02", "job-snap02").await;
-    let state = root.path().join("snapshots").join(&id).join("state");
-    let length = std::fs::metadata(&state).unwrap().len();
-    let mut permissions = std::fs::metadata(&state).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
-    std::fs::set_permissions(&state, permissions).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&state)
-        .unwrap()
-        .set_len(length / 2)
-        .unwrap();
+    common::vm::truncate_file(&root.path().join("snapshots").join(&id).join("state"), 1, 2);
 
     let vm = backend.clone_vm(&spec).await.unwrap();
     let report = backend.start_vm(&vm).await.unwrap();

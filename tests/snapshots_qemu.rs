@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::vm::{git_repo, images, qemu_processes};
+use common::vm::{free_port, git_repo, images, qemu_processes, truncate_file};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -341,17 +341,7 @@ fn a_rebuilt_template_gets_a_new_snapshot_and_a_broken_one_boots_cold() {
 
     // A truncated state file: the restore fails, the snapshot is discarded with the reason in
     // the job's events, the job boots cold and completes, and the next job makes it again.
-    let state = snapshots(dir.path()).join(&new).join("state");
-    let length = std::fs::metadata(&state).unwrap().len();
-    let mut permissions = std::fs::metadata(&state).unwrap().permissions();
-    std::os::unix::fs::PermissionsExt::set_mode(&mut permissions, 0o600);
-    std::fs::set_permissions(&state, permissions).unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&state)
-        .unwrap()
-        .set_len(length / 3)
-        .unwrap();
+    truncate_file(&snapshots(dir.path()).join(&new).join("state"), 1, 3);
     let (id, job) = run("broken");
     assert_eq!(job["start_method"], "cold", "{job}");
     let history = events(&daemon, &id);
@@ -372,12 +362,7 @@ fn a_rebuilt_template_gets_a_new_snapshot_and_a_broken_one_boots_cold() {
 #[test]
 fn a_daemon_killed_while_it_makes_or_restores_a_snapshot_leaves_nothing_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let guest = format!("guest_listen: 127.0.0.1:{port}\n");
+    let guest = format!("guest_listen: 127.0.0.1:{}\n", free_port());
     let mut first = daemon(dir.path(), &images(), &guest);
     let making = first.submit(&json!({"profile": "balanced", "task": "t", "command": "echo made"}));
     // Killed while the template VM boots in the clone phase.

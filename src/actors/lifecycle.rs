@@ -10,18 +10,15 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::restore;
 use super::Services;
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, SandboxSpec, SnapshotStatus,
-    VmHandle, VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
 use crate::config::profile::Profile;
 use crate::model::{
-    now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState,
-    StartMethod, StartMode,
+    now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState, StartMethod,
 };
-use crate::runner::identity::{self, BootstrapFile, Entropy, Identity};
-use crate::start::resolve_start;
 use crate::store::{GuestProgress, PhaseLimit, StoreError, TokenKind};
 
 /// Where the runner lives in every guest image, and how it finds its bootstrap token.
@@ -31,12 +28,6 @@ pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
 /// whether the runner started, and a second one must not be started (it would lose the one-time
 /// bootstrap token and look like a failure).
 const EXEC_PENDING: i64 = -1;
-
-/// The host entropy a restored guest gets mixed into its kernel pool.
-const IDENTITY_ENTROPY_BYTES: usize = 64;
-
-/// Between two looks at the identity step, which takes a few milliseconds in the guest.
-const IDENTITY_POLL: Duration = Duration::from_millis(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PhaseError {
@@ -421,7 +412,9 @@ impl Lifecycle {
             Phase::CloudInit => {
                 let vm = self.vm().await?;
                 if self.restored().await? {
-                    return self.give_identity(&vm).await;
+                    self.wait_for_agent().await?;
+                    return restore::give_identity(&self.svc, &self.job.id, &vm, &self.sandbox.id)
+                        .await;
                 }
                 self.wait_for_guest(
                     &vm,
@@ -501,11 +494,11 @@ impl Lifecycle {
                 bootstrap_token: bootstrap,
             },
             owner: self.svc.instance.id.to_string(),
-            start: self.start_mode()?,
+            start: restore::start_mode(&self.svc, &self.request)?,
             restore_from: None,
         };
         let spec = SandboxSpec {
-            restore_from: self.snapshot_to_restore(&spec).await?,
+            restore_from: restore::snapshot_to_restore(&self.svc, &self.job.id, &spec).await?,
             ..spec
         };
         let vm = self.svc.backend.clone_vm(&spec).await?;
@@ -515,73 +508,6 @@ impl Lifecycle {
             .call(move |s| s.set_vm_ref(&id, &vm_ref))
             .await?;
         Ok(())
-    }
-
-    /// How the backend should start the sandbox, decided again at clone time: a reload that
-    /// turned snapshots off since the submit makes an `auto` job boot cold and fails a
-    /// `snapshot` one with the reason.
-    fn start_mode(&self) -> Result<StartMode, PhaseError> {
-        let snapshots_enabled = self.svc.tuning.get().snapshots_enabled();
-        resolve_start(
-            self.request.start,
-            self.svc.backend.snapshot_starts(),
-            snapshots_enabled,
-        )
-        .map_err(|refusal| PhaseError::Guest(refusal.to_string()))
-    }
-
-    /// The snapshot the sandbox is restored from: the one of its template and shape, made first
-    /// when there is none yet (the template boots once, in this clone phase, and counts as this
-    /// job's boot). Where none can be had, an `auto` job boots cold and says why; a `snapshot`
-    /// job fails.
-    async fn snapshot_to_restore(&self, spec: &SandboxSpec) -> Result<Option<String>, PhaseError> {
-        if spec.start == StartMode::Cold {
-            return Ok(None);
-        }
-        let backend = &self.svc.backend;
-        let made = match backend.snapshot_status(spec).await {
-            Ok(SnapshotStatus::Ready(info)) => Ok(info),
-            Ok(SnapshotStatus::Missing { id }) => {
-                self.event(
-                    "snapshot",
-                    &format!(
-                        "making snapshot {id}: the template boots once ({} vCPU, {} MB), then \
-                         sandboxes of this shape are restored from it",
-                        spec.cores, spec.memory_mb
-                    ),
-                )
-                .await?;
-                let made = backend.make_snapshot(spec).await;
-                if let Ok(info) = &made {
-                    self.event(
-                        "snapshot",
-                        &format!(
-                            "snapshot {} made in {:.1}s (memory {:.0} MB, device state {:.1} MB \
-                             on disk)",
-                            info.id,
-                            info.made_seconds,
-                            info.memory_bytes as f64 / 1e6,
-                            info.state_bytes as f64 / 1e6
-                        ),
-                    )
-                    .await?;
-                }
-                made
-            }
-            Err(err) => Err(err),
-        };
-        match made {
-            Ok(info) => Ok(Some(info.id)),
-            Err(err) if spec.start == StartMode::Snapshot => Err(err.into()),
-            Err(err) => {
-                self.event(
-                    "snapshot",
-                    &format!("no snapshot to restore from ({err}); the sandbox boots cold"),
-                )
-                .await?;
-                Ok(None)
-            }
-        }
     }
 
     /// Starts (or restores) the VM and records how: the cloud-init phase differs for a
@@ -621,76 +547,9 @@ impl Lifecycle {
         Ok(sandbox.and_then(|s| s.start_method) == Some(StartMethod::Restored))
     }
 
-    /// The cloud-init phase of a restored sandbox: its guest booted as the template, so it gets
-    /// its own identity through the guest agent before its runner starts: a fresh one-time
-    /// bootstrap token in its bootstrap file, its hostname, the host's wall clock (the guest's
-    /// stopped at the snapshot) and host entropy mixed into its kernel pool and reseeded (or
-    /// every clone of the snapshot would produce the same random numbers). Run again after a
-    /// restart, it simply gives a newer token.
-    async fn give_identity(&self, vm: &VmHandle) -> Result<(), PhaseError> {
-        self.wait_for_agent().await?;
-        let (job, ttl) = (self.job.id.clone(), self.svc.config.token_ttl());
-        let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        let token = self
-            .svc
-            .store
-            .call(move |s| s.issue_token(&job, TokenKind::Bootstrap, ttl_ms))
-            .await?;
-        let identity = Identity {
-            hostname: self.sandbox.id.clone(),
-            // The host's wall clock, not the services' (tests may run that one paused).
-            unix_time_ms: now_ms(),
-            entropy: Entropy::random(IDENTITY_ENTROPY_BYTES),
-            bootstrap_path: BOOTSTRAP_PATH.into(),
-            bootstrap: BootstrapFile {
-                url: self.svc.guest_url.trim_end_matches('/').to_owned(),
-                token,
-            },
-        };
-        let document = serde_json::to_vec(&identity)
-            .map_err(|e| PhaseError::Guest(format!("cannot encode the identity: {e}")))?;
-        let command = GuestCommand {
-            path: RUNNER_PATH.to_owned(),
-            args: vec![identity::SUBCOMMAND.to_owned()],
-            env: Default::default(),
-            stdin: Some(GuestInput::new(document)),
-        };
-        let pid = self.svc.backend.exec(vm, &command).await?;
-        loop {
-            match self.svc.backend.exec_status(vm, pid).await? {
-                ExecStatus::Running => tokio::time::sleep(IDENTITY_POLL).await,
-                ExecStatus::Exited { code: 0 } => break,
-                other => {
-                    return Err(PhaseError::Guest(format!(
-                        "the guest refused its identity ({RUNNER_PATH} {} ended with {})",
-                        identity::SUBCOMMAND,
-                        describe(other)
-                    )))
-                }
-            }
-        }
-        self.event(
-            "identity",
-            &format!(
-                "hostname {}, wall clock, entropy and a bootstrap token given through the guest \
-                 agent",
-                self.sandbox.id
-            ),
-        )
-        .await?;
-        Ok(())
-    }
-
     /// Adds an event to the job's history and publishes it.
     async fn event(&self, kind: &'static str, message: &str) -> Result<(), StoreError> {
-        let (id, message) = (self.job.id.clone(), message.to_owned());
-        let event = self
-            .svc
-            .store
-            .call(move |s| s.add_event(&id, kind, None, &message))
-            .await?;
-        self.svc.hub.publish(event);
-        Ok(())
+        restore::record_event(&self.svc, &self.job.id, kind, message).await
     }
 
     async fn wait_for_agent(&self) -> Result<(), PhaseError> {
@@ -815,7 +674,7 @@ impl Lifecycle {
     }
 }
 
-fn describe(status: ExecStatus) -> String {
+pub(super) fn describe(status: ExecStatus) -> String {
     match status {
         ExecStatus::Running => "still running".into(),
         ExecStatus::Exited { code } => format!("exit code {code}"),

@@ -9,6 +9,7 @@ pub mod guest_reports;
 pub mod hub;
 pub mod lifecycle;
 pub mod reconciler;
+pub mod restore;
 pub mod retention;
 pub mod sandbox;
 pub mod supervisor;

@@ -60,3 +60,27 @@ pub fn qemu_processes(needle: &str) -> Vec<String> {
     }
     found
 }
+
+/// Cuts a snapshot file to `numerator/denominator` of its length, as a crash or a full disk
+/// could; the files a snapshot never rewrites are read-only, so it is made writable first.
+pub fn truncate_file(path: &Path, numerator: u64, denominator: u64) {
+    use std::os::unix::fs::PermissionsExt;
+    let length = std::fs::metadata(path).unwrap().len();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(length * numerator / denominator)
+        .unwrap();
+}
+
+/// A port nothing listens on now, for a daemon whose guest port must stay the same across its
+/// restarts (running VMs forward to it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
