@@ -79,9 +79,16 @@ if [ "$mode" = sequential ]; then
     printf 'benchmark: %d/%d done\n' "$i" "$count" >&2
   done
 else
+  # All at once: one CLI per job, in parallel, so that the submissions do not queue behind each
+  # other on a host the first sandboxes are already keeping busy.
+  submitters=()
   for i in $(seq "$count"); do
-    "$agentlab" --json job run "${run_args[@]}" --task "benchmark run $i" \
-      | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' >> "$work/ids"
+    "$agentlab" --json job run "${run_args[@]}" --task "benchmark run $i" > "$work/submitted.$i" &
+    submitters+=("$!")
+  done
+  wait "${submitters[@]}"
+  for i in $(seq "$count"); do
+    python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$work/submitted.$i" >> "$work/ids"
   done
   printf 'benchmark: %d jobs submitted\n' "$count" >&2
   # Poll until every job is terminal; the last answer of each is what the report reads.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One command from a fresh Debian 12 machine to a real job in a real VM: installs the packages,
 # builds AgentLab, builds the guest image, starts agentlabd on the local QEMU backend in a scratch
-# folder, runs a job against a small git repository, and shows its result, output, artifact and
+# folder, runs a job against a small git repository (the template is booted once and snapshotted
+# first), then a second job restored from that snapshot, and shows their result, output, artifact and
 # how long each phase took. Everything lives under AGENTLAB_DEMO_DIR (default target/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +66,7 @@ git -C "$repo" init -q -b main
 git -C "$repo" -c user.name=demo -c user.email=demo@example.invalid add .
 git -C "$repo" -c user.name=demo -c user.email=demo@example.invalid commit -q -m "demo repository"
 
-step "Running a job in a fresh VM"
+step "Running a job in a fresh VM (it boots the template once and snapshots it first)"
 set +e
 # The command is expanded by the guest's shell, not this one.
 # shellcheck disable=SC2016
@@ -79,6 +80,12 @@ id=$("$bin/agentlab" --json job list --limit 1 | grep -o '"id":"[^"]*"' | head -
 
 step "The job, and how long each phase took"
 "$bin/agentlab" job show "$id"
+
+step "A second job: restored from the template snapshot the first one made"
+"$bin/agentlab" job run --profile balanced --task "the same, restored" \
+  --command 'echo "restored sandbox $(hostname)"' --wait
+second=$("$bin/agentlab" --json job list --limit 1 | grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+"$bin/agentlab" job show "$second"
 
 step "Its artifact, downloaded and checked against its sha256"
 "$bin/agentlab" job artifacts "$id" --download "$demo/artifacts"
