@@ -12,6 +12,7 @@ use agentlab::backend::{
     Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, ListedVm,
     NetworkMode, SandboxSpec, SnapshotStatus, VmHandle, VmState,
 };
+use agentlab::qemu::qmp::QmpClient;
 use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
 use agentlab::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -826,6 +827,18 @@ async fn a_snapshot_is_made_once_and_restored_sandboxes_run_from_it() {
     // A running restored VM reports how it started.
     assert_eq!(backend.start_vm(&vm).await.unwrap(), report);
     let dir = PathBuf::from(&vm.vm_ref);
+    assert_eq!(processes_naming(&dir).len(), 1);
+    // One left paused (as a daemon killed in the middle of a restore leaves it) is restored
+    // again, not taken for running.
+    let mut qmp = QmpClient::connect(&dir.join("qmp.sock"), Duration::from_secs(5))
+        .await
+        .unwrap();
+    qmp.execute("stop", None, Duration::from_secs(5))
+        .await
+        .unwrap();
+    drop(qmp);
+    assert_eq!(backend.start_vm(&vm).await.unwrap(), report);
+    backend.agent_ping(&vm).await.unwrap();
     assert_eq!(processes_naming(&dir).len(), 1);
 
     // Nothing of the snapshot is stale: a sweep leaves it.

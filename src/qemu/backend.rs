@@ -714,11 +714,20 @@ impl Backend for QemuBackend {
         }
         let mut record = Self::read_record(&paths).await?;
         if process::running_pid(&paths).await?.is_some() {
-            Self::confirm_running(&paths).await?;
-            return Ok(StartReport {
-                restored_from: record.restore.map(|r| r.snapshot_id),
-                notes: Vec::new(),
-            });
+            match Self::confirm_running(&paths).await {
+                Ok(()) => {
+                    return Ok(StartReport {
+                        restored_from: record.restore.map(|r| r.snapshot_id),
+                        notes: Vec::new(),
+                    })
+                }
+                // A restore cut short (a daemon killed while the state loaded) leaves QEMU
+                // paused or still waiting for its state: it is stopped and restored again.
+                Err(e) if record.restore.is_some() => {
+                    tracing::info!(vm = %vm.name, error = %e, "restoring again an interrupted restore");
+                }
+                Err(e) => return Err(e),
+            }
         }
         // A launch cancelled before QEMU wrote its pidfile may have left a half-started VM.
         self.stop_processes(&paths).await?;
