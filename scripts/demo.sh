@@ -82,10 +82,9 @@ step "The job, and how long each phase took"
 "$bin/agentlab" job show "$id"
 
 step "A second job: restored from the template snapshot the first one made"
+# shellcheck disable=SC2016
 "$bin/agentlab" job run --profile balanced --task "the same, restored" \
-  --command 'echo "restored sandbox $(hostname)"' --wait
-second=$("$bin/agentlab" --json job list --limit 1 | grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
-"$bin/agentlab" job show "$second"
+  --command 'echo "restored sandbox $(hostname), its clock at $(date -u +%T)"' --follow
 
 step "Its artifact, downloaded and checked against its sha256"
 "$bin/agentlab" job artifacts "$id" --download "$demo/artifacts"
