@@ -9,7 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::Daemon;
-use common::vm::{free_port, git_repo, images, qemu_processes};
+use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -30,25 +30,6 @@ fn daemon(dir: &Path, tuning: &str, extra: &str) -> Daemon {
 const TUNING: &str =
     "phase_timeouts: {cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}\n\
                       intervals: {guest_poll: 250ms, reconcile: 5s}\n";
-
-fn assert_nothing_left(dir: &Path) {
-    for _ in 0..100 {
-        if qemu_processes(&dir.display().to_string()).is_empty() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        qemu_processes(&dir.display().to_string()).is_empty(),
-        "qemu left running: {:?}",
-        qemu_processes(&dir.display().to_string())
-    );
-    let sandboxes = dir.join("data/sandboxes");
-    let left: Vec<_> = std::fs::read_dir(&sandboxes)
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "sandbox files left: {left:?}");
-}
 
 #[test]
 fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {

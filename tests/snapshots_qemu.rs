@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
-use common::vm::{free_port, git_repo, images, qemu_processes, truncate_file};
+use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes, truncate_file};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -74,33 +74,6 @@ fn phases(job: &Value) -> Vec<String> {
         .iter()
         .map(|p| p["phase"].as_str().unwrap().to_owned())
         .collect()
-}
-
-/// No qemu naming the test's folder, no sandbox folder, no snapshot being made.
-fn assert_nothing_left(dir: &Path) {
-    let needle = dir.display().to_string();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !qemu_processes(&needle).is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(
-        qemu_processes(&needle).is_empty(),
-        "qemu left running: {:?}",
-        qemu_processes(&needle)
-    );
-    let left: Vec<_> = std::fs::read_dir(dir.join("data/sandboxes"))
-        .map(|d| d.flatten().map(|e| e.path()).collect())
-        .unwrap_or_default();
-    assert!(left.is_empty(), "sandbox files left: {left:?}");
-    let building: Vec<_> = std::fs::read_dir(snapshots(dir))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| p.to_string_lossy().ends_with(".building"))
-                .collect()
-        })
-        .unwrap_or_default();
-    assert!(building.is_empty(), "makings left: {building:?}");
 }
 
 #[test]

@@ -84,3 +84,30 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// After a test's daemon is done with `dir` (its data folder `dir/data`): no qemu naming the
+/// folder, no sandbox folder, and no snapshot being made.
+pub fn assert_nothing_left(dir: &Path) {
+    let needle = dir.display().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !qemu_processes(&needle).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        qemu_processes(&needle).is_empty(),
+        "qemu left running: {:?}",
+        qemu_processes(&needle)
+    );
+    let entries = |folder: &str| -> Vec<PathBuf> {
+        std::fs::read_dir(dir.join("data").join(folder))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    let left = entries("sandboxes");
+    assert!(left.is_empty(), "sandbox files left: {left:?}");
+    let makings: Vec<PathBuf> = entries("snapshots")
+        .into_iter()
+        .filter(|p| p.to_string_lossy().ends_with(".building"))
+        .collect();
+    assert!(makings.is_empty(), "snapshot makings left: {makings:?}");
+}
