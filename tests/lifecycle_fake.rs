@@ -147,8 +147,17 @@ fn a_failed_destroy_is_retried_by_the_reconciler() {
         assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroying);
         assert_eq!(h.fake.vm_names().len(), 1);
         h.supervisor.send(Reconcile).await.unwrap();
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert_eq!(h.sandbox_state(&id).await, SandboxState::Destroyed);
+        // The reconcile's store work runs on the blocking pool, which paused time does not wait
+        // for: look until it is done (each look is a store call of its own) rather than sleep.
+        let mut state = h.sandbox_state(&id).await;
+        for _ in 0..600 {
+            if state == SandboxState::Destroyed {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            state = h.sandbox_state(&id).await;
+        }
+        assert_eq!(state, SandboxState::Destroyed);
         assert!(h.fake.vm_names().is_empty());
     });
 }
