@@ -74,18 +74,7 @@ fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
     let artifacts = listing["artifacts"].as_array().unwrap();
     assert_eq!(artifacts.len(), 1, "{listing}");
     assert_eq!(artifacts[0]["path"], "out/report.txt");
-    let client = reqwest::blocking::Client::builder()
-        .unix_socket(daemon.socket.clone())
-        .build()
-        .unwrap();
-    let bytes = client
-        .get(format!(
-            "http://agentlabd/v1/jobs/{id}/artifacts/out/report.txt"
-        ))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
+    let bytes = daemon.get_bytes(&format!("/v1/jobs/{id}/artifacts/out/report.txt"));
     assert_eq!(
         String::from_utf8_lossy(&bytes),
         "task=summarise hello.txt\n25\n"

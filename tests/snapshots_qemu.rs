@@ -150,18 +150,7 @@ fn a_restored_job_completes_with_its_output_and_artifact_and_says_where_it_came_
     let (_, listing) = daemon.get(&format!("/v1/jobs/{second}/artifacts"));
     let artifact = &listing["artifacts"][0];
     assert_eq!(artifact["path"], "out/host.txt", "{listing}");
-    let client = reqwest::blocking::Client::builder()
-        .unix_socket(daemon.socket.clone())
-        .build()
-        .unwrap();
-    let bytes = client
-        .get(format!(
-            "http://agentlabd/v1/jobs/{second}/artifacts/out/host.txt"
-        ))
-        .send()
-        .unwrap()
-        .bytes()
-        .unwrap();
+    let bytes = daemon.get_bytes(&format!("/v1/jobs/{second}/artifacts/out/host.txt"));
     assert_eq!(artifact["sha256"], hex::encode(Sha256::digest(&bytes)));
     // The restored guest took the sandbox's own name, not the template VM's.
     let sandbox = job["sandbox_id"].as_str().unwrap_or_default().to_owned();

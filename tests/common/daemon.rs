@@ -216,6 +216,17 @@ impl Daemon {
         }
     }
 
+    /// The raw body of a GET (an artifact's bytes, say).
+    pub fn get_bytes(&self, path: &str) -> Vec<u8> {
+        self.client
+            .get(Self::url(path))
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap()
+            .to_vec()
+    }
+
     /// The job's log (stdout and stderr) so far.
     pub fn job_log(&self, id: &str) -> String {
         self.client
