@@ -120,7 +120,7 @@ impl QemuBackend {
         layout::validate_sandboxes_dir_room(&dirs.sandboxes)?;
         layout::validate_dir("qemu.snapshots_dir", &dirs.snapshots)?;
         let building = SnapshotFiles::building(&dirs.snapshots, &"0".repeat(16));
-        layout::validate_socket_room(&building.dir, "sandbox-x")?;
+        layout::validate_vm_socket_room("qemu.snapshots_dir", &dirs.snapshots, &building.vm())?;
         if dirs.snapshots.to_string_lossy().contains('\'') {
             return Err(BackendError::InvalidInput(format!(
                 "qemu.snapshots_dir {} must not contain quotes",

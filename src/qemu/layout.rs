@@ -273,13 +273,29 @@ const USUAL_NAME_LEN: usize = VM_NAME_PREFIX.len() + 12;
 
 /// Checks that the sockets of a VM named `name` fit `sun_path`.
 pub fn validate_socket_room(sandboxes_dir: &Path, name: &str) -> Result<(), BackendError> {
-    let socket = SandboxPaths::new(sandboxes_dir, name).qmp_socket();
+    validate_vm_socket_room(
+        "sandboxes_dir",
+        sandboxes_dir,
+        &SandboxPaths::new(sandboxes_dir, name),
+    )
+}
+
+/// Checks that the sockets of the VM whose folder is `vm` (somewhere under `dir`, the folder the
+/// setting `key` names) fit `sun_path`.
+pub fn validate_vm_socket_room(
+    key: &str,
+    dir: &Path,
+    vm: &SandboxPaths,
+) -> Result<(), BackendError> {
+    // `qga.sock` is as long as `qmp.sock`.
+    let socket = vm.qmp_socket();
     let len = socket.as_os_str().len();
     if len > MAX_SOCKET_PATH {
         return Err(BackendError::InvalidInput(format!(
-            "sandboxes_dir {} is too long for VM {name}: its socket paths would take {len} \
-             bytes, more than the {MAX_SOCKET_PATH} a unix socket allows",
-            sandboxes_dir.display()
+            "{key} {} is too long: the socket {} would take {len} bytes, more than the \
+             {MAX_SOCKET_PATH} a unix socket allows",
+            dir.display(),
+            socket.display()
         )));
     }
     Ok(())
@@ -345,6 +361,15 @@ mod tests {
         assert!(validate_sandboxes_dir_room(&Path::new("/").join("d".repeat(80))).is_err());
         let long_name = format!("sandbox-{}", "a".repeat(55));
         assert!(validate_socket_room(&Path::new("/").join("d".repeat(50)), &long_name).is_err());
+        // A VM whose folder is the checked folder itself (a template VM) needs no room for a
+        // name: 98 bytes of folder leave room for `/qmp.sock`.
+        let dir = Path::new("/").join("d".repeat(97));
+        let vm = SandboxPaths { dir: dir.clone() };
+        validate_vm_socket_room("snapshots_dir", &dir, &vm).unwrap();
+        let dir = Path::new("/").join("d".repeat(98));
+        let vm = SandboxPaths { dir: dir.clone() };
+        let err = validate_vm_socket_room("snapshots_dir", &dir, &vm).unwrap_err();
+        assert!(err.to_string().contains("snapshots_dir"), "{err}");
     }
 
     #[test]
