@@ -11,7 +11,9 @@ use async_trait::async_trait;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-pub use crate::config::fake::{FakeConfig, FakeDisk, FakeMemory, FakeOp, Fault, Latency};
+pub use crate::config::fake::{
+    FakeConfig, FakeDisk, FakeMemory, FakeOp, FakeProvisioning, Fault, Latency,
+};
 
 use crate::runner::identity;
 
@@ -240,6 +242,38 @@ impl FakeBackend {
         Ok(f(vm))
     }
 
+    /// Hands a new VM's provisioning to the test playing its guest.
+    async fn publish_provisioning(&self, spec: &SandboxSpec) -> Result<(), BackendError> {
+        let Some(path) = self.config.external_guest.clone() else {
+            return Ok(());
+        };
+        let line = FakeProvisioning {
+            name: spec.name.clone(),
+            job_id: spec.job_id.clone(),
+            guest_url: spec.cloud_init.guest_url.clone(),
+            phone_home_url: spec.cloud_init.phone_home_url.clone(),
+            bootstrap_token: spec.cloud_init.bootstrap_token.clone(),
+        };
+        let mut text =
+            serde_json::to_string(&line).map_err(|e| BackendError::InvalidInput(e.to_string()))?;
+        text.push('\n');
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?
+                .write_all(text.as_bytes())
+        })
+        .await
+        .map_err(|e| BackendError::operation("provisioning", e.to_string()))?
+        .map_err(|e| BackendError::io("writing the external guest's provisioning", e))
+    }
+
+    fn guest_is_external(&self) -> bool {
+        self.config.external_guest.is_some()
+    }
+
     /// Simulates the guest booting: after `boot` latency it phones home, unless boot is faulted,
     /// in which case the VM dies (a hang means it never phones home).
     fn simulate_boot(self: &Arc<Self>, name: String, job_id: String) {
@@ -315,6 +349,7 @@ impl Backend for SharedFake {
         };
         if created {
             *lock(&fake.creations).entry(spec.name.clone()).or_default() += 1;
+            fake.publish_provisioning(spec).await?;
         }
         fake.persist().await?;
         Ok(handle)
@@ -328,7 +363,7 @@ impl Backend for SharedFake {
             v.running = true;
             (was, v.job_id.clone())
         })?;
-        if !was_running {
+        if !was_running && !fake.guest_is_external() {
             fake.simulate_boot(vm.name.clone(), job_id);
         }
         fake.persist().await.map(|()| StartReport::cold())
@@ -368,7 +403,7 @@ impl Backend for SharedFake {
             v.procs.insert(pid, status);
             v.job_id.clone()
         })?;
-        if !identity {
+        if !identity && !fake.guest_is_external() {
             fake.simulate_runner(vm.name.clone(), job_id, pid);
         }
         Ok(pid)

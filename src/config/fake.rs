@@ -58,6 +58,20 @@ pub struct FakeConfig {
     pub disk: Option<FakeDisk>,
     /// What `memory_usage` reports for every running VM. None: nothing measured.
     pub memory: Option<FakeMemory>,
+    /// A test plays every guest over the real guest API: nothing is simulated after a VM starts
+    /// (no phone-home, the runner runs until its VM is destroyed), and each new VM's provisioning,
+    /// tokens included, is appended to this file as one JSON line (`FakeProvisioning`).
+    pub external_guest: Option<PathBuf>,
+}
+
+/// What a test playing a guest learns of its VM: one line of `external_guest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FakeProvisioning {
+    pub name: String,
+    pub job_id: String,
+    pub guest_url: String,
+    pub phone_home_url: String,
+    pub bootstrap_token: String,
 }
 
 /// What every running fake VM holds in host memory.

@@ -259,6 +259,7 @@ pub fn request() -> JobRequest {
 }
 
 pub mod daemon;
+pub mod guest;
 pub mod mock;
 pub mod vm;
 
