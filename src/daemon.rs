@@ -272,6 +272,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         supervisor: supervisor.clone(),
         governor: governor.clone(),
         reports,
+        bundle_flights: crate::jobfiles::BundleFlights::default(),
         started,
         shutting_down: Arc::clone(&shutting_down),
     });

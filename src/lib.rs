@@ -11,6 +11,7 @@ pub mod cloudinit;
 pub mod config;
 pub mod daemon;
 pub mod governor;
+pub mod host_repos;
 pub mod http;
 pub mod instance;
 pub mod jobfiles;

@@ -16,6 +16,7 @@ use crate::backend::{
     BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
 use crate::config::profile::Profile;
+use crate::jobfiles::JobFiles;
 use crate::model::{
     now_ms, sandbox_name_for, Job, JobRequest, JobStatus, Phase, Sandbox, SandboxState, StartMethod,
 };
@@ -683,6 +684,11 @@ pub(super) fn describe(status: ExecStatus) -> String {
 }
 
 async fn finish(svc: &Services, job_id: &str, verdict: &Verdict) -> Result<(), StoreError> {
+    // The guest has cloned by now (or never will): its repository bundle goes before the job
+    // shows as ended.
+    if let Err(err) = JobFiles::new(&svc.config).remove_bundle(job_id).await {
+        tracing::warn!(job = job_id, %err, "the job's repository bundle stays until retention");
+    }
     let (id, v) = (job_id.to_owned(), verdict.clone());
     let event = svc
         .store

@@ -123,6 +123,9 @@ pub struct Config {
     pub provisioning_timeout: Duration,
     pub artifact_token_ttl_minutes: u64,
     pub artifact_max_bytes: u64,
+    /// Folders on this host under which a job's local `repo` must lie (absolute, existing; the
+    /// check resolves symlinks). Empty: no job may use a repository on this host.
+    pub repo_roots: Vec<PathBuf>,
     /// Cap on a job's stored stdout/stderr.
     pub log_max_bytes: u64,
     /// Cap on control API request bodies.
@@ -163,6 +166,7 @@ impl Default for Config {
             provisioning_timeout: Duration::from_secs(600),
             artifact_token_ttl_minutes: 1440,
             artifact_max_bytes: 256 * 1024 * 1024,
+            repo_roots: Vec::new(),
             log_max_bytes: 64 * 1024 * 1024,
             request_max_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
@@ -216,7 +220,33 @@ impl Config {
         }
         config.pve.resolve_paths(base);
         config.validate(path)?;
+        config.check_repo_roots_exist(path)?;
         Ok(config)
+    }
+
+    /// Each of `repo_roots` must be a folder that exists now: a typo would otherwise refuse every
+    /// job that names a repository under it, long after start-up.
+    fn check_repo_roots_exist(&self, path: &Path) -> Result<(), ConfigError> {
+        for root in &self.repo_roots {
+            match std::fs::metadata(root) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "repo_roots",
+                        format!("{} is not a folder", root.display()),
+                    ))
+                }
+                Err(err) => {
+                    return Err(ConfigError::invalid(
+                        path,
+                        "repo_roots",
+                        format!("{}: {err}", root.display()),
+                    ))
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -232,6 +262,16 @@ impl Config {
                 path,
                 "artifact_max_bytes",
                 "must be above 0",
+            ));
+        }
+        if let Some(root) = self.repo_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(ConfigError::invalid(
+                path,
+                "repo_roots",
+                format!(
+                    "{} must be an absolute path (a root is never taken from the config's folder)",
+                    root.display()
+                ),
             ));
         }
         if self.artifact_token_ttl_minutes == 0 {
@@ -449,6 +489,34 @@ mod tests {
             let err = parse(text).unwrap_err().to_string();
             assert!(err.contains(key), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn repo_roots_default_to_none_and_must_be_absolute_existing_folders() {
+        assert!(parse("{}").unwrap().repo_roots.is_empty());
+        let err = parse("repo_roots: [srv/repos]\n").unwrap_err().to_string();
+        assert!(
+            err.contains("key `repo_roots`") && err.contains("srv/repos"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("config.yaml");
+        let missing = dir.path().join("missing");
+        std::fs::write(&file, format!("repo_roots: [{}]\n", missing.display())).unwrap();
+        let err = Config::load(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("key `repo_roots`") && err.contains(&missing.display().to_string()),
+            "{err}"
+        );
+        std::fs::write(&file, format!("repo_roots: [{}]\n", file.display())).unwrap();
+        let err = Config::load(&file).unwrap_err().to_string();
+        assert!(err.contains("is not a folder"), "{err}");
+        std::fs::write(&file, format!("repo_roots: [{}]\n", dir.path().display())).unwrap();
+        assert_eq!(
+            Config::load(&file).unwrap().repo_roots,
+            [dir.path().to_path_buf()]
+        );
     }
 
     #[test]

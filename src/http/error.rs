@@ -96,8 +96,12 @@ impl From<JobFilesError> for ApiError {
                 ApiError::BadRequest(err.to_string())
             }
             JobFilesError::TooLarge { .. } => ApiError::PayloadTooLarge(err.to_string()),
+            // Already logged where the bundle was made; these messages name no host path.
+            JobFilesError::BundleRefused(message) => ApiError::Conflict(message),
+            JobFilesError::BundleUnavailable(message) => ApiError::Internal(message),
             JobFilesError::BundleTimeout { .. }
             | JobFilesError::BundleFailed { .. }
+            | JobFilesError::Repo(_)
             | JobFilesError::Io { .. }
             | JobFilesError::TaskFailed(_) => ApiError::internal(err),
         }

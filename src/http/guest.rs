@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::jobs::is_remote_repo;
 use super::ApiState;
 use crate::backend::GuestSink;
-use crate::jobfiles::JobFiles;
+use crate::jobfiles::{BundleSource, JobFiles};
 use crate::model::{now_ms, Artifact};
 use crate::runner::spec::{JobSpec, RepoSpec};
 use crate::store::TokenKind;
@@ -123,7 +123,8 @@ async fn bootstrap(state: web::Data<ApiState>, req: HttpRequest) -> Result<HttpR
     Ok(HttpResponse::Ok().json(spec))
 }
 
-/// Bundles the job's host repository (all refs) for the guest to clone without network access.
+/// The bundle of the job's host repository (its ref only), for the guest to clone without network
+/// access: made on the first request, served from the job's files after that.
 async fn repo_bundle(
     state: web::Data<ApiState>,
     req: HttpRequest,
@@ -131,14 +132,19 @@ async fn repo_bundle(
     let job_id = session(&state, &req).await?;
     let id = job_id.clone();
     let request = state.svc.store.call(move |s| s.job_request(&id)).await?;
-    let repo = request
-        .and_then(|r| r.repo)
-        .filter(|r| !is_remote_repo(r))
+    let (repo, git_ref) = request
+        .and_then(|r| Some((r.repo?, r.git_ref)))
+        .filter(|(repo, _)| !is_remote_repo(repo))
         .ok_or_else(|| {
             ApiError::NotFound(format!("job {job_id} has no repository on this host"))
         })?;
+    let source = BundleSource {
+        repo: PathBuf::from(repo),
+        git_ref,
+        repo_roots: state.svc.config.repo_roots.clone(),
+    };
     let bundle = JobFiles::new(&state.svc.config)
-        .bundle_repo(&job_id, &repo)
+        .repo_bundle(&state.bundle_flights, &job_id, source)
         .await?;
     let body = tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(bundle.file),

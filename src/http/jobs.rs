@@ -2,7 +2,7 @@
 //! the sandbox as asked), list, show (with, for a queued job, its place in the queue and what it
 //! waits for; once its sandbox has started, how it did), cancel.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use actix_web::{web, HttpResponse};
 use serde::{Deserialize, Serialize};
@@ -13,6 +13,7 @@ use super::{paging, ApiState};
 use crate::actors::governor::GetHeadWait;
 use crate::actors::supervisor::{Admit, CancelJob, IsReady};
 use crate::governor::status::JobQueue;
+use crate::host_repos::{self, HostRepoError};
 use crate::model::{new_id, Job, JobRequest, JobStatus, StartMethod, StartMode};
 use crate::paths::is_safe_relative;
 use crate::start::resolve_start;
@@ -97,10 +98,12 @@ pub fn validate(
     if request
         .git_ref
         .as_deref()
-        .is_some_and(|r| r.is_empty() || r.starts_with('-') || r.chars().any(char::is_control))
+        .is_some_and(|r| !host_repos::is_valid_ref_name(r))
     {
         return Err(ApiError::BadRequest(
-            "`ref` must be a branch, tag or commit name".into(),
+            "`ref` must be a branch, tag or commit name (as `git check-ref-format` allows, \
+             not starting with `-`)"
+                .into(),
         ));
     }
     if request.git_ref.is_some() && request.repo.is_none() {
@@ -139,22 +142,27 @@ pub fn check_start(
         .map_err(|refusal| ApiError::BadRequest(refusal.to_string()))
 }
 
-/// A repo on this host must be an absolute path to a git repository (the daemon bundles it).
-fn check_local_repo(repo: &str) -> Result<(), ApiError> {
-    let path = Path::new(repo);
-    if !path.is_absolute() {
+/// A repo on this host must be a git repository under one of `repo_roots` (symlinks resolved),
+/// with the job's ref (HEAD when none) a branch, tag or commit of it: the daemon bundles it.
+/// Blocking: it reads the disk and runs git.
+fn check_local_repo(repo: &str, roots: &[PathBuf], git_ref: Option<&str>) -> Result<(), ApiError> {
+    if !Path::new(repo).is_absolute() {
         return Err(ApiError::BadRequest(format!(
             "repo `{repo}` must be a URL or an absolute path"
         )));
     }
-    let is_repo = path.join(".git").exists()
-        || (path.join("HEAD").is_file() && path.join("objects").is_dir());
-    if !is_repo {
-        return Err(ApiError::BadRequest(format!(
-            "repo `{repo}` is not a git repository on this host"
-        )));
+    match host_repos::inspect(Path::new(repo), roots, git_ref, host_repos::RESOLVE_TIMEOUT) {
+        Ok(_) => Ok(()),
+        Err(err @ HostRepoError::OutsideRoots) => {
+            let roots: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+            Err(ApiError::BadRequest(format!(
+                "repo `{repo}`: {err} (repo_roots: {})",
+                roots.join(", ")
+            )))
+        }
+        Err(err) if err.is_refusal() => Err(ApiError::BadRequest(format!("repo `{repo}`: {err}"))),
+        Err(err) => Err(ApiError::internal(format!("repo `{repo}`: {err}"))),
     }
-    Ok(())
 }
 
 async fn submit(
@@ -174,7 +182,9 @@ async fn submit(
         state.svc.tuning.get().snapshots_enabled(),
     )?;
     if let Some(repo) = request.repo.clone().filter(|r| !is_remote_repo(r)) {
-        web::block(move || check_local_repo(&repo))
+        let roots = state.svc.config.repo_roots.clone();
+        let git_ref = request.git_ref.clone();
+        web::block(move || check_local_repo(&repo, &roots, git_ref.as_deref()))
             .await
             .map_err(ApiError::internal)??;
     }
@@ -386,6 +396,16 @@ mod tests {
             JobRequest {
                 repo: Some("/r".into()),
                 git_ref: Some("--upload-pack=x".into()),
+                ..ok_request()
+            },
+            JobRequest {
+                repo: Some("/r".into()),
+                git_ref: Some("main..other".into()),
+                ..ok_request()
+            },
+            JobRequest {
+                repo: Some("/r".into()),
+                git_ref: Some("main@{1}".into()),
                 ..ok_request()
             },
             JobRequest {

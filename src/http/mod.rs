@@ -62,6 +62,8 @@ pub struct ApiState {
     pub supervisor: Addr<Supervisor>,
     pub governor: Addr<ResourceGovernor>,
     pub reports: guest::Reports,
+    /// The repository bundles being made, so that each job's is made once.
+    pub bundle_flights: crate::jobfiles::BundleFlights,
     pub started: Instant,
     pub shutting_down: Arc<AtomicBool>,
 }

@@ -7,7 +7,9 @@
 //! - `logs/JOB.log`: the job's stdout/stderr, appended by the guest, capped at `log_max_bytes`;
 //! - `artifacts/JOB/PATH`: each uploaded artifact, capped at `artifact_max_bytes` each, written to
 //!   `artifacts/.tmp/` first and renamed into place once complete;
-//! - `tmp/`: scratch for repository bundles, unlinked while they are streamed.
+//! - `bundles/JOB/`: the git bundle of the job's host repository, made once on the guest's first
+//!   request and removed when the job ends (or why it could not be made);
+//! - `tmp/`: scratch for making bundles (a bare repository per bundle, removed once done).
 
 mod artifacts;
 mod bundle;
@@ -19,7 +21,7 @@ use crate::config::Config;
 use crate::paths::join_confined;
 
 pub use artifacts::{ArtifactUpload, StoredArtifact};
-pub use bundle::RepoBundle;
+pub use bundle::{BundleFlights, BundleSource, RepoBundle};
 pub use logs::LogReader;
 
 /// What can go wrong with a job's files. `PathNotConfined` and `TooLarge` are the caller's fault;
@@ -32,10 +34,20 @@ pub enum JobFilesError {
     TooLarge { what: String, limit: u64 },
     #[error("upload of `{0}` ended before it was complete")]
     Incomplete(String),
-    #[error("git bundle of {repo} timed out after {seconds} s")]
-    BundleTimeout { repo: String, seconds: u64 },
-    #[error("git bundle of {repo} failed: {stderr}")]
-    BundleFailed { repo: String, stderr: String },
+    #[error("git bundle timed out after {seconds} s")]
+    BundleTimeout { seconds: u64 },
+    #[error("git bundle failed: {stderr}")]
+    BundleFailed { stderr: String },
+    #[error(transparent)]
+    Repo(#[from] crate::host_repos::HostRepoError),
+    /// The job's bundle cannot be made from what it asked for (kept as its answer); the message
+    /// names no host path.
+    #[error("{0}")]
+    BundleRefused(String),
+    /// The host could not make the job's bundle (kept as its answer); the message names no host
+    /// path, the daemon's log has the details.
+    #[error("{0}")]
+    BundleUnavailable(String),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -67,6 +79,7 @@ pub struct Limits {
 pub struct JobFiles {
     logs: PathBuf,
     artifacts: PathBuf,
+    bundles: PathBuf,
     scratch: PathBuf,
     limits: Limits,
 }
@@ -76,6 +89,7 @@ impl JobFiles {
         JobFiles {
             logs: config.logs_dir(),
             artifacts: config.artifacts_dir(),
+            bundles: config.data_dir.join("bundles"),
             scratch: config.data_dir.join("tmp"),
             limits: Limits {
                 artifact_max_bytes: config.artifact_max_bytes,
@@ -89,6 +103,7 @@ impl JobFiles {
         JobFiles {
             logs: data_dir.join("logs"),
             artifacts: data_dir.join("artifacts"),
+            bundles: data_dir.join("bundles"),
             scratch: data_dir.join("tmp"),
             limits,
         }
@@ -207,6 +222,10 @@ pub(crate) mod tests {
         assert_eq!(
             files.artifacts_dir("j1"),
             data.join(crate::store::job_artifacts_path("j1"))
+        );
+        assert_eq!(
+            files.bundle_dir("j1"),
+            data.join(crate::store::job_bundle_path("j1"))
         );
     }
 }

@@ -29,7 +29,7 @@ use rusqlite::Connection;
 pub use admission::{AdmissionView, Holding, QueuedJob};
 pub use jobs::{GuestProgress, NewJob, PendingOutcome, PhaseLimit};
 pub use paging::{BadCursor, JobCursor, Page, SandboxCursor};
-pub use retention::{job_artifacts_path, job_log_path};
+pub use retention::{job_artifacts_path, job_bundle_path, job_log_path};
 pub use sandboxes::{LeaseRenewal, MAX_LEASE};
 pub use tokens::TokenKind;
 

@@ -20,6 +20,12 @@ pub fn job_artifacts_path(job_id: &str) -> String {
     format!("artifacts/{job_id}")
 }
 
+/// The job's repository bundle folder: the lifecycle removes it when the job ends; retention
+/// removes whatever a request still in flight then left.
+pub fn job_bundle_path(job_id: &str) -> String {
+    format!("bundles/{job_id}")
+}
+
 /// `'COMPLETED', 'FAILED', …`: the terminal statuses, for an SQL `IN`.
 fn terminal_statuses() -> String {
     JobStatus::ALL
@@ -38,8 +44,8 @@ fn queue_removal(tx: &Transaction<'_>, path: &str, now_ms: i64) -> Result<(), St
 
 impl Store {
     /// Removes up to `limit` jobs that ended before `finished_before_ms` and whose sandbox is
-    /// DESTROYED (or was never made), with every row recorded for them, and queues their log and
-    /// artifact folder for removal. Returns the ids removed, oldest first.
+    /// DESTROYED (or was never made), with every row recorded for them, and queues their log,
+    /// artifact folder and bundle folder for removal. Returns the ids removed, oldest first.
     pub fn remove_ended_jobs(
         &self,
         finished_before_ms: i64,
@@ -79,6 +85,7 @@ impl Store {
                 .execute([id])?;
             queue_removal(&tx, &job_log_path(id), now)?;
             queue_removal(&tx, &job_artifacts_path(id), now)?;
+            queue_removal(&tx, &job_bundle_path(id), now)?;
         }
         tx.commit()?;
         Ok(ids)
@@ -282,6 +289,7 @@ mod tests {
         for path in [
             job_log_path(&old),
             job_artifacts_path(&old),
+            job_bundle_path(&old),
             job_log_path(&never_ran),
         ] {
             assert!(queued_files.contains(&path), "{path} in {queued_files:?}");
