@@ -32,8 +32,12 @@ mkdir -p "$demo/tuning"
 sed 's/disk_min_free_percent: 20 /disk_min_free_percent: 5  /' tuning/default.yaml > "$demo/tuning/default.yaml"
 grep -q 'disk_min_free_percent: 5 ' "$demo/tuning/default.yaml" ||
   { echo "demo: could not set disk_min_free_percent in the demo's tuning" >&2; exit 1; }
+# The daemon bundles a job's host repository only from under repo_roots: the demo's lives in
+# $demo/repos (made below, once the daemon is up).
+mkdir -p "$demo/repos"
 cat > "$demo/config.yaml" <<YAML
 data_dir: $demo/data
+repo_roots: [$demo/repos]
 socket_path: $demo/agentlabd.sock
 metrics_listen: 127.0.0.1:0
 guest_listen: 127.0.0.1:18848
@@ -58,7 +62,7 @@ for _ in $(seq 100); do
 done
 
 step "Making a small git repository to work on"
-repo=$demo/repo
+repo=$demo/repos/app
 rm -rf "$repo" && mkdir -p "$repo"
 printf 'AgentLab demo repository\n' > "$repo/README.md"
 printf 'def add(a, b):\n    return a + b\n' > "$repo/calc.py"

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::daemon::{repo_dir, Daemon};
+use common::daemon::{repo_dir, repo_roots, Daemon};
 use common::vm::{git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -180,10 +180,12 @@ impl Node {
     fn daemon(&self, extra: &str) -> Daemon {
         std::fs::create_dir_all(self.dir.join("tuning")).unwrap();
         std::fs::write(self.dir.join("tuning/default.yaml"), TUNING).unwrap();
+        // The jobs' host repository (`git_repo`) lives in the test's folder.
         let config = format!(
-            "guest_listen: 127.0.0.1:{port}\nguest_url: http://10.0.2.100\n\
+            "guest_listen: 127.0.0.1:{port}\nguest_url: http://10.0.2.100\n{roots}\
              pve:\n  snippets_dir: {snippets}\n  snippets_storage: local\n{extra}",
             port = self.port,
+            roots = repo_roots(&[&self.dir]),
             snippets = self.dir.join("snippets").display(),
         );
         Daemon::start_with_env(&self.dir, "pve", &config, self.envs.clone())
@@ -605,8 +607,9 @@ fn figures() {
         std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
         std::fs::write(dir.path().join("tuning/default.yaml"), TUNING).unwrap();
         let qemu = format!(
-            "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n",
-            images().display()
+            "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n",
+            images().display(),
+            roots = repo_roots(&[dir.path()]),
         );
         let mut daemon = Daemon::start(dir.path(), "qemu", &qemu);
         let id = submit_job(&daemon, &repo);

@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::daemon::Daemon;
+use common::daemon::{repo_roots, Daemon};
 use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -20,9 +20,11 @@ fn daemon(dir: &Path, tuning: &str, extra: &str) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
     let tuning = format!("{tuning}governor: {{budget: {{disk_min_free_percent: null}}}}\n");
     std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
+    // The jobs' host repository (`git_repo`) lives in the test's folder.
     let qemu = format!(
-        "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
-        images().display()
+        "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
+        images().display(),
+        roots = repo_roots(&[dir]),
     );
     Daemon::start(dir, "qemu", &qemu)
 }

@@ -9,7 +9,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::daemon::Daemon;
+use common::daemon::{repo_roots, Daemon};
 use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes, truncate_file};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -23,9 +23,11 @@ const TUNING: &str =
 fn daemon(dir: &Path, images_dir: &Path, extra: &str) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
     std::fs::write(dir.join("tuning/default.yaml"), TUNING).unwrap();
+    // The jobs' host repository (`git_repo`) lives in the test's folder.
     let qemu = format!(
-        "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
-        images_dir.display()
+        "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
+        images_dir.display(),
+        roots = repo_roots(&[dir]),
     );
     Daemon::start(dir, "qemu", &qemu)
 }

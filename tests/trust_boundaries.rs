@@ -7,3 +7,5 @@ mod common;
 
 #[path = "trust/guest_basics.rs"]
 mod guest_basics;
+#[path = "trust/repos.rs"]
+mod repos;

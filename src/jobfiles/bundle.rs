@@ -87,15 +87,7 @@ impl JobFiles {
         let (files, job, flights) = (self.clone(), job_id.to_owned(), flights.clone());
         let made = tokio::spawn(async move {
             let _turn = Arc::clone(&flight).lock_owned().await;
-            let made = if files.open_bundle(&job).await?.is_some() {
-                Ok(false)
-            } else {
-                let maker = files.clone();
-                let job = job.clone();
-                spawn_blocking(move || maker.make_bundle(&job, &source))
-                    .await?
-                    .map(|()| true)
-            };
+            let made = files.make_bundle_once(&job, source).await;
             flights.land(&dir, &flight);
             made
         })
@@ -106,6 +98,21 @@ impl JobFiles {
         })?;
         bundle.made_now = made;
         Ok(bundle)
+    }
+
+    /// Makes the job's bundle unless a request before this one did (or found it cannot be made);
+    /// true if this call made it. Callers hold the job's flight.
+    async fn make_bundle_once(
+        &self,
+        job_id: &str,
+        source: BundleSource,
+    ) -> Result<bool, JobFilesError> {
+        if self.open_bundle(job_id).await?.is_some() {
+            return Ok(false);
+        }
+        let (files, job) = (self.clone(), job_id.to_owned());
+        spawn_blocking(move || files.make_bundle(&job, &source)).await??;
+        Ok(true)
     }
 
     /// The bundle already made for the job, the answer kept for one that could not be, or None.
@@ -507,6 +514,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(again.to_string(), err.to_string());
+        assert!(flights.0.lock().unwrap().is_empty(), "no flight is left");
     }
 
     #[tokio::test]

@@ -21,6 +21,15 @@ pub fn repo_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The config line that lets jobs use host repositories under `roots`.
+pub fn repo_roots(roots: &[&Path]) -> String {
+    let quoted: Vec<String> = roots
+        .iter()
+        .map(|r| serde_json::to_string(r.to_str().unwrap()).unwrap())
+        .collect();
+    format!("repo_roots: [{}]\n", quoted.join(", "))
+}
+
 /// The shipped default tuning, except for the governor's disk rule (off): the fake backend makes
 /// no disks, and the machine running the tests may not have a profile's disk free.
 pub fn test_tuning() -> String {
