@@ -5,5 +5,7 @@
 
 mod common;
 
+#[path = "trust/control.rs"]
+mod control;
 #[path = "trust/guest_basics.rs"]
 mod guest_basics;
