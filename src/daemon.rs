@@ -64,6 +64,7 @@ pub struct CheckReport {
 /// Validates the config file, every profile and every tuning file, without starting anything.
 pub fn check(config_path: &Path) -> Result<CheckReport, DaemonError> {
     let config = Config::load(config_path)?;
+    crate::http::load_control_token(config.control_listen, config.control_token_file.as_ref())?;
     let profiles = Profiles::load_dir(&config.profiles_dir)?;
     let tuning_files = yaml_files(&config.tuning_dir)?;
     for file in &tuning_files {
@@ -205,6 +206,13 @@ impl Started {
 /// Starts the store, actors and servers. Must be called inside an actix system.
 pub async fn start(config: Config) -> Result<Started, DaemonError> {
     let started = Instant::now();
+    // Before anything binds or starts: a token file anyone may read stops start-up.
+    let control_token = {
+        let (listen, file) = (config.control_listen, config.control_token_file.clone());
+        tokio::task::spawn_blocking(move || crate::http::load_control_token(listen, file.as_ref()))
+            .await
+            .map_err(|e| DaemonError::Unsupported(e.to_string()))??
+    };
     create_dirs(&config)?;
     let instance_id = {
         let data_dir = config.data_dir.clone();
@@ -273,10 +281,11 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         governor: governor.clone(),
         reports,
         bundle_flights: crate::jobfiles::BundleFlights::default(),
+        log_masks: Default::default(),
         started,
         shutting_down: Arc::clone(&shutting_down),
     });
-    let servers = crate::http::start(&state, guest_listener)?;
+    let servers = crate::http::start(&state, guest_listener, control_token)?;
     tracing::info!(
         socket = %config.socket_path.display(),
         guest = %guest_addr,

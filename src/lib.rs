@@ -21,6 +21,7 @@ pub mod paths;
 pub mod pve;
 pub mod qemu;
 pub mod runner;
+pub mod secrets;
 pub mod start;
 pub mod store;
 pub mod urlpath;

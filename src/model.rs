@@ -262,7 +262,8 @@ pub struct PhaseRun {
     pub result: Option<String>,
 }
 
-/// A job as the API shows it. The request's `env` values are never shown: they may be secrets.
+/// A job as the API shows it. The request's `env` values are never shown: they may be secrets; nor
+/// are the credentials of a repo URL (`repo` is `https://***@host/x.git`, `secrets::url`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,

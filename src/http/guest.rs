@@ -1,7 +1,8 @@
 //! The guest API: what a sandbox's guest may call, each call checked against a token scoped to
 //! one job. Nothing a guest sends is trusted: the handlers here parse, authorize and answer; the
 //! job's files (logs, artifacts, repository bundles), with their path confinement and size caps,
-//! are `crate::jobfiles`' work. Tokens are never logged.
+//! are `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same 401,
+//! which does not say whether the token was missing, unknown, of another kind, used or expired.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,9 +16,10 @@ use super::error::ApiError;
 use super::jobs::is_remote_repo;
 use super::ApiState;
 use crate::backend::GuestSink;
-use crate::jobfiles::{BundleSource, JobFiles};
+use crate::jobfiles::{BundleSource, JobFiles, JobMasker};
 use crate::model::{now_ms, Artifact};
 use crate::runner::spec::{JobSpec, RepoSpec};
+use crate::secrets::mask::Masker;
 use crate::store::TokenKind;
 
 /// Where the runner checks the repo out, inside the guest.
@@ -45,18 +47,22 @@ fn bearer(req: &HttpRequest) -> Option<String> {
     value.strip_prefix("Bearer ").map(|t| t.trim().to_owned())
 }
 
+fn refused() -> ApiError {
+    ApiError::Unauthorized("a valid token is required".into())
+}
+
 async fn redeem(
     state: &ApiState,
     token: Option<String>,
     kind: TokenKind,
 ) -> Result<String, ApiError> {
-    let token = token.ok_or_else(|| ApiError::Unauthorized("a bearer token is required".into()))?;
+    let token = token.ok_or_else(refused)?;
     state
         .svc
         .store
         .call(move |s| s.redeem_token(&token, kind))
         .await?
-        .ok_or_else(|| ApiError::Unauthorized("invalid, used or expired token".into()))
+        .ok_or_else(refused)
 }
 
 async fn session(state: &ApiState, req: &HttpRequest) -> Result<String, ApiError> {
@@ -155,14 +161,43 @@ async fn repo_bundle(
         .body(actix_web::body::SizedStream::new(bundle.size, body)))
 }
 
+/// The masker of the job's log, made from the job's secrets on its first post. Making one also
+/// drops those of jobs that have ended, whose guests post no more.
+async fn log_masker(state: &ApiState, job_id: &str) -> Result<JobMasker, ApiError> {
+    if let Some(masker) = state.log_masks.get(job_id) {
+        return Ok(masker);
+    }
+    let (id, tracked) = (job_id.to_owned(), state.log_masks.tracked());
+    let (request, ended) = state
+        .svc
+        .store
+        .call(move |s| {
+            let mut ended = Vec::new();
+            for other in tracked {
+                if s.get_job(&other)?.is_none_or(|j| j.status.is_terminal()) {
+                    ended.push(other);
+                }
+            }
+            Ok((s.job_request(&id)?, ended))
+        })
+        .await?;
+    state.log_masks.forget(&ended);
+    let secrets = request
+        .map(|r| crate::secrets::of_request(&r))
+        .unwrap_or_default();
+    Ok(state.log_masks.insert(job_id, Masker::new(secrets)))
+}
+
 async fn append_log(
     state: web::Data<ApiState>,
     req: HttpRequest,
     body: Bytes,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
+    let masker = log_masker(&state, &job_id).await?;
+    let mut masker = masker.lock().await;
     JobFiles::new(&state.svc.config)
-        .append_log(&job_id, &body)
+        .append_masked_log(&job_id, &mut masker, &body)
         .await?;
     Ok(HttpResponse::NoContent().finish())
 }
@@ -201,6 +236,7 @@ async fn done(
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
     let report = report.into_inner();
+    let masker = log_masker(&state, &job_id).await?;
     if !report.errors.is_empty() {
         let id = job_id.clone();
         let errors: Vec<String> = report
@@ -214,12 +250,21 @@ async fn done(
             report.uploaded,
             errors.join("; ")
         );
+        // The guest's words become an event: masked like its log.
+        let message =
+            String::from_utf8_lossy(&masker.lock().await.mask_all(message.as_bytes())).into_owned();
         let event = state
             .svc
             .store
             .call(move |s| s.add_event(&id, "artifacts", None, &message))
             .await?;
         state.svc.hub.publish(event);
+    }
+    // The guest posts no more output: what the masker held back goes to the log.
+    if let Some(masker) = state.log_masks.take(&job_id) {
+        JobFiles::new(&state.svc.config)
+            .finish_masked_log(&job_id, &mut *masker.lock().await)
+            .await?;
     }
     state.reports.uploads_done(&job_id).await;
     Ok(HttpResponse::NoContent().finish())

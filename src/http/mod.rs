@@ -1,6 +1,7 @@
 //! The daemon's HTTP servers: the control API on the Unix socket (mode 0660) and optionally on TCP
 //! behind a bearer token, the guest API on its own listener, and Prometheus metrics.
 
+mod control_token;
 pub mod error;
 pub mod guest;
 mod jobs;
@@ -26,6 +27,7 @@ use crate::actors::supervisor::Supervisor;
 use crate::actors::Services;
 use error::{json_error, path_error, query_error, ApiError};
 
+pub use control_token::{load_for as load_control_token, ControlToken};
 pub use jobs::{is_remote_repo, validate as validate_job_request};
 
 #[derive(Debug, thiserror::Error)]
@@ -47,12 +49,23 @@ pub enum HttpError {
     },
     #[error("socket group `{0}` does not exist")]
     UnknownGroup(String),
-    #[error("reading the control token {path}: {source}")]
+    #[error("reading the control token file {path}: {source}")]
     Token {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "the control token file {0} is empty: put a long random token in it \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    TokenEmpty(PathBuf),
+    #[error("the control token file {0} is too long to be a token")]
+    TokenTooLong(PathBuf),
+    #[error("the control token file {path} {reason}")]
+    TokenExposed { path: PathBuf, reason: String },
+    #[error("control_listen {0} needs control_token_file")]
+    TokenMissing(String),
 }
 
 /// What every handler shares.
@@ -64,6 +77,8 @@ pub struct ApiState {
     pub reports: guest::Reports,
     /// The repository bundles being made, so that each job's is made once.
     pub bundle_flights: crate::jobfiles::BundleFlights,
+    /// Each job's log masker, kept across the guest's log posts.
+    pub log_masks: crate::jobfiles::LogMasks,
     pub started: Instant,
     pub shutting_down: Arc<AtomicBool>,
 }
@@ -74,26 +89,28 @@ impl ApiState {
     }
 }
 
-/// The bearer token the TCP control listener requires.
+/// What a control listener asks of a request: nothing on the Unix socket (its mode and group
+/// guard it), the bearer token on TCP.
 #[derive(Debug, Clone)]
-struct ControlToken(Option<Arc<String>>);
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+enum ControlAuth {
+    Socket,
+    Bearer(Arc<ControlToken>),
 }
 
 async fn require_token(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
-    if let Some(ControlToken(Some(expected))) = req.app_data::<ControlToken>() {
+    if let Some(ControlAuth::Bearer(expected)) = req.app_data::<ControlAuth>() {
         let given = req
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(given.trim().as_bytes(), expected.as_bytes()) {
+            .map(str::trim);
+        // A missing and a wrong token get the same answer, which says nothing about the token.
+        let accepted = expected.matches(given.unwrap_or("").as_bytes()) && given.is_some();
+        if !accepted {
             return Err(ApiError::Unauthorized("a valid bearer token is required".into()).into());
         }
     }
@@ -182,7 +199,7 @@ fn spawn(running: actix_web::dev::Server) -> ServerHandle {
 
 fn serve_control(
     state: &web::Data<ApiState>,
-    token: ControlToken,
+    auth: ControlAuth,
     listen: &Listen,
 ) -> Result<ServerHandle, HttpError> {
     let state = state.clone();
@@ -190,7 +207,7 @@ fn serve_control(
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
-            .app_data(token.clone())
+            .app_data(auth.clone())
             .configure(|cfg| extractor_config(cfg, body_limit))
             .configure(system::routes)
             .configure(jobs::routes)
@@ -316,29 +333,29 @@ fn secure_socket(path: &Path, group: Option<&str>) -> Result<(), HttpError> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(fail)
 }
 
-/// Starts every configured server; the guest API on the listener `bind_guest` made.
+/// Starts every configured server; the guest API on the listener `bind_guest` made, the TCP
+/// control API (if `control_listen` is set) behind the token `load_control_token` read.
 pub fn start(
     state: &web::Data<ApiState>,
     guest: std::net::TcpListener,
+    control_token: Option<ControlToken>,
 ) -> Result<Servers, HttpError> {
     let config = Arc::clone(&state.svc.config);
     let mut servers = Servers::default();
     prepare_socket(&config.socket_path)?;
     servers.handles.push(serve_control(
         state,
-        ControlToken(None),
+        ControlAuth::Socket,
         &Listen::Unix(config.socket_path.clone()),
     )?);
     secure_socket(&config.socket_path, config.socket_group.as_deref())?;
-    if let (Some(addr), Some(token_file)) = (config.control_listen, &config.control_token_file) {
-        let token = std::fs::read_to_string(token_file).map_err(|source| HttpError::Token {
-            path: token_file.clone(),
-            source,
-        })?;
-        let token = ControlToken(Some(Arc::new(token.trim().to_owned())));
-        servers
-            .handles
-            .push(serve_control(state, token, &Listen::Tcp(addr))?);
+    if let Some(addr) = config.control_listen {
+        let token = control_token.ok_or_else(|| HttpError::TokenMissing(addr.to_string()))?;
+        servers.handles.push(serve_control(
+            state,
+            ControlAuth::Bearer(Arc::new(token)),
+            &Listen::Tcp(addr),
+        )?);
     }
     servers.handles.push(serve_guest(state, guest)?);
     if let Some(addr) = config.metrics_listen {

@@ -4,7 +4,8 @@
 //! (`tokio::fs` or `spawn_blocking`). HTTP handlers call it; they never touch these files.
 //!
 //! Layout (the folders come from the config, the per-job names from here):
-//! - `logs/JOB.log`: the job's stdout/stderr, appended by the guest, capped at `log_max_bytes`;
+//! - `logs/JOB.log`: the job's stdout/stderr, appended by the guest with the job's secrets masked
+//!   (`mask`), capped at `log_max_bytes`;
 //! - `artifacts/JOB/PATH`: each uploaded artifact, capped at `artifact_max_bytes` each, written to
 //!   `artifacts/.tmp/` first and renamed into place once complete;
 //! - `bundles/JOB/`: the git bundle of the job's host repository, made once on the guest's first
@@ -14,6 +15,7 @@
 mod artifacts;
 mod bundle;
 mod logs;
+mod mask;
 
 use std::path::{Path, PathBuf};
 
@@ -23,6 +25,7 @@ use crate::paths::join_confined;
 pub use artifacts::{ArtifactUpload, StoredArtifact};
 pub use bundle::{BundleFlights, BundleSource, RepoBundle};
 pub use logs::LogReader;
+pub use mask::{JobMasker, LogMasks};
 
 /// What can go wrong with a job's files. `PathNotConfined` and `TooLarge` are the caller's fault;
 /// the others are the host's.

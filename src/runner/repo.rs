@@ -157,31 +157,7 @@ fn path_arg(path: &Path) -> Result<&str, RunnerError> {
     })
 }
 
-/// `https://user:secret@host/x` → `https://***@host/x`, for messages.
-pub fn redact_url(text: &str) -> String {
-    let Some(scheme_end) = text.find("://") else {
-        return text.to_owned();
-    };
-    let rest = &text[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}://***{}", &text[..scheme_end], &rest[at..]),
-        None => text.to_owned(),
-    }
-}
-
-/// The credentials in a URL, so git's output can be masked for them.
-pub fn url_secrets(url: &str) -> Vec<String> {
-    let Some(scheme_end) = url.find("://") else {
-        return Vec::new();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => rest[..at].split(':').map(str::to_owned).collect(),
-        None => Vec::new(),
-    }
-}
+pub use crate::secrets::url::{redact_url, url_secrets};
 
 #[cfg(test)]
 mod tests {
@@ -304,17 +280,5 @@ mod tests {
             std::fs::read_to_string(tmp.path().join("keep.txt")).unwrap(),
             "mine"
         );
-    }
-
-    #[test]
-    fn redacts_credentials_in_urls() {
-        assert_eq!(
-            redact_url("https://user:tok3n@host/r.git"),
-            "https://***@host/r.git"
-        );
-        assert_eq!(redact_url("https://host/a@b"), "https://host/a@b");
-        assert_eq!(redact_url("--depth"), "--depth");
-        assert_eq!(url_secrets("https://user:tok3n@host/"), ["user", "tok3n"]);
-        assert!(url_secrets("https://host/").is_empty());
     }
 }

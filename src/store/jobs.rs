@@ -9,6 +9,7 @@ use super::events::insert_event;
 use super::paging::{JobCursor, Page};
 use super::{parse_column, Store, StoreError};
 use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
+use crate::secrets::url::redact_url;
 
 /// A job to insert: the request as validated, and what the daemon resolved for it.
 #[derive(Debug, Clone)]
@@ -61,7 +62,8 @@ fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         profile: request.profile,
         task: request.task,
         command: request.command,
-        repo: request.repo,
+        // The job as shown: a URL's credentials stay in the stored request, for the guest only.
+        repo: request.repo.as_deref().map(redact_url),
         git_ref: request.git_ref,
         env_keys: request.env.into_keys().collect(),
         artifacts: request.artifacts.unwrap_or_default(),

@@ -52,6 +52,47 @@ impl Daemon {
         extra: &str,
         envs: Vec<(String, String)>,
     ) -> Daemon {
+        let mut daemon = Daemon::configure(dir, backend, extra, envs);
+        daemon.spawn();
+        daemon
+    }
+
+    /// Writes the config as `start` does and runs the daemon expecting it to stop at start-up:
+    /// its exit status and its log (stderr).
+    pub fn start_expecting_failure(
+        dir: &Path,
+        backend: &str,
+        extra: &str,
+    ) -> (std::process::ExitStatus, String) {
+        let daemon = Daemon::configure(dir, backend, extra, Vec::new());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentlabd"))
+            .arg("--config")
+            .arg(&daemon.config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline || daemon.try_get("/health").is_some() {
+                child.kill().unwrap();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "agentlabd started when it should not have: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Writes the config for `backend` plus `extra` into `dir`; the daemon is not started.
+    fn configure(dir: &Path, backend: &str, extra: &str, envs: Vec<(String, String)>) -> Daemon {
         let config = dir.join("config.yaml");
         let socket = dir.join("agentlabd.sock");
         // A test that restarts the daemon under running VMs pins the guest port in `extra`.
@@ -74,7 +115,7 @@ impl Daemon {
             std::fs::create_dir_all(&tuning).unwrap();
             std::fs::write(tuning.join("default.yaml"), test_tuning()).unwrap();
         }
-        let mut daemon = Daemon {
+        Daemon {
             dir: dir.to_owned(),
             config,
             socket: socket.clone(),
@@ -85,9 +126,7 @@ impl Daemon {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-        };
-        daemon.spawn();
-        daemon
+        }
     }
 
     pub fn spawn(&mut self) {

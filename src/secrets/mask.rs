@@ -1,5 +1,6 @@
 //! Secret masking for the job's output. Every job env value of `MIN_SECRET_LEN` bytes or more is
-//! replaced by `***` before a byte of output leaves the guest.
+//! replaced by `***`: by the runner before a byte of output leaves the guest, and again by the
+//! daemon before a byte a guest posts is stored (a guest is untrusted and may not mask at all).
 //!
 //! The masker works on a byte stream, not on lines: it emits everything it can as soon as it
 //! arrives and holds back only a tail that could still be the start of a secret. A secret split
