@@ -274,6 +274,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         reports,
         started,
         shutting_down: Arc::clone(&shutting_down),
+        guest_files: crate::jobfiles::JobFiles::new(&config),
+        guest_limits: crate::http::guest_limits::GuestLimits::new(config.guest_requests_per_job),
     });
     let servers = crate::http::start(&state, guest_listener)?;
     tracing::info!(
