@@ -5,5 +5,7 @@
 
 mod common;
 
+#[path = "trust/guest_abuse.rs"]
+mod guest_abuse;
 #[path = "trust/guest_basics.rs"]
 mod guest_basics;

@@ -110,15 +110,9 @@ async fn hide_internal_errors(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
     let response = next.call(req).await?;
-    if response.status().is_server_error() {
-        let status = response.status();
-        let code = if status == actix_web::http::StatusCode::INTERNAL_SERVER_ERROR {
-            "internal"
-        } else {
-            "unavailable"
-        };
-        let generic = HttpResponse::build(status).json(serde_json::json!({
-            "error": {"code": code, "message": error::GUEST_INTERNAL_MESSAGE}
+    if response.status() == actix_web::http::StatusCode::INTERNAL_SERVER_ERROR {
+        let generic = HttpResponse::InternalServerError().json(serde_json::json!({
+            "error": {"code": "internal", "message": error::GUEST_INTERNAL_MESSAGE}
         }));
         let (req, _) = response.into_parts();
         return Ok(ServiceResponse::new(req, generic).map_into_right_body());
