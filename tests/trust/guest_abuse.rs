@@ -337,6 +337,11 @@ fn escaping_and_symlinked_artifact_paths_are_refused_and_nothing_outside_is_writ
         daemon.get_bytes(&format!("/v1/jobs/{id}/artifacts/out/result.txt")),
         b"42"
     );
+    // Decoded once, exactly: the runner's encoding of `100% done.txt` names that file.
+    let encoded = guest.put_artifact(&token, "out/100%25%20done.txt", b"%".to_vec());
+    assert_eq!(encoded.status, 201, "{}", encoded.text);
+    assert_eq!(encoded.json["path"], "out/100% done.txt");
+    assert!(job_dir.join("out/100% done.txt").is_file());
     completes(&daemon, &guest, &id, &token);
 }
 
