@@ -284,6 +284,8 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         log_masks: Default::default(),
         started,
         shutting_down: Arc::clone(&shutting_down),
+        guest_files: crate::jobfiles::JobFiles::new(&config),
+        guest_limits: crate::http::guest_limits::GuestLimits::new(config.guest_requests_per_job),
     });
     let servers = crate::http::start(&state, guest_listener, control_token)?;
     tracing::info!(

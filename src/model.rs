@@ -356,6 +356,13 @@ pub struct Artifact {
     pub created_at_ms: i64,
 }
 
+/// How much of a job's artifact quota its stored artifacts use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArtifactUsage {
+    pub files: u64,
+    pub bytes: u64,
+}
+
 pub fn now_ms() -> i64 {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -7,6 +7,8 @@ mod common;
 
 #[path = "trust/control.rs"]
 mod control;
+#[path = "trust/guest_abuse.rs"]
+mod guest_abuse;
 #[path = "trust/guest_basics.rs"]
 mod guest_basics;
 #[path = "trust/repos.rs"]

@@ -122,12 +122,22 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub provisioning_timeout: Duration,
     pub artifact_token_ttl_minutes: u64,
+    /// Cap on one artifact.
     pub artifact_max_bytes: u64,
     /// Folders on this host under which a job's local `repo` must lie (absolute, existing; the
     /// check resolves symlinks). Empty: no job may use a repository on this host.
     pub repo_roots: Vec<PathBuf>,
+    /// Cap on all of a job's artifacts together; past it uploads get 413 and the job goes on.
+    pub artifact_job_max_bytes: u64,
+    /// How many artifacts a job may store.
+    pub artifact_max_files: u64,
     /// Cap on a job's stored stdout/stderr.
     pub log_max_bytes: u64,
+    /// How many guest API requests one job may have in flight; past it, 429 at once.
+    pub guest_requests_per_job: usize,
+    /// How long the guest API waits for the next piece of a request body before giving up (408).
+    #[serde(with = "humantime_serde")]
+    pub guest_body_timeout: Duration,
     /// Cap on control API request bodies.
     pub request_max_bytes: usize,
     pub log_format: LogFormat,
@@ -167,7 +177,11 @@ impl Default for Config {
             artifact_token_ttl_minutes: 1440,
             artifact_max_bytes: 256 * 1024 * 1024,
             repo_roots: Vec::new(),
+            artifact_job_max_bytes: 1024 * 1024 * 1024,
+            artifact_max_files: 1000,
             log_max_bytes: 64 * 1024 * 1024,
+            guest_requests_per_job: 8,
+            guest_body_timeout: Duration::from_secs(30),
             request_max_bytes: 1024 * 1024,
             log_format: LogFormat::Text,
             shutdown_grace: Duration::from_secs(20),
@@ -257,10 +271,20 @@ impl Config {
                 "is required when control_listen is set (the TCP API needs a bearer token)",
             ));
         }
-        if self.artifact_max_bytes == 0 {
+        for (key, value) in [
+            ("artifact_max_bytes", self.artifact_max_bytes),
+            ("artifact_job_max_bytes", self.artifact_job_max_bytes),
+            ("artifact_max_files", self.artifact_max_files),
+            ("guest_requests_per_job", self.guest_requests_per_job as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::invalid(path, key, "must be above 0"));
+            }
+        }
+        if self.guest_body_timeout.is_zero() {
             return Err(ConfigError::invalid(
                 path,
-                "artifact_max_bytes",
+                "guest_body_timeout",
                 "must be above 0",
             ));
         }
@@ -412,6 +436,10 @@ mod tests {
         assert_eq!(config.provisioning_timeout, Duration::from_secs(600));
         assert_eq!(config.artifact_token_ttl_minutes, 1440);
         assert_eq!(config.artifact_max_bytes, 268_435_456);
+        assert_eq!(config.artifact_job_max_bytes, 1 << 30);
+        assert_eq!(config.artifact_max_files, 1000);
+        assert_eq!(config.guest_requests_per_job, 8);
+        assert_eq!(config.guest_body_timeout, Duration::from_secs(30));
         assert_eq!(
             config.metrics_listen,
             Some("127.0.0.1:8847".parse().unwrap())
@@ -517,6 +545,20 @@ mod tests {
             Config::load(&file).unwrap().repo_roots,
             [dir.path().to_path_buf()]
         );
+    }
+
+    #[test]
+    fn guest_quotas_and_limits_must_be_above_zero() {
+        for key in [
+            "artifact_job_max_bytes: 0",
+            "artifact_max_files: 0",
+            "guest_requests_per_job: 0",
+            "guest_body_timeout: 0s",
+        ] {
+            let err = parse(&format!("{key}\n")).unwrap_err().to_string();
+            let name = key.split(':').next().unwrap();
+            assert!(err.contains(&format!("key `{name}`")), "{key}: {err}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The API's error type: every failure leaves as `{"error": {"code", "message"}}` with the matching
-//! status code, whatever the route.
+//! status code, whatever the route. On the guest listener the message of a server error is replaced
+//! (the host's side of a failure, its paths, git's or SQLite's words, stays in the daemon's log).
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -25,6 +26,10 @@ pub enum ApiError {
     #[error("{0}")]
     QueueFull(String),
     #[error("{0}")]
+    TooManyRequests(String),
+    #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{0}")]
     Unauthorized(String),
     #[error("{0}")]
     ShuttingDown(String),
@@ -42,6 +47,8 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::QueueFull(_) => "queue_full",
+            ApiError::TooManyRequests(_) => "too_many_requests",
+            ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::ShuttingDown(_) => "shutting_down",
             ApiError::Internal(_) => "internal",
@@ -63,7 +70,8 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueueFull(_) | ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -95,7 +103,8 @@ impl From<JobFilesError> for ApiError {
             JobFilesError::PathNotConfined(_) | JobFilesError::Incomplete(_) => {
                 ApiError::BadRequest(err.to_string())
             }
-            JobFilesError::TooLarge { .. } => ApiError::PayloadTooLarge(err.to_string()),
+            JobFilesError::PathConflict(_) => ApiError::Conflict(err.to_string()),
+            JobFilesError::OverQuota { .. } => ApiError::PayloadTooLarge(err.to_string()),
             // Already logged where the bundle was made; these messages name no host path.
             JobFilesError::BundleRefused(message) => ApiError::Conflict(message),
             JobFilesError::BundleUnavailable(message) => ApiError::Internal(message),
@@ -107,6 +116,9 @@ impl From<JobFilesError> for ApiError {
         }
     }
 }
+
+/// What a guest reads for any internal error (see `hide_internal_errors` in `super`).
+pub const GUEST_INTERNAL_MESSAGE: &str = "internal error; the daemon's log has the details";
 
 /// Turns actix's body and JSON errors into API errors with a clear message.
 pub fn json_error(err: actix_web::error::JsonPayloadError) -> ApiError {

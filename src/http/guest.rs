@@ -1,23 +1,31 @@
 //! The guest API: what a sandbox's guest may call, each call checked against a token scoped to
 //! one job. Nothing a guest sends is trusted: the handlers here parse, authorize and answer; the
-//! job's files (logs, artifacts, repository bundles), with their path confinement and size caps,
-//! are `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same 401,
-//! which does not say whether the token was missing, unknown, of another kind, used or expired.
+//! job's files (logs, artifacts, repository bundles), with their path confinement, size caps and
+//! quotas, are `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same
+//! 401, which does not say whether the token was missing, unknown, of another kind, used or expired.
+//!
+//! Under abuse: once the token names the job, a request takes one of the job's permits
+//! (`guest_limits`; none left: 429 at once); request bodies are read here, after that, each piece
+//! awaited at most `guest_body_timeout` (408 past it); a quota reached answers 413 and records an
+//! event on the job, once per quota, and the job goes on. Internal errors reach the guest without
+//! their detail (the guest listener's middleware in `super`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use actix_web::web::Bytes;
+use actix_web::web::{Bytes, BytesMut};
 use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::guest_limits::RequestPermit;
 use super::jobs::is_remote_repo;
 use super::ApiState;
 use crate::backend::GuestSink;
-use crate::jobfiles::{BundleSource, JobFiles, JobMasker};
-use crate::model::{now_ms, Artifact};
+use crate::jobfiles::{BundleSource, JobFilesError, JobMasker, LogAppend, Quota};
+use crate::model::{now_ms, Artifact, ArtifactUsage};
 use crate::runner::spec::{JobSpec, RepoSpec};
 use crate::secrets::mask::Masker;
 use crate::store::TokenKind;
@@ -26,11 +34,15 @@ use crate::store::TokenKind;
 const GUEST_WORKDIR: &str = "/work/repo";
 /// The runner's own command timeout is a backstop behind the daemon's run-phase timeout.
 const RUNNER_TIMEOUT_SLACK_SECONDS: u64 = 30;
+/// Cap on one log post's body.
 const LOG_REQUEST_MAX: usize = 4 * 1024 * 1024;
+/// Cap on the JSON bodies (exit, done).
+const JSON_REQUEST_MAX: usize = 64 * 1024;
+/// The kind of the events that say a job reached a quota.
+const QUOTA_EVENT: &str = "quota";
 
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(web::PayloadConfig::new(LOG_REQUEST_MAX))
-        .route("/guest/v1/phone-home/{token}", web::post().to(phone_home))
+    cfg.route("/guest/v1/phone-home/{token}", web::post().to(phone_home))
         .route("/guest/v1/bootstrap", web::post().to(bootstrap))
         .route("/guest/v1/repo.bundle", web::get().to(repo_bundle))
         .route("/guest/v1/log", web::post().to(append_log))
@@ -67,6 +79,103 @@ async fn redeem(
 
 async fn session(state: &ApiState, req: &HttpRequest) -> Result<String, ApiError> {
     redeem(state, bearer(req), TokenKind::Session).await
+}
+
+/// One of the job's request permits, held for the rest of the request.
+fn admit<'a>(state: &'a ApiState, job_id: &str) -> Result<RequestPermit<'a>, ApiError> {
+    state.guest_limits.admit(job_id).ok_or_else(|| {
+        ApiError::TooManyRequests(format!(
+            "job {job_id} already has {} guest requests in flight, as many as \
+             guest_requests_per_job allows; send this one again once one has ended",
+            state.guest_limits.per_job()
+        ))
+    })
+}
+
+/// The next piece of a request body, waiting at most `guest_body_timeout` for it.
+async fn next_chunk(
+    state: &ApiState,
+    payload: &mut web::Payload,
+) -> Result<Option<Bytes>, ApiError> {
+    let limit = state.svc.config.guest_body_timeout;
+    match tokio::time::timeout(limit, payload.next()).await {
+        Ok(None) => Ok(None),
+        Ok(Some(Ok(chunk))) => Ok(Some(chunk)),
+        Ok(Some(Err(err))) => Err(ApiError::BadRequest(format!(
+            "the request body was interrupted: {err}"
+        ))),
+        Err(_) => Err(ApiError::RequestTimeout(format!(
+            "no part of the request body came for {}; the request was given up",
+            humantime::format_duration(limit)
+        ))),
+    }
+}
+
+/// A whole request body of at most `max` bytes.
+async fn read_body(
+    state: &ApiState,
+    req: &HttpRequest,
+    payload: &mut web::Payload,
+    max: usize,
+) -> Result<BytesMut, ApiError> {
+    let too_large =
+        || ApiError::PayloadTooLarge(format!("request body is over the {max}-byte limit"));
+    if declared_length(req).is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = next_chunk(state, payload).await? {
+        if body.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+async fn read_json<T: DeserializeOwned>(
+    state: &ApiState,
+    req: &HttpRequest,
+    payload: &mut web::Payload,
+) -> Result<T, ApiError> {
+    let body = read_body(state, req, payload, JSON_REQUEST_MAX).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidJson(format!("invalid JSON body: {e}")))
+}
+
+fn declared_length(req: &HttpRequest) -> Option<u64> {
+    req.headers()
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// Records that the job reached `quota`, once per job and quota however often it happens. A
+/// failure to record it is logged: the guest still gets its 413.
+async fn report_quota(state: &ApiState, job_id: &str, quota: Quota) {
+    let id = job_id.to_owned();
+    let message = quota.event_message();
+    match state
+        .svc
+        .store
+        .call(move |s| s.add_event_once(&id, QUOTA_EVENT, &message))
+        .await
+    {
+        Ok(Some(event)) => {
+            tracing::info!(job = %job_id, %quota, "a guest reached a quota");
+            state.svc.hub.publish(event);
+        }
+        Ok(None) => {}
+        Err(err) => tracing::warn!(job = %job_id, %err, "recording a quota event failed"),
+    }
+}
+
+/// The answer to a job-files error, with the quota event when it was one.
+async fn files_error(state: &ApiState, job_id: &str, err: JobFilesError) -> ApiError {
+    if let JobFilesError::OverQuota { quota, .. } = &err {
+        report_quota(state, job_id, *quota).await;
+    }
+    err.into()
 }
 
 async fn phone_home(
@@ -136,6 +245,7 @@ async fn repo_bundle(
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
+    let _permit = admit(&state, &job_id)?;
     let id = job_id.clone();
     let request = state.svc.store.call(move |s| s.job_request(&id)).await?;
     let (repo, git_ref) = request
@@ -149,7 +259,8 @@ async fn repo_bundle(
         git_ref,
         repo_roots: state.svc.config.repo_roots.clone(),
     };
-    let bundle = JobFiles::new(&state.svc.config)
+    let bundle = state
+        .guest_files
         .repo_bundle(&state.bundle_flights, &job_id, source)
         .await?;
     let body = tokio_util::io::ReaderStream::with_capacity(
@@ -191,15 +302,27 @@ async fn log_masker(state: &ApiState, job_id: &str) -> Result<JobMasker, ApiErro
 async fn append_log(
     state: web::Data<ApiState>,
     req: HttpRequest,
-    body: Bytes,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
+    let _permit = admit(&state, &job_id)?;
+    let body = read_body(&state, &req, &mut payload, LOG_REQUEST_MAX).await?;
     let masker = log_masker(&state, &job_id).await?;
     let mut masker = masker.lock().await;
-    JobFiles::new(&state.svc.config)
+    match state
+        .guest_files
         .append_masked_log(&job_id, &mut masker, &body)
-        .await?;
-    Ok(HttpResponse::NoContent().finish())
+        .await
+    {
+        Ok(LogAppend::Stored) => Ok(HttpResponse::NoContent().finish()),
+        Ok(LogAppend::CapReached(quota) | LogAppend::Full(quota)) => {
+            report_quota(&state, &job_id, quota).await;
+            Err(ApiError::PayloadTooLarge(format!(
+                "the job's log reached {quota}: this output and any later is not stored"
+            )))
+        }
+        Err(err) => Err(files_error(&state, &job_id, err).await),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -211,9 +334,11 @@ struct ExitReport {
 async fn exit(
     state: web::Data<ApiState>,
     req: HttpRequest,
-    report: web::Json<ExitReport>,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
+    let _permit = admit(&state, &job_id)?;
+    let report: ExitReport = read_json(&state, &req, &mut payload).await?;
     state
         .reports
         .command_exited(&job_id, report.exit_code)
@@ -232,10 +357,11 @@ struct DoneReport {
 async fn done(
     state: web::Data<ApiState>,
     req: HttpRequest,
-    report: web::Json<DoneReport>,
+    mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
-    let report = report.into_inner();
+    let _permit = admit(&state, &job_id)?;
+    let report: DoneReport = read_json(&state, &req, &mut payload).await?;
     let masker = log_masker(&state, &job_id).await?;
     if !report.errors.is_empty() {
         let id = job_id.clone();
@@ -262,39 +388,80 @@ async fn done(
     }
     // The guest posts no more output: what the masker held back goes to the log.
     if let Some(masker) = state.log_masks.take(&job_id) {
-        JobFiles::new(&state.svc.config)
+        // Past the log cap the tail is dropped like any other output.
+        if let Err(err) = state
+            .guest_files
             .finish_masked_log(&job_id, &mut *masker.lock().await)
-            .await?;
+            .await
+        {
+            return Err(files_error(&state, &job_id, err).await);
+        }
     }
     state.reports.uploads_done(&job_id).await;
     Ok(HttpResponse::NoContent().finish())
 }
 
+/// How much the job's artifacts other than `relative` use of its quota.
+async fn artifact_usage(
+    state: &ApiState,
+    job_id: &str,
+    relative: &str,
+) -> Result<ArtifactUsage, ApiError> {
+    let (id, path) = (job_id.to_owned(), relative.to_owned());
+    Ok(state
+        .svc
+        .store
+        .call(move |s| s.artifact_usage(&id, &path))
+        .await?)
+}
+
+/// `relative` comes fully percent-decoded (`web::Path` decodes what the router leaves encoded,
+/// `%2F` and `%25` among them), so `%2e%2e%2F` is `../` by the time it is checked.
 async fn upload_artifact(
     state: web::Data<ApiState>,
     req: HttpRequest,
+    relative: web::Path<String>,
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let job_id = session(&state, &req).await?;
-    let relative = req.match_info().query("path").to_owned();
-    let declared = req
-        .headers()
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    let mut upload =
-        JobFiles::new(&state.svc.config).start_artifact(&job_id, &relative, declared)?;
-    while let Some(chunk) = payload.next().await {
-        let written = match chunk {
-            Ok(chunk) => upload.write(&chunk).await.map_err(ApiError::from),
-            Err(err) => Err(ApiError::BadRequest(format!("upload interrupted: {err}"))),
+    let _permit = admit(&state, &job_id)?;
+    let relative = relative.into_inner();
+    let files = &state.guest_files;
+    let usage = artifact_usage(&state, &job_id, &relative).await?;
+    let mut upload = match files
+        .start_artifact(&job_id, &relative, declared_length(&req), usage)
+        .await
+    {
+        Ok(upload) => upload,
+        Err(err) => return Err(files_error(&state, &job_id, err).await),
+    };
+    loop {
+        let chunk = match next_chunk(&state, &mut payload).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => break,
+            Err(err) => {
+                upload.abort().await;
+                return Err(err);
+            }
         };
-        if let Err(err) = written {
+        if let Err(err) = upload.write(&chunk).await {
+            upload.abort().await;
+            return Err(files_error(&state, &job_id, err).await);
+        }
+    }
+    // From here to the record, the job's other uploads wait: the quota check holds for all.
+    let turn = files.artifact_turn(&job_id).await;
+    let usage = match artifact_usage(&state, &job_id, &relative).await {
+        Ok(usage) => usage,
+        Err(err) => {
             upload.abort().await;
             return Err(err);
         }
-    }
-    let stored = upload.commit().await?;
+    };
+    let stored = match upload.commit(&turn, usage).await {
+        Ok(stored) => stored,
+        Err(err) => return Err(files_error(&state, &job_id, err).await),
+    };
     let artifact = Artifact {
         job_id: job_id.clone(),
         path: relative,
@@ -308,6 +475,7 @@ async fn upload_artifact(
         .store
         .call(move |s| s.record_artifact(&record))
         .await?;
+    drop(turn);
     Ok(HttpResponse::Created().json(artifact))
 }
 

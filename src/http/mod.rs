@@ -4,6 +4,7 @@
 mod control_token;
 pub mod error;
 pub mod guest;
+pub mod guest_limits;
 mod jobs;
 mod paging;
 mod sandboxes;
@@ -17,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use actix::Addr;
-use actix_web::body::MessageBody;
+use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpResponse, HttpServer};
@@ -81,6 +82,10 @@ pub struct ApiState {
     pub log_masks: crate::jobfiles::LogMasks,
     pub started: Instant,
     pub shutting_down: Arc<AtomicBool>,
+    /// The job files the guest API writes: one instance, whose per-job locks keep the caps.
+    pub guest_files: crate::jobfiles::JobFiles,
+    /// How many guest requests each job has in flight.
+    pub guest_limits: guest_limits::GuestLimits,
 }
 
 impl ApiState {
@@ -115,6 +120,23 @@ async fn require_token(
         }
     }
     next.call(req).await
+}
+
+/// On the guest listener, an internal error leaves without its message: the daemon's log has it
+/// (`ApiError::internal` logged it), the guest learns nothing of the host (paths, git, SQLite).
+async fn hide_internal_errors(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let response = next.call(req).await?;
+    if response.status() == actix_web::http::StatusCode::INTERNAL_SERVER_ERROR {
+        let generic = HttpResponse::InternalServerError().json(serde_json::json!({
+            "error": {"code": "internal", "message": error::GUEST_INTERNAL_MESSAGE}
+        }));
+        let (req, _) = response.into_parts();
+        return Ok(ServiceResponse::new(req, generic).map_into_right_body());
+    }
+    Ok(response.map_into_left_body())
 }
 
 async fn time_request(
@@ -244,6 +266,7 @@ fn serve_guest(
             .configure(|cfg| extractor_config(cfg, 64 * 1024))
             .configure(guest::routes)
             .default_service(web::to(no_route))
+            .wrap(from_fn(hide_internal_errors))
             .wrap(from_fn(time_request))
     })
     .workers(2)

@@ -6,17 +6,31 @@ use std::path::PathBuf;
 
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{JobFiles, JobFilesError};
+use super::{JobFiles, JobFilesError, Quota};
 
 /// How much one read of a followed log returns at most.
 const LOG_CHUNK: usize = 64 * 1024;
 
+/// What became of an append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogAppend {
+    /// All of it is in the log.
+    Stored,
+    /// This append reached the cap: what fitted is in the log, then the truncation notice.
+    CapReached(Quota),
+    /// The log was already full (its notice written): nothing was stored.
+    Full(Quota),
+}
+
 impl JobFiles {
-    /// Appends to the job's log. Past `log_max_bytes` the rest is dropped, once with a notice.
-    pub async fn append_log(&self, job_id: &str, bytes: &[u8]) -> Result<(), JobFilesError> {
+    /// Appends to the job's log, up to `log_max_bytes`: the append that reaches the cap stores
+    /// what fits and the truncation notice, the later ones store nothing. Appends to one job's
+    /// log take turns, so the size read before writing is still the size when writing.
+    pub async fn append_log(&self, job_id: &str, bytes: &[u8]) -> Result<LogAppend, JobFilesError> {
         let path = self.log_path(job_id);
         let cap = self.limits.log_max_bytes;
         let fail = |what: &str| JobFilesError::io(format!("{what} {}", path.display()));
+        let _turn = self.log_appends.lock(job_id).await;
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir)
                 .await
@@ -29,12 +43,14 @@ impl JobFiles {
             .await
             .map_err(fail("opening"))?;
         let written = file.metadata().await.map_err(fail("reading"))?.len();
-        if written >= cap {
-            return Ok(());
+        // Only the notice takes a log past its cap.
+        if written > cap {
+            return Ok(LogAppend::Full(Quota::Log(cap)));
         }
         let room = usize::try_from(cap - written).unwrap_or(usize::MAX);
-        if bytes.len() <= room {
+        let outcome = if bytes.len() <= room {
             file.write_all(bytes).await.map_err(fail("writing"))?;
+            LogAppend::Stored
         } else {
             file.write_all(&bytes[..room])
                 .await
@@ -42,8 +58,10 @@ impl JobFiles {
             file.write_all(format!("\n[agentlab: log truncated at {cap} bytes]\n").as_bytes())
                 .await
                 .map_err(fail("writing"))?;
-        }
-        file.flush().await.map_err(fail("writing"))
+            LogAppend::CapReached(Quota::Log(cap))
+        };
+        file.flush().await.map_err(fail("writing"))?;
+        Ok(outcome)
     }
 
     /// The job's log from `offset` to its current end; empty if the job has no log yet.
@@ -111,7 +129,8 @@ impl LogReader {
 #[cfg(test)]
 mod tests {
     use super::super::tests::{files, ROOMY};
-    use super::super::Limits;
+    use super::super::{Limits, Quota};
+    use super::LogAppend;
 
     #[tokio::test]
     async fn appends_and_reads_from_an_offset() {
@@ -130,11 +149,79 @@ mod tests {
             log_max_bytes: 10,
             ..ROOMY
         });
-        files.append_log("j1", b"0123456").await.unwrap();
-        files.append_log("j1", b"789abcdef").await.unwrap();
-        files.append_log("j1", b"more").await.unwrap();
+        let cap = Quota::Log(10);
+        assert_eq!(
+            files.append_log("j1", b"0123456").await.unwrap(),
+            LogAppend::Stored
+        );
+        assert_eq!(
+            files.append_log("j1", b"789abcdef").await.unwrap(),
+            LogAppend::CapReached(cap)
+        );
+        assert_eq!(
+            files.append_log("j1", b"more").await.unwrap(),
+            LogAppend::Full(cap)
+        );
         let text = String::from_utf8(files.read_log("j1", 0).await.unwrap()).unwrap();
         assert_eq!(text, "0123456789\n[agentlab: log truncated at 10 bytes]\n");
+    }
+
+    #[tokio::test]
+    async fn a_log_filled_exactly_gets_its_notice_with_the_next_append() {
+        let (_dir, files) = files(Limits {
+            log_max_bytes: 4,
+            ..ROOMY
+        });
+        assert_eq!(
+            files.append_log("j1", b"abcd").await.unwrap(),
+            LogAppend::Stored
+        );
+        assert_eq!(
+            files.append_log("j1", b"e").await.unwrap(),
+            LogAppend::CapReached(Quota::Log(4))
+        );
+        let text = String::from_utf8(files.read_log("j1", 0).await.unwrap()).unwrap();
+        assert_eq!(text, "abcd\n[agentlab: log truncated at 4 bytes]\n");
+    }
+
+    /// Many appends at once, each of whole lines: the cap holds, exactly one reaches it, and no
+    /// append is split by another.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_appends_hold_the_cap_and_reach_it_once() {
+        let (_dir, files) = files(Limits {
+            log_max_bytes: 1000,
+            ..ROOMY
+        });
+        let tasks: Vec<_> = (0..50u8)
+            .map(|i| {
+                let files = files.clone();
+                tokio::spawn(async move {
+                    let line = vec![b'a' + i % 26; 99]
+                        .into_iter()
+                        .chain([b'\n'])
+                        .collect::<Vec<_>>();
+                    files.append_log("j1", &line).await.unwrap()
+                })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        let stored = outcomes.iter().filter(|o| **o == LogAppend::Stored).count();
+        let reached = outcomes
+            .iter()
+            .filter(|o| matches!(o, LogAppend::CapReached(_)))
+            .count();
+        assert_eq!((stored, reached), (10, 1), "{outcomes:?}");
+        let text = String::from_utf8(files.read_log("j1", 0).await.unwrap()).unwrap();
+        let (body, notice) = text.split_at(1000);
+        assert_eq!(notice, "\n[agentlab: log truncated at 1000 bytes]\n");
+        for line in body.lines() {
+            assert_eq!(line.len(), 99, "{line:?}");
+            assert!(line.bytes().all(|b| b == line.as_bytes()[0]), "{line:?}");
+        }
+        assert_eq!(files.log_appends.len(), 0);
     }
 
     #[tokio::test]

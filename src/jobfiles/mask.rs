@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use super::{JobFiles, JobFilesError};
+use super::{JobFiles, JobFilesError, LogAppend};
 use crate::secrets::mask::Masker;
 
 /// One job's masker, locked for the whole of a post: a job's posts are masked and appended one at
@@ -69,7 +69,7 @@ impl JobFiles {
         job_id: &str,
         masker: &mut Masker,
         bytes: &[u8],
-    ) -> Result<(), JobFilesError> {
+    ) -> Result<LogAppend, JobFilesError> {
         let mut out = Vec::with_capacity(bytes.len());
         masker.push(bytes, &mut out);
         self.append_log(job_id, &out).await
@@ -80,11 +80,11 @@ impl JobFiles {
         &self,
         job_id: &str,
         masker: &mut Masker,
-    ) -> Result<(), JobFilesError> {
+    ) -> Result<LogAppend, JobFilesError> {
         let mut out = Vec::new();
         masker.finish(&mut out);
         if out.is_empty() {
-            return Ok(());
+            return Ok(LogAppend::Stored);
         }
         self.append_log(job_id, &out).await
     }

@@ -6,35 +6,88 @@
 //! Layout (the folders come from the config, the per-job names from here):
 //! - `logs/JOB.log`: the job's stdout/stderr, appended by the guest with the job's secrets masked
 //!   (`mask`), capped at `log_max_bytes`;
-//! - `artifacts/JOB/PATH`: each uploaded artifact, capped at `artifact_max_bytes` each, written to
-//!   `artifacts/.tmp/` first and renamed into place once complete;
+//! - `artifacts/JOB/PATH`: each uploaded artifact, capped at `artifact_max_bytes` each and, for
+//!   the job, at `artifact_job_max_bytes` and `artifact_max_files` in all; written to
+//!   `artifacts/.tmp/` first and renamed into place once complete, never through a symlink;
 //! - `bundles/JOB/`: the git bundle of the job's host repository, made once on the guest's first
 //!   request and removed when the job ends (or why it could not be made);
 //! - `tmp/`: scratch for making bundles (a bare repository per bundle, removed once done).
+//!
+//! Appends to one job's log, and commits of one job's artifacts, take turns (a per-job lock held
+//! by this `JobFiles` and its clones), so the caps hold however many requests a guest sends at
+//! once: the daemon keeps one `JobFiles` for the guest API.
 
 mod artifacts;
 mod bundle;
+mod locks;
 mod logs;
 mod mask;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::config::Config;
 use crate::paths::join_confined;
 
 pub use artifacts::{ArtifactUpload, StoredArtifact};
 pub use bundle::{BundleFlights, BundleSource, RepoBundle};
-pub use logs::LogReader;
+pub use logs::{LogAppend, LogReader};
 pub use mask::{JobMasker, LogMasks};
 
-/// What can go wrong with a job's files. `PathNotConfined` and `TooLarge` are the caller's fault;
-/// the others are the host's.
+/// A per-job cap a guest reached. The request that meets it is refused (413) and the job goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// `artifact_max_bytes`: one artifact.
+    ArtifactSize(u64),
+    /// `artifact_job_max_bytes`: all of a job's artifacts together.
+    ArtifactTotal(u64),
+    /// `artifact_max_files`: how many artifacts a job may store.
+    ArtifactFiles(u64),
+    /// `log_max_bytes`: the job's stored output.
+    Log(u64),
+}
+
+impl std::fmt::Display for Quota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quota::ArtifactSize(n) => {
+                write!(f, "the {n}-byte limit on one artifact (artifact_max_bytes)")
+            }
+            Quota::ArtifactTotal(n) => {
+                write!(
+                    f,
+                    "the {n}-byte limit on a job's artifacts in all (artifact_job_max_bytes)"
+                )
+            }
+            Quota::ArtifactFiles(n) => {
+                write!(f, "the limit of {n} artifacts per job (artifact_max_files)")
+            }
+            Quota::Log(n) => write!(f, "the {n}-byte limit on a job's log (log_max_bytes)"),
+        }
+    }
+}
+
+impl Quota {
+    /// The job's event saying the quota was reached: the same text every time, so that the
+    /// store records it once per job however often the guest runs into it.
+    pub fn event_message(&self) -> String {
+        match self {
+            Quota::Log(_) => format!("the log reached {self}; later output is refused"),
+            _ => format!("an artifact upload was refused: it would go past {self}"),
+        }
+    }
+}
+
+/// What can go wrong with a job's files. `PathNotConfined`, `PathConflict`, `OverQuota` and
+/// `Incomplete` are the caller's fault; the others are the host's.
 #[derive(Debug, thiserror::Error)]
 pub enum JobFilesError {
-    #[error("artifact path `{0}` must be relative, without `..`")]
+    #[error("artifact path `{0}` must be relative, without `..`, and not through a symlink")]
     PathNotConfined(String),
-    #[error("{what} is over the {limit}-byte limit")]
-    TooLarge { what: String, limit: u64 },
+    #[error("artifact path `{0}` clashes with another artifact (a file where a folder is, or the reverse)")]
+    PathConflict(String),
+    #[error("{what} would go past {quota}")]
+    OverQuota { what: String, quota: Quota },
     #[error("upload of `{0}` ended before it was complete")]
     Incomplete(String),
     #[error("git bundle timed out after {seconds} s")]
@@ -73,11 +126,16 @@ impl JobFilesError {
 pub struct Limits {
     /// Cap on one artifact.
     pub artifact_max_bytes: u64,
+    /// Cap on all of a job's artifacts together.
+    pub artifact_job_max_bytes: u64,
+    /// How many artifacts a job may store.
+    pub artifact_max_files: u64,
     /// Cap on a job's stored log; past it the log ends with a truncation notice.
     pub log_max_bytes: u64,
 }
 
-/// Where a daemon's job files live and how large they may grow. Cheap to build: it holds paths.
+/// Where a daemon's job files live and how large they may grow. Cheap to build (paths and two
+/// empty lock maps); clones share the locks.
 #[derive(Debug, Clone)]
 pub struct JobFiles {
     logs: PathBuf,
@@ -85,6 +143,8 @@ pub struct JobFiles {
     bundles: PathBuf,
     scratch: PathBuf,
     limits: Limits,
+    log_appends: Arc<locks::JobLocks>,
+    artifact_commits: Arc<locks::JobLocks>,
 }
 
 impl JobFiles {
@@ -96,8 +156,12 @@ impl JobFiles {
             scratch: config.data_dir.join("tmp"),
             limits: Limits {
                 artifact_max_bytes: config.artifact_max_bytes,
+                artifact_job_max_bytes: config.artifact_job_max_bytes,
+                artifact_max_files: config.artifact_max_files,
                 log_max_bytes: config.log_max_bytes,
             },
+            log_appends: Arc::default(),
+            artifact_commits: Arc::default(),
         }
     }
 
@@ -109,6 +173,8 @@ impl JobFiles {
             bundles: data_dir.join("bundles"),
             scratch: data_dir.join("tmp"),
             limits,
+            log_appends: Arc::default(),
+            artifact_commits: Arc::default(),
         }
     }
 
@@ -171,6 +237,8 @@ pub(crate) mod tests {
 
     pub(crate) const ROOMY: Limits = Limits {
         artifact_max_bytes: 1 << 20,
+        artifact_job_max_bytes: 1 << 30,
+        artifact_max_files: 1000,
         log_max_bytes: 1 << 20,
     };
 
@@ -179,6 +247,8 @@ pub(crate) mod tests {
         let config = Config {
             data_dir: PathBuf::from("/srv/agentlab"),
             artifact_max_bytes: 7,
+            artifact_job_max_bytes: 8,
+            artifact_max_files: 3,
             log_max_bytes: 9,
             ..Config::default()
         };
@@ -195,6 +265,8 @@ pub(crate) mod tests {
             files.limits(),
             Limits {
                 artifact_max_bytes: 7,
+                artifact_job_max_bytes: 8,
+                artifact_max_files: 3,
                 log_max_bytes: 9
             }
         );

@@ -48,6 +48,29 @@ impl Store {
         Ok(event)
     }
 
+    /// Adds the event unless the job already has one of the same kind and message: for notices a
+    /// guest could otherwise repeat without bound (a quota reached). None when it was there.
+    pub fn add_event_once(
+        &self,
+        job_id: &str,
+        kind: &str,
+        message: &str,
+    ) -> Result<Option<Event>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        let seen: bool = tx
+            .prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM events WHERE job_id = ?1 AND kind = ?2 AND message = ?3)",
+            )?
+            .query_row(params![job_id, kind, message], |r| r.get(0))?;
+        if seen {
+            return Ok(None);
+        }
+        let event = insert_event(&tx, job_id, kind, None, message)?;
+        tx.commit()?;
+        Ok(Some(event))
+    }
+
     /// Events of a job with an id above `after`, oldest first.
     pub fn events_after(
         &self,
@@ -74,5 +97,42 @@ impl Store {
             });
         }
         Ok(events)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::store::test_support::submit;
+    use crate::store::Store;
+
+    #[test]
+    fn an_event_added_once_is_recorded_once() {
+        let store = Store::open_in_memory().unwrap();
+        let job = submit(&store);
+        let other = submit(&store);
+        assert!(store
+            .add_event_once(&job, "quota", "log full")
+            .unwrap()
+            .is_some());
+        assert!(store
+            .add_event_once(&job, "quota", "log full")
+            .unwrap()
+            .is_none());
+        assert!(store
+            .add_event_once(&job, "quota", "too many files")
+            .unwrap()
+            .is_some());
+        assert!(store
+            .add_event_once(&other, "quota", "log full")
+            .unwrap()
+            .is_some());
+        let quota: Vec<String> = store
+            .events_after(&job, 0, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "quota")
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(quota, ["log full", "too many files"]);
     }
 }

@@ -213,3 +213,68 @@ impl Guest {
         }
     }
 }
+
+impl Guest {
+    /// Opens a request over a raw connection and sends `head` (request line and headers, without
+    /// the blank line) with a `Content-Length` of `declared`, then only `partial` of the body: a
+    /// guest that stalls mid-body. Read the answer, if any, with `read_answer`.
+    pub fn open_stalled(&self, head: &str, declared: usize, partial: &[u8]) -> std::net::TcpStream {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(self.authority()).unwrap();
+        let request = format!(
+            "{head}\r\nHost: {}\r\nContent-Length: {declared}\r\n\r\n",
+            self.authority()
+        );
+        stream.write_all(request.as_bytes()).unwrap();
+        stream.write_all(partial).unwrap();
+        stream.flush().unwrap();
+        stream
+    }
+}
+
+/// Reads one HTTP answer (head, then as much body as its `Content-Length` says) off a raw
+/// connection, without waiting for the connection to close; status 0 if it closed first.
+pub fn read_answer(stream: &mut std::net::TcpStream) -> Answer {
+    use std::io::Read;
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|w| w == b"\r\n\r\n") {
+            break Some(at + 4);
+        }
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break None,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+        }
+    };
+    let Some(head_end) = head_end else {
+        return Answer {
+            status: 0,
+            json: Value::Null,
+            text: String::from_utf8_lossy(&received).into_owned(),
+        };
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    while received.len() < head_end + length {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+        }
+    }
+    let text = String::from_utf8_lossy(&received[head_end..]).into_owned();
+    Answer {
+        status: head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0),
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    }
+}
