@@ -408,17 +408,7 @@ fn resolve_ref(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
+    use crate::test_git::git;
 
     /// `roots/repo`: two commits on main, a tag on the first, a branch `other` with a third.
     fn repo_with_refs(root: &Path) -> PathBuf {

@@ -24,4 +24,6 @@ pub mod runner;
 pub mod secrets;
 pub mod start;
 pub mod store;
+#[cfg(test)]
+mod test_git;
 pub mod urlpath;

@@ -7,12 +7,12 @@ mod common;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentlab::runner::{self, ExecSettings, LogSettings, RetryPolicy, RunnerConfig};
+use common::git;
 use common::mock::{serve_tcp, serve_tcp_on, MockServer, Request, Response};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -20,16 +20,6 @@ use sha2::{Digest, Sha256};
 const BOOT_TOKEN: &str = "boot-token-0123456789";
 const SESSION_TOKEN: &str = "session-token-abcdefghij";
 const API_KEY: &str = "sk-live-abcdefghij";
-
-fn git(dir: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-}
 
 /// A repository with one commit on `main`, bundled as the daemon would serve it.
 fn make_bundle(tmp: &Path) -> Vec<u8> {

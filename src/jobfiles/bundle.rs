@@ -346,17 +346,7 @@ mod tests {
     use super::*;
     use crate::runner::mask::Masker;
     use crate::runner::repo::Git;
-
-    fn git(dir: &Path, args: &[&str]) -> String {
-        let out = std::process::Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@t"])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
+    use crate::test_git::git;
 
     /// A repository at `repo`: two commits on main (a tag on the first), a branch `other` with a
     /// secret of its own, a stash and a note.

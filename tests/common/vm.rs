@@ -3,7 +3,6 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use super::daemon::repo_dir;
 
@@ -26,24 +25,9 @@ pub fn git_repo(dir: &Path) -> PathBuf {
     let repo = dir.join("repo");
     std::fs::create_dir_all(&repo).unwrap();
     std::fs::write(repo.join("hello.txt"), "hello from the host repo\n").unwrap();
-    let git = |args: &[&str]| {
-        let status = Command::new("git")
-            .args([
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@example.invalid",
-                "-C",
-            ])
-            .arg(&repo)
-            .args(args)
-            .status()
-            .unwrap();
-        assert!(status.success(), "git {args:?}");
-    };
-    git(&["init", "-q", "-b", "main"]);
-    git(&["add", "."]);
-    git(&["commit", "-q", "-m", "initial"]);
+    super::git(&repo, &["init", "-q", "-b", "main"]);
+    super::git(&repo, &["add", "."]);
+    super::git(&repo, &["commit", "-q", "-m", "initial"]);
     repo
 }
 

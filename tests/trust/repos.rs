@@ -2,27 +2,16 @@
 //! bundle its guest gets carries the job's ref only, made once however often the guest asks.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use crate::common::daemon::{repo_roots, Daemon};
+use crate::common::git;
 use crate::common::guest::{external_guest_fake, provisioning_file, Guest};
 
 const WAIT: Duration = Duration::from_secs(30);
 const BUNDLE_MADE: &str = "made the repository bundle";
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "git {args:?}: {out:?}");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
 
 /// A repository at `path` with two commits on `main`, a branch `other` with a file of its own
 /// (checked out, so HEAD is not `main`), a stash and a note.
