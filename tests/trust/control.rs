@@ -195,7 +195,9 @@ fn a_guest_printing_a_secret_env_value_gets_it_masked_in_the_stored_log() {
 
 #[test]
 fn credentials_in_a_repo_url_show_nowhere_but_in_the_guest_spec() {
-    const REPO: &str = "https://user:hunter2-token@example.invalid/x.git";
+    const REPO: &str =
+        "https://user:hunter2-token@example.invalid/x.git?access_token=query-t0ken-42";
+    const SHOWN: &str = "https://***@example.invalid/x.git?access_token=***";
     let dir = tempfile::tempdir().unwrap();
     let provisioning = provisioning_file(dir.path());
     let daemon = Daemon::start(dir.path(), "fake", &external_guest_fake(&provisioning));
@@ -220,13 +222,13 @@ fn credentials_in_a_repo_url_show_nowhere_but_in_the_guest_spec() {
     let job = daemon.wait_terminal(&id, LIMIT);
     assert_eq!(job["status"], "COMPLETED", "{job}");
 
-    assert_eq!(job["repo"], "https://***@example.invalid/x.git");
+    assert_eq!(job["repo"], SHOWN);
     let (status, list) = daemon.get("/v1/jobs");
     assert_eq!(status, 200);
-    assert_eq!(list["jobs"][0]["repo"], "https://***@example.invalid/x.git");
+    assert_eq!(list["jobs"][0]["repo"], SHOWN);
     assert_eq!(
         daemon.job_log(&id),
-        "fatal: could not read from https://user:***@example.invalid/x.git\n",
+        "fatal: could not read from https://user:***@example.invalid/x.git?access_token=***\n",
         "the user name is under the masking minimum; the token is masked"
     );
     for (what, text) in [
@@ -236,6 +238,7 @@ fn credentials_in_a_repo_url_show_nowhere_but_in_the_guest_spec() {
         ("daemon log", daemon.log()),
     ] {
         assert!(!text.contains("hunter2-token"), "{what}: {text}");
+        assert!(!text.contains("query-t0ken-42"), "{what}: {text}");
         assert!(!text.contains("user:"), "{what}: {text}");
     }
 }
