@@ -44,6 +44,8 @@ pub enum DaemonError {
     Backend(#[from] BackendError),
     #[error("instance id: {0}")]
     Instance(#[from] InstanceError),
+    #[error("job files: {0}")]
+    JobFiles(#[from] crate::jobfiles::JobFilesError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -274,6 +276,9 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         crate::actors::start_supervisor(Arc::clone(&svc), Box::new(sampler));
     LeaseCollector::new(Arc::clone(&svc)).start();
     RetentionCollector::new(Arc::clone(&svc)).start();
+    let guest_files = crate::jobfiles::JobFiles::new(&config);
+    // Before the guest API serves: what a crash cut short in the scratch folders goes.
+    guest_files.sweep_scratch().await?;
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = actix_web::web::Data::new(ApiState {
         svc: Arc::clone(&svc),
@@ -284,7 +289,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         log_masks: Default::default(),
         started,
         shutting_down: Arc::clone(&shutting_down),
-        guest_files: crate::jobfiles::JobFiles::new(&config),
+        guest_files,
         guest_limits: crate::http::guest_limits::GuestLimits::new(config.guest_requests_per_job),
     });
     let servers = crate::http::start(&state, guest_listener, control_token)?;

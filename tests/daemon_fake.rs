@@ -710,3 +710,24 @@ fn status_shows_the_instance_id_and_the_foreign_vms_the_reconciler_left_alone() 
         daemon.log()
     );
 }
+
+#[test]
+fn scratch_left_by_a_crash_is_cleared_at_start_up_and_job_files_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let half_bundle = data.join("tmp/01half.git/objects/pack");
+    let half_upload = data.join("artifacts/.tmp/01half");
+    let kept_artifact = data.join("artifacts/01job/out/a.txt");
+    let kept_log = data.join("logs/01job.log");
+    for file in [&half_upload, &kept_artifact, &kept_log] {
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, b"x").unwrap();
+    }
+    std::fs::create_dir_all(&half_bundle).unwrap();
+
+    let _daemon = Daemon::start(dir.path(), "fake", "");
+    assert!(!data.join("tmp/01half.git").exists(), "half-made bundle");
+    assert!(!half_upload.exists(), "half-written upload");
+    assert_eq!(std::fs::read(&kept_artifact).unwrap(), b"x");
+    assert_eq!(std::fs::read(&kept_log).unwrap(), b"x");
+}

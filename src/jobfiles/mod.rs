@@ -214,6 +214,23 @@ impl JobFiles {
     fn artifact_scratch(&self) -> PathBuf {
         self.artifacts.join(".tmp")
     }
+
+    /// Removes what uploads and bundle makings cut short by a crash left in the scratch folders.
+    /// Only before the guest API serves: nothing may be in flight. Both are made again on demand.
+    pub async fn sweep_scratch(&self) -> Result<(), JobFilesError> {
+        for dir in [self.scratch.clone(), self.artifact_scratch()] {
+            match tokio::fs::remove_dir_all(&dir).await {
+                Ok(()) => {}
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(JobFilesError::io(format!("clearing {}", dir.display()))(
+                        err,
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Runs blocking file work on tokio's blocking pool.
@@ -270,6 +287,27 @@ pub(crate) mod tests {
                 log_max_bytes: 9
             }
         );
+    }
+
+    #[tokio::test]
+    async fn the_sweep_clears_both_scratch_folders_and_nothing_else() {
+        let (dir, files) = files(ROOMY);
+        let leftover_bundle = dir.path().join("tmp/0123.git/objects");
+        let leftover_upload = files.artifact_scratch().join("0456");
+        std::fs::create_dir_all(&leftover_bundle).unwrap();
+        std::fs::create_dir_all(files.artifact_scratch()).unwrap();
+        std::fs::write(&leftover_upload, b"half").unwrap();
+        let kept = files.artifact_path("j1", "out/a.txt").unwrap();
+        std::fs::create_dir_all(kept.parent().unwrap()).unwrap();
+        std::fs::write(&kept, b"kept").unwrap();
+        files.append_log("j1", b"log\n").await.unwrap();
+
+        files.sweep_scratch().await.unwrap();
+        assert!(!dir.path().join("tmp").exists());
+        assert!(!files.artifact_scratch().exists());
+        assert_eq!(std::fs::read(&kept).unwrap(), b"kept");
+        assert_eq!(files.read_log("j1", 0).await.unwrap(), b"log\n");
+        files.sweep_scratch().await.unwrap();
     }
 
     #[test]
