@@ -285,7 +285,6 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         supervisor: supervisor.clone(),
         governor: governor.clone(),
         reports,
-        bundle_flights: crate::jobfiles::BundleFlights::default(),
         log_masks: Default::default(),
         started,
         shutting_down: Arc::clone(&shutting_down),

@@ -259,10 +259,7 @@ async fn repo_bundle(
         git_ref,
         repo_roots: state.svc.config.repo_roots.clone(),
     };
-    let bundle = state
-        .guest_files
-        .repo_bundle(&state.bundle_flights, &job_id, source)
-        .await?;
+    let bundle = state.guest_files.repo_bundle(&job_id, source).await?;
     let body = tokio_util::io::ReaderStream::with_capacity(
         tokio::fs::File::from_std(bundle.file),
         64 * 1024,

@@ -76,8 +76,6 @@ pub struct ApiState {
     pub supervisor: Addr<Supervisor>,
     pub governor: Addr<ResourceGovernor>,
     pub reports: guest::Reports,
-    /// The repository bundles being made, so that each job's is made once.
-    pub bundle_flights: crate::jobfiles::BundleFlights,
     /// Each job's log masker, kept across the guest's log posts.
     pub log_masks: crate::jobfiles::LogMasks,
     pub started: Instant,

@@ -10,9 +10,7 @@
 //! git alternate) and holds just those refs, after `crate::host_repos` has checked the repository
 //! against `repo_roots` again (it may have been swapped since the job was submitted).
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{spawn_blocking, JobFiles, JobFilesError};
@@ -45,51 +43,28 @@ pub struct BundleSource {
     pub repo_roots: Vec<PathBuf>,
 }
 
-/// The bundles being made, one lock per job's bundle folder: the daemon holds one of these for
-/// all requests. An entry lives only while its bundle is being made.
-#[derive(Debug, Clone, Default)]
-pub struct BundleFlights(Arc<Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>>);
-
-impl BundleFlights {
-    fn flight(&self, dir: &Path) -> Arc<tokio::sync::Mutex<()>> {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(map.entry(dir.to_owned()).or_default())
-    }
-
-    fn land(&self, dir: &Path, flight: &Arc<tokio::sync::Mutex<()>>) {
-        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(dir).is_some_and(|f| Arc::ptr_eq(f, flight)) {
-            map.remove(dir);
-        }
-    }
-}
-
 impl JobFiles {
     /// The folder holding the job's bundle (or the answer for one that could not be made).
     pub fn bundle_dir(&self, job_id: &str) -> PathBuf {
         self.bundles.join(job_id)
     }
 
-    /// The job's bundle: the one already made, or made now (once, however many ask at a time).
+    /// The job's bundle: the one already made, or made now (once, however many ask at a time:
+    /// makings of one job's bundle take turns, like its log appends).
     pub async fn repo_bundle(
         &self,
-        flights: &BundleFlights,
         job_id: &str,
         source: BundleSource,
     ) -> Result<RepoBundle, JobFilesError> {
         if let Some(bundle) = self.open_bundle(job_id).await? {
             return Ok(bundle);
         }
-        let dir = self.bundle_dir(job_id);
-        let flight = flights.flight(&dir);
         // Made in a task of its own: a guest that hangs up cannot cancel it halfway and so
         // let the next request start a second one.
-        let (files, job, flights) = (self.clone(), job_id.to_owned(), flights.clone());
+        let (files, job) = (self.clone(), job_id.to_owned());
         let made = tokio::spawn(async move {
-            let _turn = Arc::clone(&flight).lock_owned().await;
-            let made = files.make_bundle_once(&job, source).await;
-            flights.land(&dir, &flight);
-            made
+            let _turn = files.bundle_makings.lock(&job).await;
+            files.make_bundle_once(&job, source).await
         })
         .await
         .map_err(|e| JobFilesError::TaskFailed(e.to_string()))??;
@@ -101,7 +76,7 @@ impl JobFiles {
     }
 
     /// Makes the job's bundle unless a request before this one did (or found it cannot be made);
-    /// true if this call made it. Callers hold the job's flight.
+    /// true if this call made it. Callers hold the job's turn.
     async fn make_bundle_once(
         &self,
         job_id: &str,
@@ -406,7 +381,6 @@ mod tests {
         let repo = root.join("repo");
         busy_repo(&repo);
         let first = git(&repo, &["rev-parse", "v1"]);
-        let flights = BundleFlights::default();
         let (env, masker) = (BTreeMap::new(), Masker::new(Vec::<String>::new()));
         let runner = Git {
             env: &env,
@@ -420,7 +394,7 @@ mod tests {
         ];
         for (job, git_ref, expected, readme) in cases {
             let bundle = files
-                .repo_bundle(&flights, job, source(&repo, &root, git_ref))
+                .repo_bundle(job, source(&repo, &root, git_ref))
                 .await
                 .unwrap();
             assert!(bundle.made_now);
@@ -449,11 +423,9 @@ mod tests {
         let root = dir.path().join("root");
         let repo = root.join("repo");
         busy_repo(&repo);
-        let flights = BundleFlights::default();
         let requests = (0..8).map(|_| {
-            let (files, flights, source) =
-                (files.clone(), flights.clone(), source(&repo, &root, None));
-            tokio::spawn(async move { files.repo_bundle(&flights, "j1", source).await })
+            let (files, source) = (files.clone(), source(&repo, &root, None));
+            tokio::spawn(async move { files.repo_bundle("j1", source).await })
         });
         let mut made = 0;
         let mut contents = Vec::new();
@@ -469,12 +441,12 @@ mod tests {
         std::fs::write(repo.join("README"), "three").unwrap();
         git(&repo, &["commit", "-q", "-am", "third"]);
         let later = files
-            .repo_bundle(&flights, "j1", source(&repo, &root, None))
+            .repo_bundle("j1", source(&repo, &root, None))
             .await
             .unwrap();
         assert!(!later.made_now);
         assert_eq!(save(dir.path(), "later", later).1, contents[0]);
-        assert!(flights.0.lock().unwrap().is_empty(), "no flight is left");
+        assert_eq!(files.bundle_makings.len(), 0, "no making is left");
 
         files.remove_bundle("j1").await.unwrap();
         assert!(!files.bundle_dir("j1").exists());
@@ -487,9 +459,8 @@ mod tests {
         let root = dir.path().join("root");
         let repo = root.join("repo");
         busy_repo(&repo);
-        let flights = BundleFlights::default();
         let err = files
-            .repo_bundle(&flights, "j1", source(&repo, &root, Some("no-such-ref")))
+            .repo_bundle("j1", source(&repo, &root, Some("no-such-ref")))
             .await
             .unwrap_err();
         assert!(
@@ -500,11 +471,11 @@ mod tests {
         // Even once the ref exists, the job keeps the answer it got.
         git(&repo, &["branch", "no-such-ref"]);
         let again = files
-            .repo_bundle(&flights, "j1", source(&repo, &root, Some("no-such-ref")))
+            .repo_bundle("j1", source(&repo, &root, Some("no-such-ref")))
             .await
             .unwrap_err();
         assert_eq!(again.to_string(), err.to_string());
-        assert!(flights.0.lock().unwrap().is_empty(), "no flight is left");
+        assert_eq!(files.bundle_makings.len(), 0, "no making is left");
     }
 
     #[tokio::test]
@@ -516,11 +487,7 @@ mod tests {
         busy_repo(&outside);
         std::os::unix::fs::symlink(&outside, root.join("repo")).unwrap();
         let err = files
-            .repo_bundle(
-                &BundleFlights::default(),
-                "j1",
-                source(&root.join("repo"), &root, None),
-            )
+            .repo_bundle("j1", source(&root.join("repo"), &root, None))
             .await
             .unwrap_err();
         assert!(

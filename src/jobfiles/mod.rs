@@ -13,7 +13,7 @@
 //!   request and removed when the job ends (or why it could not be made);
 //! - `tmp/`: scratch for making bundles (a bare repository per bundle, removed once done).
 //!
-//! Appends to one job's log, and commits of one job's artifacts, take turns (a per-job lock held
+//! Appends to one job's log, commits of one job's artifacts, and makings of its bundle take turns (a per-job lock held
 //! by this `JobFiles` and its clones), so the caps hold however many requests a guest sends at
 //! once: the daemon keeps one `JobFiles` for the guest API.
 
@@ -30,7 +30,7 @@ use crate::config::Config;
 use crate::paths::join_confined;
 
 pub use artifacts::{ArtifactUpload, StoredArtifact};
-pub use bundle::{BundleFlights, BundleSource, RepoBundle};
+pub use bundle::{BundleSource, RepoBundle};
 pub use logs::{LogAppend, LogReader};
 pub use mask::{JobMasker, LogMasks};
 
@@ -145,6 +145,7 @@ pub struct JobFiles {
     limits: Limits,
     log_appends: Arc<locks::JobLocks>,
     artifact_commits: Arc<locks::JobLocks>,
+    bundle_makings: Arc<locks::JobLocks>,
 }
 
 impl JobFiles {
@@ -162,6 +163,7 @@ impl JobFiles {
             },
             log_appends: Arc::default(),
             artifact_commits: Arc::default(),
+            bundle_makings: Arc::default(),
         }
     }
 
@@ -175,6 +177,7 @@ impl JobFiles {
             limits,
             log_appends: Arc::default(),
             artifact_commits: Arc::default(),
+            bundle_makings: Arc::default(),
         }
     }
 
