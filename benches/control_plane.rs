@@ -68,6 +68,7 @@ fn sandbox(job_id: &str) -> Sandbox {
         error: None,
         start_method: None,
         snapshot_id: None,
+        from_pool: false,
     }
 }
 

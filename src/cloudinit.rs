@@ -96,6 +96,18 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
     })
 }
 
+/// The seed of a sandbox: its job's (`render`), or, for a pool sandbox booted before any job,
+/// one that names only its hostname (the job's identity comes later through the guest agent).
+pub fn render_for(
+    instance_id: &str,
+    spec: Option<&CloudInitSpec>,
+) -> Result<SeedFiles, CloudInitError> {
+    match spec {
+        Some(spec) => render(instance_id, spec),
+        None => render_template(instance_id, instance_id),
+    }
+}
+
 /// The seed of a snapshot's template VM: an identity and nothing a job owns (no token, no
 /// phone-home). Each sandbox restored from it gets its own identity through the guest agent.
 pub fn render_template(instance_id: &str, hostname: &str) -> Result<SeedFiles, CloudInitError> {

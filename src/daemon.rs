@@ -267,6 +267,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         guest_url,
         clock: Clock::new(),
         live: LiveConfig::new(&config),
+        pool: Default::default(),
         instance: Instance::new(instance_id),
     });
     let sampler = tokio::task::spawn_blocking(crate::governor::sampler::HostSampler::new)

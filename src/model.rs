@@ -332,6 +332,37 @@ pub struct Sandbox {
     /// The snapshot it was restored from (`start_method: restored`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_id: Option<String>,
+    /// Booted ahead of its job in the warm pool, which the job then took.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_pool: bool,
+}
+
+/// A sandbox of the warm pool: booted ahead of any job for its profile, waiting READY until an
+/// admitted job takes it (then it becomes that job's sandbox) or it is replaced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PoolSandbox {
+    pub id: String,
+    pub profile: String,
+    pub backend: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm_ref: Option<String>,
+    /// BOOTING while its phases run, READY once its guest agent answers, DESTROYING on its way out.
+    pub state: SandboxState,
+    pub cores: u32,
+    pub memory_mb: u64,
+    pub disk_gb: u64,
+    pub created_at_ms: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ready_at_ms: Option<i64>,
+    /// The boot phases done so far, as the job that takes it will list them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseRun>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_method: Option<StartMethod>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One entry in a job's history.
@@ -373,6 +404,13 @@ pub fn now_ms() -> i64 {
 /// A new, time-ordered id, so ids sort by creation.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().simple().to_string()
+}
+
+/// A fresh VM name for a pool sandbox. The `p` after the prefix is no hex digit, so it never
+/// equals a job's sandbox name.
+pub fn new_pool_sandbox_name() -> String {
+    let id = new_id();
+    format!("{VM_NAME_PREFIX}p{}", &id[id.len().saturating_sub(11)..])
 }
 
 /// The VM name of a job's sandbox. Deterministic, so a restarted actor finds the VM it cloned.
@@ -455,6 +493,10 @@ mod tests {
         let id = new_id();
         assert_eq!(sandbox_name_for(&id), sandbox_name_for(&id));
         assert!(sandbox_name_for(&id).starts_with(VM_NAME_PREFIX));
+        let pooled = new_pool_sandbox_name();
+        assert!(pooled.starts_with(VM_NAME_PREFIX), "{pooled}");
+        assert_eq!(pooled.len(), sandbox_name_for(&id).len());
+        assert_ne!(pooled, new_pool_sandbox_name());
         assert!(!JobStatus::Running.is_terminal());
         assert!(JobStatus::Cancelled.is_terminal());
     }

@@ -377,12 +377,12 @@ fn spec(network: NetworkMode) -> SandboxSpec {
         memory_mb: 6144,
         disk_gb: 30,
         network,
-        cloud_init: CloudInitSpec {
+        cloud_init: Some(CloudInitSpec {
             hostname: NAME.into(),
             phone_home_url: "http://10.77.0.1:8848/guest/v1/phone-home/ph-secret".into(),
             guest_url: "http://10.77.0.1:8848".into(),
             bootstrap_token: "boot-secret".into(),
-        },
+        }),
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
         restore_from: None,
@@ -429,7 +429,8 @@ async fn clone_issues_exactly_these_commands() {
     let text = std::fs::read_to_string(&snippet).unwrap();
     assert!(text.starts_with("#cloud-config\n") && text.contains("boot-secret"));
     // One guest contract: exactly the user-data of the local backend's seed.
-    let seed = agentlab::cloudinit::render(NAME, &spec(NetworkMode::Restricted).cloud_init);
+    let seed =
+        agentlab::cloudinit::render_for(NAME, spec(NetworkMode::Restricted).cloud_init.as_ref());
     assert_eq!(text, seed.unwrap().user_data);
     assert_eq!(
         std::fs::metadata(&snippet).unwrap().permissions().mode() & 0o777,
@@ -1204,6 +1205,7 @@ async fn reconciliation_destroys_unknown_vms_of_ours_and_sweeps_their_snippets()
         guest_url: "http://10.77.0.1:8848".into(),
         clock: Clock::new(),
         live: LiveConfig::new(&Config::default()),
+        pool: Default::default(),
         instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
     };
     let report = reconciler::reconcile(&svc, &Default::default())

@@ -93,12 +93,12 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
         memory_mb: 1024,
         disk_gb: 2,
         network: NetworkMode::Restricted,
-        cloud_init: CloudInitSpec {
+        cloud_init: Some(CloudInitSpec {
             hostname: name.into(),
             phone_home_url: format!("http://10.0.2.100/guest/v1/phone-home/ph-{job_id}"),
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: format!("boot-{job_id}"),
-        },
+        }),
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
         restore_from: None,
@@ -694,6 +694,7 @@ async fn a_reconcile_leaves_sandbox_folders_it_did_not_make() {
         clock: Clock::new(),
         instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
         live: LiveConfig::new(&Config::default()),
+        pool: Default::default(),
     };
     let report = reconciler::reconcile(&svc, &Default::default())
         .await

@@ -136,8 +136,15 @@ pub async fn drive(
         finish(&svc, &job.id, &Verdict::error(JobStatus::Failed, reason)).await?;
         return Ok(Outcome::Finished);
     };
-    let sandbox = new_sandbox(&svc, &job, &request, &profile);
-    let sandbox = svc.store.call(move |s| s.insert_sandbox(&sandbox)).await?;
+    // A job that took a pool sandbox has its row already (its boot phases done ahead).
+    let id = job.id.clone();
+    let sandbox = match svc.store.call(move |s| s.sandbox_for_job(&id)).await? {
+        Some(sandbox) => sandbox,
+        None => {
+            let sandbox = new_sandbox(&svc, &job, &request, &profile);
+            svc.store.call(move |s| s.insert_sandbox(&sandbox)).await?
+        }
+    };
     let lifecycle = Lifecycle {
         svc,
         job,
@@ -183,6 +190,7 @@ fn new_sandbox(svc: &Services, job: &Job, request: &JobRequest, profile: &Profil
         error: None,
         start_method: None,
         snapshot_id: None,
+        from_pool: false,
     }
 }
 
@@ -472,14 +480,7 @@ impl Lifecycle {
             })
             .await?;
         let guest_url = self.svc.guest_url.trim_end_matches('/').to_owned();
-        let template = match self.svc.backend.kind() {
-            crate::backend::BackendKind::Pve => self
-                .profile
-                .template_vmid
-                .map(|v| v.to_string())
-                .unwrap_or_default(),
-            _ => self.profile.image.clone(),
-        };
+        let template = template_of(&self.svc, &self.profile);
         let spec = SandboxSpec {
             job_id: self.job.id.clone(),
             name: self.sandbox.id.clone(),
@@ -488,12 +489,12 @@ impl Lifecycle {
             memory_mb: self.profile.resources.memory_mb,
             disk_gb: self.profile.storage.root_size_gb,
             network: self.profile.network.mode,
-            cloud_init: CloudInitSpec {
+            cloud_init: Some(CloudInitSpec {
                 hostname: self.sandbox.id.clone(),
                 phone_home_url: format!("{guest_url}/guest/v1/phone-home/{phone_home}"),
                 guest_url,
                 bootstrap_token: bootstrap,
-            },
+            }),
             owner: self.svc.instance.id.to_string(),
             start: restore::start_mode(&self.svc, &self.request)?,
             restore_from: None,
@@ -554,36 +555,23 @@ impl Lifecycle {
     }
 
     async fn wait_for_agent(&self) -> Result<(), PhaseError> {
-        let vm = self.vm().await?;
-        let mut attempt: u32 = 0;
-        loop {
-            let ping =
-                tokio::time::timeout(Duration::from_secs(5), self.svc.backend.agent_ping(&vm))
-                    .await;
-            match ping {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(BackendError::AgentUnavailable(_))) | Err(_) => {}
-                Ok(Err(err)) => return Err(err.into()),
-            }
-            attempt += 1;
-            if attempt % 10 == 0 && self.svc.backend.vm_state(&vm).await? != VmState::Running {
-                return Err(PhaseError::Guest(
-                    "the VM stopped before its guest agent answered".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        wait_for_agent(&self.svc, &self.vm().await?).await
     }
 
     /// Starts the guest runner once; a restarted actor finds its pid in the store. None: a runner
     /// may have been started before a crash, its pid unknown, so the phase follows the guest's
-    /// reports and the VM's liveness instead.
+    /// reports and the VM's liveness instead. A sandbox taken from the pool gets the job's
+    /// identity first (it booted with none); after a crash before the runner started, again,
+    /// with a newer token.
     async fn start_runner(&self, vm: &VmHandle) -> Result<Option<i64>, PhaseError> {
         let id = self.sandbox.id.clone();
         match self.svc.store.call(move |s| s.exec_pid(&id)).await? {
             Some(EXEC_PENDING) => return Ok(None),
             Some(pid) => return Ok(Some(pid)),
             None => {}
+        }
+        if self.sandbox.from_pool {
+            restore::give_identity(&self.svc, &self.job.id, vm, &self.sandbox.id).await?;
         }
         let id = self.sandbox.id.clone();
         self.svc
@@ -675,6 +663,38 @@ impl Lifecycle {
     }
 }
 
+/// What the backend clones a profile's sandboxes from: a template VMID on Proxmox, an image name
+/// elsewhere.
+pub(super) fn template_of(svc: &Services, profile: &Profile) -> String {
+    match svc.backend.kind() {
+        crate::backend::BackendKind::Pve => profile
+            .template_vmid
+            .map(|v| v.to_string())
+            .unwrap_or_default(),
+        _ => profile.image.clone(),
+    }
+}
+
+/// Waits until the VM's guest agent answers; fails once the VM is seen stopped.
+pub(super) async fn wait_for_agent(svc: &Services, vm: &VmHandle) -> Result<(), PhaseError> {
+    let mut attempt: u32 = 0;
+    loop {
+        let ping = tokio::time::timeout(Duration::from_secs(5), svc.backend.agent_ping(vm)).await;
+        match ping {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(BackendError::AgentUnavailable(_))) | Err(_) => {}
+            Ok(Err(err)) => return Err(err.into()),
+        }
+        attempt += 1;
+        if attempt % 10 == 0 && svc.backend.vm_state(vm).await? != VmState::Running {
+            return Err(PhaseError::Guest(
+                "the VM stopped before its guest agent answered".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 pub(super) fn describe(status: ExecStatus) -> String {
     match status {
         ExecStatus::Running => "still running".into(),
@@ -709,7 +729,8 @@ pub async fn destroy_sandbox(svc: &Services, sandbox: &Sandbox) -> Result<(), Ph
         .call(move |s| s.set_sandbox_state(&id, SandboxState::Destroying, None))
         .await?;
     let limit = svc.tuning.get().phase_timeouts.destroy;
-    let result = match tokio::time::timeout(limit, destroy_vm_named(svc, sandbox)).await {
+    let named = destroy_vm_named(svc, &sandbox.id, sandbox.vm_ref.as_deref());
+    let result = match tokio::time::timeout(limit, named).await {
         Ok(result) => result,
         Err(_) => Err(PhaseError::Backend(BackendError::Timeout {
             operation: "destroy",
@@ -736,23 +757,27 @@ pub async fn destroy_sandbox(svc: &Services, sandbox: &Sandbox) -> Result<(), Ph
 /// A crash between clone and recording the VM leaves no vm_ref; the name still finds the VM.
 /// A VM that now carries another daemon's id is not ours any more and is left alone: the
 /// sandbox counts as destroyed, and the reconciler lists the VM as foreign.
-async fn destroy_vm_named(svc: &Services, sandbox: &Sandbox) -> Result<(), PhaseError> {
+pub(super) async fn destroy_vm_named(
+    svc: &Services,
+    name: &str,
+    vm_ref: Option<&str>,
+) -> Result<(), PhaseError> {
     let listed = svc
         .backend
-        .find_vm(&sandbox.id)
+        .find_vm(name)
         .await?
-        .filter(|l| sandbox.vm_ref.as_ref().is_none_or(|r| *r == l.vm.vm_ref));
+        .filter(|l| vm_ref.is_none_or(|r| r == l.vm.vm_ref));
     let ours = svc.instance.id.as_str();
     if let Some(owner) = listed.as_ref().and_then(|l| l.owner.as_deref()) {
         if owner != ours {
-            tracing::warn!(sandbox = %sandbox.id, %owner, "the sandbox's VM carries another daemon's id; left alone");
+            tracing::warn!(sandbox = %name, %owner, "the sandbox's VM carries another daemon's id; left alone");
             return Ok(());
         }
     }
-    let vm = match &sandbox.vm_ref {
+    let vm = match vm_ref {
         Some(vm_ref) => Some(VmHandle {
-            name: sandbox.id.clone(),
-            vm_ref: vm_ref.clone(),
+            name: name.to_owned(),
+            vm_ref: vm_ref.to_owned(),
         }),
         None => listed.map(|listed| listed.vm),
     };

@@ -8,6 +8,9 @@ pub mod governor;
 pub mod guest_reports;
 pub mod hub;
 pub mod lifecycle;
+pub mod pool;
+pub mod pool_book;
+pub mod pool_boot;
 pub mod reconciler;
 pub mod restore;
 pub mod retention;
@@ -63,6 +66,8 @@ pub struct Services {
     pub instance: crate::instance::Instance,
     /// The config file's values that SIGHUP puts in force without a restart.
     pub live: LiveConfig,
+    /// The warm pool's hits, misses and failed boots, per profile.
+    pub pool: pool_book::PoolBook,
 }
 
 /// The config file's keys that a reload changes in a running daemon (the others need a restart:

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use super::lifecycle::{describe, PhaseError, BOOTSTRAP_PATH, RUNNER_PATH};
 use super::Services;
-use crate::backend::{ExecStatus, GuestCommand, GuestInput, SandboxSpec, SnapshotStatus, VmHandle};
+use crate::backend::{
+    BackendError, ExecStatus, GuestCommand, GuestInput, SandboxSpec, SnapshotStatus, VmHandle,
+};
 use crate::model::{now_ms, JobRequest, StartMode};
 use crate::runner::identity::{self, BootstrapFile, Entropy, Identity};
 use crate::start::resolve_start;
@@ -16,8 +18,8 @@ use crate::store::{StoreError, TokenKind};
 /// The host entropy a restored guest gets mixed into its kernel pool.
 const IDENTITY_ENTROPY_BYTES: usize = 64;
 
-/// Between two looks at the identity step, which takes a few milliseconds in the guest.
-const IDENTITY_POLL: Duration = Duration::from_millis(20);
+/// Between two looks at a short guest command (the identity step takes a few milliseconds).
+const EXEC_POLL: Duration = Duration::from_millis(20);
 
 /// How the backend should start the sandbox, decided again at clone time: a reload that
 /// turned snapshots off since the submit makes an `auto` job boot cold and fails a
@@ -134,18 +136,14 @@ pub(super) async fn give_identity(
         env: Default::default(),
         stdin: Some(GuestInput::new(document)),
     };
-    let pid = svc.backend.exec(vm, &command).await?;
-    loop {
-        match svc.backend.exec_status(vm, pid).await? {
-            ExecStatus::Running => tokio::time::sleep(IDENTITY_POLL).await,
-            ExecStatus::Exited { code: 0 } => break,
-            other => {
-                return Err(PhaseError::Guest(format!(
-                    "the guest refused its identity ({RUNNER_PATH} {} ended with {})",
-                    identity::SUBCOMMAND,
-                    describe(other)
-                )))
-            }
+    match exec_to_end(svc, vm, &command).await? {
+        ExecStatus::Exited { code: 0 } => {}
+        other => {
+            return Err(PhaseError::Guest(format!(
+                "the guest refused its identity ({RUNNER_PATH} {} ended with {})",
+                identity::SUBCOMMAND,
+                describe(other)
+            )))
         }
     }
     record_event(
@@ -160,6 +158,21 @@ pub(super) async fn give_identity(
     )
     .await?;
     Ok(())
+}
+
+/// Runs a short command in the guest through its agent and waits for it to end.
+pub(super) async fn exec_to_end(
+    svc: &Services,
+    vm: &VmHandle,
+    command: &GuestCommand,
+) -> Result<ExecStatus, BackendError> {
+    let pid = svc.backend.exec(vm, command).await?;
+    loop {
+        match svc.backend.exec_status(vm, pid).await? {
+            ExecStatus::Running => tokio::time::sleep(EXEC_POLL).await,
+            ended => return Ok(ended),
+        }
+    }
 }
 
 /// Adds an event to a job's history and publishes it.

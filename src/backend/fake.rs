@@ -244,15 +244,16 @@ impl FakeBackend {
 
     /// Hands a new VM's provisioning to the test playing its guest.
     async fn publish_provisioning(&self, spec: &SandboxSpec) -> Result<(), BackendError> {
-        let Some(path) = self.config.external_guest.clone() else {
+        let (Some(path), Some(seed)) = (self.config.external_guest.clone(), &spec.cloud_init)
+        else {
             return Ok(());
         };
         let line = FakeProvisioning {
             name: spec.name.clone(),
             job_id: spec.job_id.clone(),
-            guest_url: spec.cloud_init.guest_url.clone(),
-            phone_home_url: spec.cloud_init.phone_home_url.clone(),
-            bootstrap_token: spec.cloud_init.bootstrap_token.clone(),
+            guest_url: seed.guest_url.clone(),
+            phone_home_url: seed.phone_home_url.clone(),
+            bootstrap_token: seed.bootstrap_token.clone(),
         };
         let mut text =
             serde_json::to_string(&line).map_err(|e| BackendError::InvalidInput(e.to_string()))?;
@@ -515,12 +516,12 @@ mod tests {
             memory_mb: 256,
             disk_gb: 1,
             network: NetworkMode::Restricted,
-            cloud_init: CloudInitSpec {
+            cloud_init: Some(CloudInitSpec {
                 hostname: "sandbox-one".into(),
                 phone_home_url: "http://10.0.2.100/ph".into(),
                 guest_url: "http://10.0.2.100".into(),
                 bootstrap_token: "boot".into(),
-            },
+            }),
             owner: "me".into(),
             start: StartMode::Cold,
             restore_from: None,

@@ -54,7 +54,10 @@ pub struct SandboxSpec {
     pub memory_mb: u64,
     pub disk_gb: u64,
     pub network: NetworkMode,
-    pub cloud_init: CloudInitSpec,
+    /// What a job's guest gets at boot. None for a pool sandbox, booted before any job: its seed
+    /// names only its hostname, and the job that takes it gets its identity through the guest
+    /// agent.
+    pub cloud_init: Option<CloudInitSpec>,
     /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
     /// daemon tells its own VMs from everyone else's.
     pub owner: String,

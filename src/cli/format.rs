@@ -787,6 +787,7 @@ mod tests {
             error: None,
             start_method: None,
             snapshot_id: None,
+            from_pool: false,
         };
         assert!(!sandbox_detail(&sandbox, now).contains("lease"));
         let list = sandbox_list(std::slice::from_ref(&sandbox), now);

@@ -5,6 +5,7 @@
 pub mod backends;
 pub mod fake;
 pub mod governor;
+pub mod pool;
 pub mod profile;
 pub mod pve;
 pub mod qemu;

@@ -1,6 +1,7 @@
 //! Operator tuning (`tuning/*.yaml`): per-phase timeouts, the restart policy, admission limits,
 //! loop intervals, the ResourceGovernor (`governor:`, see [`super::governor`]) and the switch for
-//! snapshot starts (`snapshots:`). Reloaded on SIGHUP; an invalid file keeps the values in force.
+//! snapshot starts (`snapshots:`) and the warm pool (`pool:`, see [`super::pool`]). Reloaded on
+//! SIGHUP; an invalid file keeps the values in force.
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -9,6 +10,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::governor::GovernorSection;
+use super::pool::PoolTuning;
 use super::{read_yaml, ConfigError};
 use crate::model::Phase;
 
@@ -171,6 +173,8 @@ pub struct Tuning {
     pub intervals: Intervals,
     pub governor: GovernorSection,
     pub snapshots: Snapshots,
+    /// The warm pool: READY sandboxes kept per profile.
+    pub pool: PoolTuning,
 }
 
 impl Tuning {
@@ -218,6 +222,7 @@ impl Tuning {
             ));
         }
         self.governor.validate(path)?;
+        self.pool.validate(path)?;
         for (key, value) in [
             ("intervals.guest_poll", self.intervals.guest_poll),
             ("intervals.lease_gc", self.intervals.lease_gc),

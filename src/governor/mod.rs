@@ -28,7 +28,7 @@ pub fn tally(
         committed.add_named(
             &size(demand_of(holding, profiles)),
             holding.booting,
-            crate::model::sandbox_name_for(&holding.job_id),
+            holding.vm.clone(),
         );
     }
     committed
@@ -59,7 +59,7 @@ pub fn memory_view(
 ) -> MemoryStatus {
     let committed = holdings.iter().map(|holding| {
         (
-            crate::model::sandbox_name_for(&holding.job_id),
+            holding.vm.clone(),
             holding.booting,
             size(demand_of(holding, profiles)).memory_mb,
         )

@@ -667,8 +667,8 @@ impl Backend for QemuBackend {
                 spec.name
             )));
         }
-        let seed_files =
-            cloudinit::render(&spec.name, &spec.cloud_init).map_err(|e| seed_error(e.into()))?;
+        let seed_files = cloudinit::render_for(&spec.name, spec.cloud_init.as_ref())
+            .map_err(|e| seed_error(e.into()))?;
         let handle = Self::handle(&paths, &spec.name);
         let _guard = self.lock_vm(&spec.name).await;
 
@@ -1203,12 +1203,12 @@ mod tests {
             memory_mb: 256,
             disk_gb: 1,
             network: crate::backend::NetworkMode::Restricted,
-            cloud_init: crate::backend::CloudInitSpec {
+            cloud_init: Some(crate::backend::CloudInitSpec {
                 hostname: "sandbox-theirs".into(),
                 phone_home_url: "http://10.0.2.100/p".into(),
                 guest_url: "http://10.0.2.100".into(),
                 bootstrap_token: "t".into(),
-            },
+            }),
             owner: "0199-ours".into(),
             start: crate::model::StartMode::Cold,
             restore_from: None,

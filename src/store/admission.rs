@@ -5,7 +5,7 @@ use rusqlite::params;
 
 use super::events::insert_event;
 use super::{Store, StoreError};
-use crate::model::{now_ms, Event, Phase};
+use crate::model::{now_ms, Event, Phase, SandboxState};
 
 /// A queued job as admission sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,15 +17,31 @@ pub struct QueuedJob {
     pub deadline_ms: Option<i64>,
 }
 
-/// What one live sandbox holds, or an admitted job that has no sandbox row yet.
+/// What one live sandbox holds: a job's, a pool sandbox's, or an admitted job's that has no
+/// sandbox row yet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holding {
-    pub job_id: String,
+    /// The VM's name (the sandbox's id; for an admitted job without a row, the one it was given).
+    pub vm: String,
+    /// The job it serves; None for a pool sandbox no job has taken.
+    pub job_id: Option<String>,
     pub profile: String,
     /// (vCPUs, memory MB, disk GB) as the sandbox row records them; None without a row yet.
     pub resources: Option<(u32, u64, u64)>,
     /// In clone, start, cloud_init or guest_agent, or about to clone.
     pub booting: bool,
+    /// For a pool sandbox: BOOTING, READY (idle, waiting for a job) or DESTROYING.
+    pub pool: Option<SandboxState>,
+    /// When a READY pool sandbox became ready.
+    pub ready_at_ms: Option<i64>,
+}
+
+impl Holding {
+    /// A READY pool sandbox: what a job of its profile can take, or what a short host destroys
+    /// first.
+    pub fn is_idle_pool(&self) -> bool {
+        self.pool == Some(SandboxState::Ready)
+    }
 }
 
 /// Everything one admission round needs from the store.
@@ -136,41 +152,69 @@ impl Store {
         })
     }
 
-    /// What every live sandbox holds, plus admitted (RUNNING) jobs whose sandbox row is not
-    /// written yet, so a job admitted a moment ago is never missed.
+    /// What every live sandbox holds (a job's or the pool's), plus admitted (RUNNING) jobs whose
+    /// sandbox row is not written yet, so a job admitted a moment ago is never missed.
     pub fn holdings(&self) -> Result<Vec<Holding>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare_cached(
-            "SELECT s.job_id, s.profile, s.cores, s.memory_mb, s.disk_gb, s.phase, s.state
+            "SELECT s.id, s.job_id, s.profile, s.cores, s.memory_mb, s.disk_gb, s.phase, s.state,
+                    NULL, NULL
              FROM sandboxes s WHERE s.state != 'DESTROYED'
              UNION ALL
-             SELECT j.id, j.profile, NULL, NULL, NULL, NULL, NULL
+             SELECT COALESCE(j.sandbox_id, ''), j.id, j.profile, NULL, NULL, NULL, NULL, NULL,
+                    NULL, NULL
              FROM jobs j WHERE j.status = 'RUNNING'
-               AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.job_id = j.id)",
+               AND NOT EXISTS (SELECT 1 FROM sandboxes s WHERE s.job_id = j.id)
+             UNION ALL
+             SELECT p.id, NULL, p.profile, p.cores, p.memory_mb, p.disk_gb, NULL, NULL, p.state,
+                    p.ready_ms
+             FROM pool_sandboxes p",
         )?;
         let rows = stmt.query_map([], |r| {
-            let cores: Option<u32> = r.get(2)?;
-            let memory: Option<u64> = r.get(3)?;
-            let disk: Option<u64> = r.get(4)?;
-            let phase: Option<String> = r.get(5)?;
-            let state: Option<String> = r.get(6)?;
-            let resources = match (cores, memory, disk) {
-                (Some(c), Some(m), Some(d)) => Some((c, m, d)),
-                _ => None,
-            };
-            let booting = match state.as_deref() {
-                None => true,
-                Some("PROVISIONING" | "BOOTING") => boot_phase(phase.as_deref()),
-                Some(_) => false,
-            };
-            Ok(Holding {
-                job_id: r.get(0)?,
-                profile: r.get(1)?,
-                resources,
-                booting,
-            })
+            let cores: Option<u32> = r.get(3)?;
+            let memory: Option<u64> = r.get(4)?;
+            let disk: Option<u64> = r.get(5)?;
+            let phase: Option<String> = r.get(6)?;
+            let state: Option<String> = r.get(7)?;
+            let pool: Option<String> = r.get(8)?;
+            Ok((
+                Holding {
+                    vm: r.get(0)?,
+                    job_id: r.get(1)?,
+                    profile: r.get(2)?,
+                    resources: match (cores, memory, disk) {
+                        (Some(c), Some(m), Some(d)) => Some((c, m, d)),
+                        _ => None,
+                    },
+                    booting: false,
+                    pool: None,
+                    ready_at_ms: r.get(9)?,
+                },
+                phase,
+                state,
+                pool,
+            ))
         })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut holdings = Vec::new();
+        for row in rows {
+            let (mut holding, phase, state, pool) = row?;
+            match pool {
+                Some(pool) => {
+                    let pool: SandboxState = super::parse_column("pool_sandboxes", &pool)?;
+                    holding.booting = pool == SandboxState::Booting;
+                    holding.pool = Some(pool);
+                }
+                None => {
+                    holding.booting = match state.as_deref() {
+                        None => true,
+                        Some("PROVISIONING" | "BOOTING") => boot_phase(phase.as_deref()),
+                        Some(_) => false,
+                    }
+                }
+            }
+            holdings.push(holding);
+        }
+        Ok(holdings)
     }
 }
 
@@ -214,6 +258,7 @@ mod tests {
             error: None,
             start_method: None,
             snapshot_id: None,
+            from_pool: false,
         }
     }
 
@@ -259,9 +304,11 @@ mod tests {
             "a sandbox in its run phase is not booting"
         );
         assert_eq!(
-            (holdings[1].job_id.as_str(), holdings[1].booting),
-            (admitted.as_str(), true)
+            (holdings[1].job_id.as_deref(), holdings[1].booting),
+            (Some(admitted.as_str()), true)
         );
+        assert_eq!(holdings[1].vm, sandbox_name_for(&admitted));
+        assert_eq!(holdings[0].vm, sandbox_name_for(&running));
     }
 
     #[test]
@@ -297,12 +344,61 @@ mod tests {
         let holdings = store.holdings().unwrap();
         assert_eq!(holdings.len(), cases.len());
         for holding in holdings {
-            assert_eq!(
-                Some(&holding.booting),
-                want.get(&holding.job_id),
-                "{holding:?}"
-            );
+            let job = holding.job_id.clone().unwrap_or_default();
+            assert_eq!(Some(&holding.booting), want.get(&job), "{holding:?}");
         }
+    }
+
+    #[test]
+    fn pool_sandboxes_hold_their_share_and_a_booting_one_counts_against_the_boot_cap() {
+        use crate::model::{new_pool_sandbox_name, PoolSandbox, StartMethod};
+        let store = Store::open_in_memory().unwrap();
+        let pooled = |state| PoolSandbox {
+            id: new_pool_sandbox_name(),
+            profile: "balanced".into(),
+            backend: "qemu".into(),
+            vm_ref: None,
+            state,
+            cores: 2,
+            memory_mb: 1024,
+            disk_gb: 8,
+            created_at_ms: 1,
+            ready_at_ms: None,
+            phases: Vec::new(),
+            start_method: None,
+            snapshot_id: None,
+            error: None,
+        };
+        let (boot, idle) = (pooled(SandboxState::Booting), pooled(SandboxState::Booting));
+        store
+            .insert_pool_sandboxes(&[boot.clone(), idle.clone()])
+            .unwrap();
+        store
+            .set_pool_ready(&idle.id, StartMethod::Cold, None, 50)
+            .unwrap();
+        let mut holdings = store.holdings().unwrap();
+        holdings.sort_by_key(|h| h.booting);
+        assert_eq!(holdings.len(), 2);
+        let seen: Vec<_> = holdings
+            .iter()
+            .map(|h| {
+                (
+                    h.vm.as_str(),
+                    h.booting,
+                    h.is_idle_pool(),
+                    h.resources,
+                    h.ready_at_ms,
+                )
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (idle.id.as_str(), false, true, Some((2, 1024, 8)), Some(50)),
+                (boot.id.as_str(), true, false, Some((2, 1024, 8)), None),
+            ]
+        );
+        assert!(holdings.iter().all(|h| h.job_id.is_none()));
     }
 
     #[test]

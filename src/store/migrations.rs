@@ -127,6 +127,31 @@ const MIGRATIONS: &[&str] = &[
     -- The snapshot a restored sandbox came from.
     ALTER TABLE sandboxes ADD COLUMN snapshot_id TEXT;
     "#,
+    r#"
+    -- The warm pool: sandboxes booted ahead of any job. A row is written before its VM is
+    -- cloned; the job that takes one gets a sandboxes row for the same VM in the same
+    -- transaction that deletes this one, so a VM is never in both tables, nor taken twice.
+    CREATE TABLE pool_sandboxes (
+        id TEXT PRIMARY KEY,
+        profile TEXT NOT NULL,
+        backend TEXT NOT NULL,
+        vm_ref TEXT,
+        state TEXT NOT NULL,
+        cores INTEGER NOT NULL,
+        memory_mb INTEGER NOT NULL,
+        disk_gb INTEGER NOT NULL,
+        -- The boot phases done, as JSON phase runs, for the job's phase list.
+        phases_json TEXT NOT NULL DEFAULT '[]',
+        start_method TEXT,
+        snapshot_id TEXT,
+        created_ms INTEGER NOT NULL,
+        ready_ms INTEGER,
+        updated_ms INTEGER NOT NULL,
+        error TEXT
+    );
+    CREATE INDEX pool_by_profile ON pool_sandboxes (profile, state, created_ms);
+    ALTER TABLE sandboxes ADD COLUMN from_pool INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
@@ -199,7 +224,7 @@ mod tests {
             .conn()
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 4);
+        assert_eq!(version, MIGRATIONS.len());
         let before = store.get_sandbox("sandbox-j1").unwrap().unwrap();
         assert_eq!(before.vm_ref.as_deref(), Some("vm-1"));
         assert_eq!((before.start_method, before.snapshot_id), (None, None));

@@ -1,7 +1,7 @@
 //! The daemon's state in SQLite (bundled, WAL, versioned migrations): jobs, sandboxes (and their
-//! leases), events, phase runs, artifacts and tokens; paging of the lists; retention. Every write
-//! that changes a job's course happens in one transaction with the event that records it, so a
-//! crash never leaves the two apart.
+//! leases), the warm pool's sandboxes, events, phase runs, artifacts and tokens; paging of the
+//! lists; retention. Every write that changes a job's course happens in one transaction with the
+//! event that records it, so a crash never leaves the two apart.
 //!
 //! The `Store` methods are blocking. Async code reaches them through [`Store::call`], which runs the
 //! closure on tokio's blocking pool, never on an executor thread.
@@ -13,6 +13,7 @@ mod events;
 mod jobs;
 mod migrations;
 mod paging;
+mod pool;
 mod retention;
 mod sandboxes;
 mod tokens;
@@ -29,6 +30,7 @@ use rusqlite::Connection;
 pub use admission::{AdmissionView, Holding, QueuedJob};
 pub use jobs::{GuestProgress, NewJob, PendingOutcome, PhaseLimit};
 pub use paging::{BadCursor, JobCursor, Page, SandboxCursor};
+pub use pool::{Claim, ClaimTerms};
 pub use retention::{job_artifacts_path, job_bundle_path, job_log_path};
 pub use sandboxes::{LeaseRenewal, MAX_LEASE};
 pub use tokens::TokenKind;
@@ -186,6 +188,7 @@ mod tests {
             error: None,
             start_method: None,
             snapshot_id: None,
+            from_pool: false,
         }
     }
 

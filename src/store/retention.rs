@@ -173,6 +173,7 @@ mod tests {
                 error: None,
                 start_method: None,
                 snapshot_id: None,
+                from_pool: false,
             })
             .unwrap();
         store.start_job(job_id, &sb.id).unwrap();

@@ -37,7 +37,7 @@ pub enum LeaseRenewal {
 const SANDBOX_COLUMNS: &str =
     "id, job_id, backend, vm_ref, state, phase, profile, cores, memory_mb, \
      disk_gb, keepalive, lease_expires_ms, created_ms, updated_ms, destroyed_ms, error, \
-     start_method, snapshot_id";
+     start_method, snapshot_id, from_pool";
 
 fn sandbox_from_row(row: &Row<'_>) -> Result<Sandbox, StoreError> {
     let state: String = row.get(4)?;
@@ -64,6 +64,7 @@ fn sandbox_from_row(row: &Row<'_>) -> Result<Sandbox, StoreError> {
             .map(|m| parse_column("sandboxes", &m))
             .transpose()?,
         snapshot_id: row.get(17)?,
+        from_pool: row.get(18)?,
     })
 }
 
@@ -413,6 +414,7 @@ mod tests {
                 error: None,
                 start_method: None,
                 snapshot_id: None,
+                from_pool: false,
             })
             .unwrap();
         store.start_job(&job_id, &sb.id).unwrap();

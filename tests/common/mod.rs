@@ -150,6 +150,7 @@ impl Harness {
             guest_url: "http://10.0.2.100".into(),
             clock: Clock::new(),
             live,
+            pool: Default::default(),
             instance: test_instance(),
         });
         let host = ManualSampler::new(readings);
