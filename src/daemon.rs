@@ -70,7 +70,7 @@ pub fn check(config_path: &Path) -> Result<CheckReport, DaemonError> {
     let profiles = Profiles::load_dir(&config.profiles_dir)?;
     let tuning_files = yaml_files(&config.tuning_dir)?;
     for file in &tuning_files {
-        Tuning::load(file)?;
+        Tuning::load(file)?.pool.check_profiles(file, &profiles)?;
     }
     if !tuning_files.contains(&config.tuning_path()) {
         return Err(ConfigError::Other {
@@ -229,7 +229,11 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
             .map_err(|e| DaemonError::Unsupported(e.to_string()))??
     };
     let profiles = Profiles::load_dir(&config.profiles_dir)?;
-    let tuning = TuningHandle::new(Tuning::load(&config.tuning_path())?);
+    let tuning = Tuning::load(&config.tuning_path())?;
+    tuning
+        .pool
+        .check_profiles(&config.tuning_path(), &profiles)?;
+    let tuning = TuningHandle::new(tuning);
     let hub = Arc::new(Hub::default());
     let reports: Arc<dyn GuestSink> = Arc::new(GuestReports {
         store: store.clone(),
@@ -330,6 +334,8 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
                 if let Err(err) = tokio::task::spawn_blocking(move || reload(&svc, &path)).await {
                     tracing::error!(%err, "reload failed");
                 }
+                // New pool sizes take effect now: surplus goes, deficits are refilled.
+                daemon.supervisor.do_send(crate::actors::pool::Tidy);
             }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
@@ -343,17 +349,27 @@ pub async fn run(config: Config, config_path: PathBuf) -> Result<(), DaemonError
 /// SIGHUP: puts new tuning, profiles and the config file's reloadable keys in force; an invalid
 /// file keeps the old values.
 fn reload(svc: &Services, config_path: &Path) {
-    let tuning_path = svc.config.tuning_path();
-    match svc.tuning.reload(&tuning_path) {
-        Ok(_) => tracing::info!(file = %tuning_path.display(), "tuning reloaded"),
-        Err(err) => tracing::error!(%err, "tuning not reloaded; the old values stay in force"),
-    }
+    // Profiles first: the tuning's pool names profiles, and is checked against these.
     match Profiles::load_dir(&svc.config.profiles_dir) {
         Ok(profiles) => {
             svc.set_profiles(profiles);
             tracing::info!("profiles reloaded");
         }
         Err(err) => tracing::error!(%err, "profiles not reloaded; the old ones stay in force"),
+    }
+    let tuning_path = svc.config.tuning_path();
+    let fresh = Tuning::load(&tuning_path).and_then(|tuning| {
+        tuning
+            .pool
+            .check_profiles(&tuning_path, &svc.profiles())
+            .map(|()| tuning)
+    });
+    match fresh {
+        Ok(tuning) => {
+            svc.tuning.put(tuning);
+            tracing::info!(file = %tuning_path.display(), "tuning reloaded");
+        }
+        Err(err) => tracing::error!(%err, "tuning not reloaded; the old values stay in force"),
     }
     match Config::load(config_path) {
         Ok(config) => {

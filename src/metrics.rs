@@ -34,6 +34,10 @@ pub struct Metrics {
     pub actor_restarts: IntCounterVec,
     /// Sum of the live sandboxes' PSS, as the backend last measured it.
     pub sandbox_memory_pss_bytes: Gauge,
+    /// READY pool sandboxes per profile, read from the store at scrape time.
+    pub pool_ready: IntGaugeVec,
+    /// Admitted jobs of a pooled profile: `result` = hit (took a READY sandbox) or miss.
+    pub pool_claims: IntCounterVec,
     pub governor: GovernorMetrics,
 }
 
@@ -231,6 +235,20 @@ impl Metrics {
                 "agentlab_sandbox_memory_pss_bytes",
                 "Host memory live sandboxes really hold (sum of their VMs' PSS)",
             ))?,
+            pool_ready: IntGaugeVec::new(
+                Opts::new(
+                    "agentlab_pool_ready",
+                    "Idle READY pool sandboxes waiting for a job, per profile",
+                ),
+                &["profile"],
+            )?,
+            pool_claims: IntCounterVec::new(
+                Opts::new(
+                    "agentlab_pool_claims_total",
+                    "Jobs of a pooled profile admitted, by whether they took a pool sandbox",
+                ),
+                &["profile", "result"],
+            )?,
             governor: GovernorMetrics::new()?,
             registry,
         };
@@ -264,6 +282,12 @@ impl Metrics {
         metrics
             .registry
             .register(Box::new(metrics.sandbox_memory_pss_bytes.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.pool_ready.clone()))?;
+        metrics
+            .registry
+            .register(Box::new(metrics.pool_claims.clone()))?;
         metrics.governor.register(&metrics.registry)?;
         for reason in crate::governor::policy::Throttle::ALL {
             metrics
@@ -305,6 +329,13 @@ impl Metrics {
         self.governor
             .queue_length
             .set(i64::try_from(store.queue_length()?).unwrap_or(i64::MAX));
+        // Profiles whose pool emptied or went away drop out rather than linger at a stale count.
+        self.pool_ready.reset();
+        for (profile, count) in store.count_pool_ready()? {
+            self.pool_ready
+                .with_label_values(&[profile.as_str()])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
         let mut buffer = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut buffer)?;
         Ok(String::from_utf8_lossy(&buffer).into_owned())

@@ -26,7 +26,7 @@ use crate::config::governor::GovernorTuning;
 use crate::config::tuning::Tuning;
 use crate::governor::boot_cap::{BootOutcome, CapChange};
 use crate::governor::policy::{
-    doomed, Block, Budgets, Committed, Decision, Demand, Policy, Throttle,
+    doomed, static_blocks, Block, Budgets, Committed, Decision, Demand, Policy, Throttle,
 };
 use crate::governor::readings::HostReadings;
 use crate::governor::sampler::Sampler;
@@ -47,6 +47,23 @@ pub struct Candidate {
     pub job_id: String,
     /// None when its profile no longer exists (its lifecycle fails it at once).
     pub demand: Option<Demand>,
+    /// The profile whose READY pool sandbox it may take; None when it must start its own.
+    pub pool_profile: Option<String>,
+}
+
+/// An idle READY pool sandbox (its resources are already in `Ask::committed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdlePool {
+    pub id: String,
+    pub profile: String,
+    pub demand: Demand,
+}
+
+/// One pool sandbox missing from its profile's target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refill {
+    pub profile: String,
+    pub demand: Demand,
 }
 
 /// A queued job with a deadline, and its place in the queue (1 = next).
@@ -71,6 +88,10 @@ pub struct Ask {
     pub now_ms: i64,
     /// The backend's disk measurement for this round; None when it failed (the last one stands).
     pub disk: Option<DiskUsage>,
+    /// Idle READY pool sandboxes, oldest first.
+    pub pool: Vec<IdlePool>,
+    /// Pool sandboxes to boot if nothing waits, in order.
+    pub refill: Vec<Refill>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, MessageResponse)]
@@ -81,14 +102,88 @@ pub struct Answer {
     pub never: Option<(String, String)>,
     /// Jobs whose deadline predictably passes before they would start: fail them with the reason.
     pub doomed: Vec<(String, String)>,
+    /// Those of `admit` that take a READY pool sandbox of their profile.
+    pub hits: Vec<String>,
+    /// Idle pool sandboxes to destroy: the queue's head needs their room.
+    pub evict: Vec<String>,
+    /// Profiles to boot one more pool sandbox of (one entry each).
+    pub refill: Vec<String>,
 }
 
-/// Admission without the governor: up to the free slots, in order.
-pub fn ungoverned(head: &[Candidate], free: usize) -> Answer {
-    Answer {
-        admit: head.iter().take(free).map(|c| c.job_id.clone()).collect(),
-        ..Answer::default()
+/// Takes the first idle pool sandbox `candidate` may have out of `idle`.
+fn take_pooled(candidate: &Candidate, idle: &mut Vec<IdlePool>) -> bool {
+    let Some(profile) = &candidate.pool_profile else {
+        return false;
+    };
+    match idle.iter().position(|p| &p.profile == profile) {
+        Some(at) => {
+            idle.remove(at);
+            true
+        }
+        None => false,
     }
+}
+
+/// Admission without the governor: pool hits, then up to the free slots in order (an idle pool
+/// sandbox goes to make a slot for the head), then refills into the slots left if nothing waits.
+pub fn ungoverned(head: &[Candidate], free: usize, pool: &[IdlePool], refill: &[Refill]) -> Answer {
+    let mut answer = Answer::default();
+    let mut idle = pool.to_vec();
+    let mut used = 0;
+    let mut waits = false;
+    for candidate in head {
+        if take_pooled(candidate, &mut idle) {
+            answer.hits.push(candidate.job_id.clone());
+            answer.admit.push(candidate.job_id.clone());
+            continue;
+        }
+        if used >= free {
+            if !idle.is_empty() {
+                answer.evict.push(idle.remove(0).id);
+            }
+            waits = true;
+            break;
+        }
+        used += 1;
+        answer.admit.push(candidate.job_id.clone());
+    }
+    if !waits {
+        for wanted in refill.iter().take(free.saturating_sub(used)) {
+            answer.refill.push(wanted.profile.clone());
+        }
+    }
+    answer
+}
+
+/// The oldest idle pool sandboxes to destroy so that one more sandbox of `demand` fits the
+/// static budget (and, with `need_slot`, gets a slot under `max_concurrent`): as few as do it,
+/// or all of them when even that is not enough (the pool gives way before a queued job).
+fn make_room(
+    g: &GovernorTuning,
+    readings: Option<&HostReadings>,
+    committed: &Committed,
+    demand: Option<&Demand>,
+    idle: &mut Vec<IdlePool>,
+    mut need_slot: bool,
+) -> Vec<String> {
+    let mut trial = committed.clone();
+    let mut evict = Vec::new();
+    while !idle.is_empty() {
+        let short = match (readings, demand) {
+            (Some(readings), Some(demand)) if g.enabled => {
+                !matches!(static_blocks(g, readings, &trial, demand), Ok(b) if b.is_empty())
+            }
+            _ => false,
+        };
+        if !need_slot && !short {
+            break;
+        }
+        let oldest = idle.remove(0);
+        trial.remove_named(&oldest.demand, &oldest.id);
+        evict.push(oldest.id);
+        need_slot = false;
+    }
+    evict
 }
 
 /// The governor's state for `GET /v1/governor`; `committed` is a fresh tally when the caller has
@@ -477,13 +572,50 @@ impl ResourceGovernor {
         committed.measured(&self.disk_usage);
         let mut answer = Answer::default();
         let mut waiting = None;
+        let mut idle = ask.pool.clone();
+        // Admissions that take a slot of their own (a pool hit's sandbox holds one already).
+        let mut slots_used = 0;
         for candidate in &ask.head {
-            if answer.admit.len() >= ask.free {
+            if candidate.pool_profile.is_some()
+                && idle
+                    .iter()
+                    .any(|p| Some(&p.profile) == candidate.pool_profile.as_ref())
+            {
+                let blocks = match &self.readings {
+                    Some(_) if g.enabled => self.policy.dynamic_blocks(g, &committed),
+                    _ => Vec::new(),
+                };
+                if let Some(first) = blocks.first().cloned() {
+                    waiting = Some((first.reason.as_str().to_owned(), first.detail, blocks));
+                    break;
+                }
+                take_pooled(candidate, &mut idle);
+                answer.hits.push(candidate.job_id.clone());
+                answer.admit.push(candidate.job_id.clone());
+                continue;
+            }
+            if slots_used >= ask.free {
+                answer.evict = make_room(
+                    g,
+                    self.readings.as_ref(),
+                    &committed,
+                    candidate.demand.as_ref(),
+                    &mut idle,
+                    true,
+                );
+                let making_room = if answer.evict.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; {} idle pool sandboxes go to make room",
+                        answer.evict.len()
+                    )
+                };
                 waiting = Some((
                     "max_concurrent".to_owned(),
                     format!(
-                        "admission.max_concurrent ({}) sandboxes are live (running, kept or \
-                         being destroyed)",
+                        "admission.max_concurrent ({}) sandboxes are live (running, kept, in the \
+                         pool or being destroyed){making_room}",
                         tuning.admission.max_concurrent
                     ),
                     Vec::new(),
@@ -491,10 +623,12 @@ impl ResourceGovernor {
                 break;
             }
             let Some(demand) = candidate.demand else {
+                slots_used += 1;
                 answer.admit.push(candidate.job_id.clone());
                 continue;
             };
             if !g.enabled {
+                slots_used += 1;
                 committed.add_named(&demand, true, sandbox_name_for(&candidate.job_id));
                 answer.admit.push(candidate.job_id.clone());
                 continue;
@@ -509,12 +643,27 @@ impl ResourceGovernor {
             };
             match self.policy.decide(g, readings, &committed, &demand) {
                 Decision::Admit => {
+                    slots_used += 1;
                     committed.add_named(&demand, true, sandbox_name_for(&candidate.job_id));
                     answer.admit.push(candidate.job_id.clone());
                 }
-                Decision::Wait(blocks) => {
-                    let first = blocks.first().cloned();
-                    if let Some(first) = first {
+                Decision::Wait(mut blocks) => {
+                    answer.evict = make_room(
+                        g,
+                        Some(readings),
+                        &committed,
+                        Some(&demand),
+                        &mut idle,
+                        false,
+                    );
+                    if let Some(first) = blocks.first_mut() {
+                        if !answer.evict.is_empty() {
+                            first.detail.push_str(&format!(
+                                "; {} idle pool sandboxes go to make room",
+                                answer.evict.len()
+                            ));
+                        }
+                        let first = first.clone();
                         waiting = Some((first.reason.as_str().to_owned(), first.detail, blocks));
                     }
                     break;
@@ -530,6 +679,14 @@ impl ResourceGovernor {
         }
         let admitted = answer.admit.len();
         let waiting_after = ask.queue_length.saturating_sub(admitted as u64);
+        if waiting_after == 0 && answer.never.is_none() {
+            answer.refill = self.refills(
+                g,
+                &mut committed,
+                &ask.refill,
+                ask.free - slots_used.min(ask.free),
+            );
+        }
         self.note_admissions(admitted, waiting_after);
         if tuning.admission.predict_deadlines {
             if let Some(rate) = self.admission_rate() {
@@ -575,6 +732,31 @@ impl ResourceGovernor {
             .booting
             .set(i64::from(self.committed.booting));
         answer
+    }
+
+    /// The pool sandboxes to boot now, in order, into `free` slots: each must pass the same
+    /// rules as a job (budget, boot cap, pressure); the first that does not stops the refill.
+    fn refills(
+        &self,
+        g: &GovernorTuning,
+        committed: &mut Committed,
+        wanted: &[Refill],
+        free: usize,
+    ) -> Vec<String> {
+        let mut refill = Vec::new();
+        for one in wanted.iter().take(free) {
+            if g.enabled {
+                let Some(readings) = &self.readings else {
+                    break;
+                };
+                if self.policy.decide(g, readings, committed, &one.demand) != Decision::Admit {
+                    break;
+                }
+            }
+            committed.add(&one.demand, true);
+            refill.push(one.profile.clone());
+        }
+        refill
     }
 
     fn status(&self, committed: Option<Committed>) -> GovernorStatus {

@@ -11,6 +11,8 @@ pub mod lifecycle;
 pub mod pool;
 pub mod pool_book;
 pub mod pool_boot;
+pub mod pool_plan;
+pub mod pool_status;
 pub mod reconciler;
 pub mod restore;
 pub mod retention;
@@ -45,7 +47,12 @@ pub fn start_supervisor(
     let context = Context::<Supervisor>::new();
     let governor =
         ResourceGovernor::new(Arc::clone(&svc), sampler, context.address().recipient()).start();
-    let supervisor = context.run(Supervisor::new(svc).with_governor(governor.clone()));
+    let pool = pool::PoolKeeper::new(Arc::clone(&svc), context.address().recipient()).start();
+    let supervisor = context.run(
+        Supervisor::new(svc)
+            .with_governor(governor.clone())
+            .with_pool(pool),
+    );
     (supervisor, governor)
 }
 

@@ -305,6 +305,79 @@ pub async fn destroy_pool_sandbox(
     }
 }
 
+/// How long a READY pool sandbox's guest agent has to answer after a restart to be adopted.
+const ADOPT_PING: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// At start-up, before anything is admitted: the pool sandboxes the last daemon left. BOOTING
+/// and DESTROYING ones are destroyed (a boot is not resumed); a READY one is adopted again when
+/// its profile still keeps a pool, it is younger than `pool.max_idle` and its guest agent
+/// answers, and destroyed otherwise. A failed destroy stays DESTROYING for the keeper's retry.
+/// Returns the ids adopted.
+pub async fn settle_pool(svc: &Services) -> Result<Vec<String>, StoreError> {
+    let rows = svc.store.call(|s| s.pool_sandboxes()).await?;
+    let tuning = svc.tuning.get();
+    let since = super::pool_plan::ready_since_ms(&tuning.pool, svc.clock.now_ms());
+    let mut adopted = Vec::new();
+    for row in rows {
+        let why = match row.state {
+            SandboxState::Ready => adoption_refused(svc, &row, &tuning.pool, since).await,
+            _ => Some("its boot was cut off by the daemon's restart".to_owned()),
+        };
+        let Some(why) = why else {
+            tracing::info!(sandbox = %row.id, profile = %row.profile, "adopted a READY pool sandbox");
+            adopted.push(row.id);
+            continue;
+        };
+        tracing::info!(sandbox = %row.id, %why, "destroying a pool sandbox the last daemon left");
+        let from = &[
+            SandboxState::Booting,
+            SandboxState::Ready,
+            SandboxState::Destroying,
+        ];
+        match destroy_pool_sandbox(svc, &row.id, from, Some(&why)).await {
+            Ok(_) => {}
+            Err(PoolDestroyError::Store(err)) => return Err(err),
+            Err(err) => {
+                tracing::warn!(sandbox = %row.id, %err, "destroying a pool sandbox failed; it is retried")
+            }
+        }
+    }
+    Ok(adopted)
+}
+
+/// Why a READY pool sandbox found at start-up is not adopted again; None: it is.
+async fn adoption_refused(
+    svc: &Services,
+    row: &PoolSandbox,
+    pool: &crate::config::pool::PoolTuning,
+    ready_since_ms: i64,
+) -> Option<String> {
+    if pool.target(&row.profile) == 0 {
+        return Some(format!(
+            "the {} profile keeps no pool any more",
+            row.profile
+        ));
+    }
+    if row.ready_at_ms.is_none_or(|ready| ready < ready_since_ms) {
+        return Some("idle for longer than pool.max_idle".to_owned());
+    }
+    let Some(vm_ref) = row.vm_ref.clone() else {
+        return Some("no VM recorded".to_owned());
+    };
+    let vm = crate::backend::VmHandle {
+        name: row.id.clone(),
+        vm_ref,
+    };
+    match tokio::time::timeout(ADOPT_PING, svc.backend.agent_ping(&vm)).await {
+        Ok(Ok(())) => None,
+        Ok(Err(err)) => Some(format!("its guest agent did not answer: {err}")),
+        Err(_) => Some(format!(
+            "its guest agent did not answer within {}s",
+            ADOPT_PING.as_secs()
+        )),
+    }
+}
+
 impl Actor for PoolKeeper {
     type Context = Context<Self>;
 }

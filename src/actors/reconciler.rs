@@ -6,7 +6,8 @@
 //!   if it carries this daemon's instance id; one that carries another id, or none (made by hand,
 //!   by another agentlabd on the same host, or by a daemon from before instance ids), is left
 //!   alone and reported as foreign: warned about when first seen, listed in `GET /v1/status`;
-//! - what the backend keeps outside its VMs for VMs that are gone (pve snippets) is swept.
+//! - what the backend keeps outside its VMs for VMs that are gone (pve snippets) is swept;
+//! - the warm pool's VMs count as known (their rows are the PoolKeeper's to settle).
 
 use std::collections::HashSet;
 
@@ -59,9 +60,9 @@ pub async fn reconcile(
     // List the backend before reading the store: a sandbox row is written before its VM is
     // cloned, so any VM in this listing already has its row by the time the store is read.
     let vms = svc.backend.list_vms().await?;
-    let (running_jobs, live) = svc
+    let (running_jobs, live, pooled) = svc
         .store
-        .call(|s| Ok((s.running_jobs()?, s.live_sandboxes()?)))
+        .call(|s| Ok((s.running_jobs()?, s.live_sandboxes()?, s.pool_sandboxes()?)))
         .await?;
 
     report.resume = running_jobs
@@ -88,7 +89,12 @@ pub async fn reconcile(
         }
     }
 
-    let known: HashSet<&str> = live.iter().map(|s| s.id.as_str()).collect();
+    // Pool sandboxes are the PoolKeeper's (and, at start-up, `pool::settle_pool`'s).
+    let known: HashSet<&str> = live
+        .iter()
+        .map(|s| s.id.as_str())
+        .chain(pooled.iter().map(|p| p.id.as_str()))
+        .collect();
     let ours = svc.instance.id.as_str();
     for listed in vms {
         let vm = listed.vm;

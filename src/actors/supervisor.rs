@@ -20,14 +20,18 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use super::governor::{self, Ask, Candidate, QueuedDeadline, ResourceGovernor};
+use super::governor::{self, Answer, Ask, Candidate, QueuedDeadline, ResourceGovernor};
 use super::lifecycle::{self, Signals};
+use super::pool::{PoolKeeper, Provision, StopBoots};
+use super::pool_plan;
 use super::reconciler;
 use super::sandbox::{Exit, SandboxActor, SandboxExited};
 use super::Services;
 use crate::governor::policy::Demand;
-use crate::model::{sandbox_name_for, JobStatus, SandboxState};
-use crate::store::StoreError;
+use crate::model::{
+    new_pool_sandbox_name, sandbox_name_for, JobStatus, PoolSandbox, SandboxState, StartMode,
+};
+use crate::store::{ClaimTerms, QueuedJob, StoreError};
 
 /// How many of the queue's first jobs one admission round considers at most.
 const HEAD_MAX: usize = 64;
@@ -45,6 +49,7 @@ struct Running {
 pub struct Supervisor {
     svc: Arc<Services>,
     governor: Option<Addr<ResourceGovernor>>,
+    pool: Option<Addr<PoolKeeper>>,
     running: HashMap<String, Running>,
     /// Jobs whose VM is being destroyed outside an actor: never resumed or respawned.
     tearing_down: HashSet<String>,
@@ -113,6 +118,7 @@ impl Supervisor {
         Supervisor {
             svc,
             governor: None,
+            pool: None,
             running: HashMap::new(),
             tearing_down: HashSet::new(),
             reconciled: false,
@@ -126,6 +132,11 @@ impl Supervisor {
     /// Admission asks this governor; without one, jobs start up to `max_concurrent`.
     pub fn with_governor(mut self, governor: Addr<ResourceGovernor>) -> Self {
         self.governor = Some(governor);
+        self
+    }
+
+    pub fn with_pool(mut self, pool: Addr<PoolKeeper>) -> Self {
+        self.pool = Some(pool);
         self
     }
 
@@ -180,7 +191,12 @@ impl Supervisor {
             limit,
             actors: self.running.len() + self.tearing_down.len(),
         };
-        let round = admission_round(Arc::clone(&self.svc), self.governor.clone(), slots);
+        let round = admission_round(
+            Arc::clone(&self.svc),
+            self.governor.clone(),
+            self.pool.clone(),
+            slots,
+        );
         ctx.spawn(round.into_actor(self).map(|result, supervisor, ctx| {
             supervisor.admitting = false;
             match result {
@@ -358,6 +374,8 @@ impl Actor for Supervisor {
 #[derive(Debug, Default)]
 struct Round {
     started: Vec<String>,
+    /// Those of `started` that took a pool sandbox.
+    hits: Vec<String>,
     /// The head was failed (it can never fit): look at the queue again at once.
     again: bool,
 }
@@ -384,6 +402,7 @@ impl Slots {
 async fn admission_round(
     svc: Arc<Services>,
     governor: Option<Addr<ResourceGovernor>>,
+    pool: Option<Addr<PoolKeeper>>,
     slots: Slots,
 ) -> Result<Round, StoreError> {
     let now = svc.clock.now_ms();
@@ -411,8 +430,22 @@ async fn admission_round(
             demand: profiles
                 .get(&job.profile)
                 .map(|p| crate::governor::effective(svc.backend.as_ref(), Demand::of(p))),
+            // A job that asked for a cold boot or a restore gets what it asked for.
+            pool_profile: (job.start == StartMode::Auto).then(|| job.profile.clone()),
         })
         .collect();
+    let tuning = svc.tuning.get();
+    let plan = match pool {
+        Some(_) => pool_plan::plan(
+            &view.holdings,
+            &tuning.pool,
+            &profiles,
+            now,
+            |profile| svc.pool.may_refill(profile, now),
+            |d| crate::governor::effective(svc.backend.as_ref(), d),
+        ),
+        None => pool_plan::PoolPlan::default(),
+    };
     let answer = match governor {
         Some(governor) => {
             // One measurement for every VM; a failure keeps the governor's last one.
@@ -443,20 +476,44 @@ async fn admission_round(
                     .collect(),
                 now_ms: now,
                 disk,
+                pool: plan.idle.clone(),
+                refill: plan.refill.clone(),
             };
             match governor.send(ask).await {
                 Ok(answer) => answer,
                 Err(err) => {
                     tracing::error!(%err, "the governor did not answer; admitting by max_concurrent alone");
-                    governor::ungoverned(&head, free)
+                    governor::ungoverned(&head, free, &plan.idle, &plan.refill)
                 }
             }
         }
-        None => governor::ungoverned(&head, free),
+        None => governor::ungoverned(&head, free, &plan.idle, &plan.refill),
     };
-    if answer.admit.is_empty() && answer.never.is_none() && answer.doomed.is_empty() {
+    if let (Some(pool), false) = (&pool, answer.evict.is_empty()) {
+        pool.do_send(super::pool::Evict(answer.evict.clone()));
+    }
+    if answer.admit.is_empty()
+        && answer.never.is_none()
+        && answer.doomed.is_empty()
+        && answer.refill.is_empty()
+    {
         return Ok(Round::default());
     }
+    let boots = pool_rows(&svc, &answer.refill, &profiles);
+    let claims = claim_terms(&svc, &view.head, &answer, &profiles, &tuning.pool, now);
+    let pooled: Vec<String> = tuning
+        .pool
+        .profiles
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(p, _)| p.clone())
+        .collect();
+    let profile_of: HashMap<String, String> = view
+        .head
+        .iter()
+        .map(|j| (j.id.clone(), j.profile.clone()))
+        .collect();
+    let rows = boots.clone();
     let (round, events) = svc
         .store
         .call(move |s| {
@@ -467,11 +524,24 @@ async fn admission_round(
             };
             let mut events = Vec::new();
             for id in answer.admit {
+                if let Some((profile, terms)) = claims.get(&id) {
+                    match s.start_job_from_pool(&id, profile, terms)? {
+                        Some(claim) => {
+                            events.extend(claim.events);
+                            round.started.push(id.clone());
+                            round.hits.push(id);
+                        }
+                        // Taken for destroying since the round looked: the next round decides.
+                        None => round.again = true,
+                    }
+                    continue;
+                }
                 if let Some(event) = s.start_job(&id, &sandbox_name_for(&id))? {
                     events.push(event);
                     round.started.push(id);
                 }
             }
+            s.insert_pool_sandboxes(&rows)?;
             if let Some((id, reason)) = answer.never {
                 tracing::warn!(job = %id, %reason, "failing a queued job");
                 events.extend(s.finish_job(&id, JobStatus::Failed, None, Some(&reason))?);
@@ -489,7 +559,85 @@ async fn admission_round(
         .governor
         .admitted
         .inc_by(round.started.len() as u64);
+    for id in &round.started {
+        let Some(profile) = profile_of.get(id).filter(|p| pooled.contains(p)) else {
+            continue;
+        };
+        let hit = round.hits.contains(id);
+        if hit {
+            svc.pool.hit(profile);
+        } else {
+            svc.pool.miss(profile);
+        }
+        svc.metrics
+            .pool_claims
+            .with_label_values(&[profile.as_str(), if hit { "hit" } else { "miss" }])
+            .inc();
+    }
+    if let (Some(pool), false) = (&pool, boots.is_empty()) {
+        pool.do_send(Provision(boots));
+    }
     Ok(round)
+}
+
+/// The BOOTING rows of the pool sandboxes a round decided to boot, written in the round's own
+/// store call so that the next round's governor counts them at once.
+fn pool_rows(
+    svc: &Services,
+    profiles_to_boot: &[String],
+    profiles: &crate::config::profile::Profiles,
+) -> Vec<PoolSandbox> {
+    let now = svc.clock.now_ms();
+    profiles_to_boot
+        .iter()
+        .filter_map(|name| {
+            let profile = profiles.get(name)?;
+            Some(PoolSandbox {
+                id: new_pool_sandbox_name(),
+                profile: name.clone(),
+                backend: svc.backend.kind().as_str().to_owned(),
+                vm_ref: None,
+                state: SandboxState::Booting,
+                cores: profile.resources.cores,
+                memory_mb: profile.resources.memory_mb,
+                disk_gb: profile.storage.root_size_gb,
+                created_at_ms: now,
+                ready_at_ms: None,
+                phases: Vec::new(),
+                start_method: None,
+                snapshot_id: None,
+                error: None,
+            })
+        })
+        .collect()
+}
+
+/// For each admitted pool hit: its profile and what its sandbox row gets (the lease counted as
+/// a fresh sandbox's would be, and only pool sandboxes younger than `max_idle`).
+fn claim_terms(
+    svc: &Services,
+    head: &[QueuedJob],
+    answer: &Answer,
+    profiles: &crate::config::profile::Profiles,
+    pool: &crate::config::pool::PoolTuning,
+    now: i64,
+) -> HashMap<String, (String, ClaimTerms)> {
+    head.iter()
+        .filter(|job| answer.hits.contains(&job.id))
+        .filter_map(|job| {
+            let profile = profiles.get(&job.profile)?;
+            let ttl_minutes = job.ttl_minutes.unwrap_or(profile.ttl_minutes);
+            let terms = ClaimTerms {
+                keepalive: profile.keepalive,
+                lease_expires_ms: svc
+                    .clock
+                    .now_ms()
+                    .saturating_add(i64::from(ttl_minutes) * 60_000),
+                ready_since_ms: pool_plan::ready_since_ms(pool, now),
+            };
+            Some((job.id.clone(), (job.profile.clone(), terms)))
+        })
+        .collect()
 }
 
 impl Handler<Admit> for Supervisor {
@@ -582,6 +730,10 @@ impl Handler<Reconcile> for Supervisor {
         let startup = !self.reconciled;
         ctx.spawn(
             async move {
+                if startup {
+                    // Before the orphan pass: what the last daemon's pool left is settled here.
+                    super::pool::settle_pool(&svc).await?;
+                }
                 let report = reconciler::reconcile(&svc, &active).await?;
                 if !startup {
                     return Ok((report, Vec::new()));
@@ -630,6 +782,9 @@ impl Handler<Reconcile> for Supervisor {
                         if startup {
                             tracing::info!("start-up reconcile done; admitting jobs");
                             supervisor.reconciled = true;
+                            if let Some(pool) = &supervisor.pool {
+                                pool.do_send(super::pool::Tidy);
+                            }
                         }
                     }
                     Err(err) => {
@@ -657,6 +812,9 @@ impl Handler<Shutdown> for Supervisor {
     type Result = ResponseFuture<()>;
     fn handle(&mut self, _: Shutdown, _: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
+        if let Some(pool) = &self.pool {
+            pool.do_send(StopBoots);
+        }
         for entry in self.running.values() {
             entry.signals.suspend();
         }
@@ -684,6 +842,17 @@ impl Handler<Shutdown> for Supervisor {
             }
             let _ = rx.await;
         })
+    }
+}
+
+/// The pool's sizes may have changed (a reload): the keeper looks at once, and admission too.
+impl Handler<super::pool::Tidy> for Supervisor {
+    type Result = ();
+    fn handle(&mut self, _: super::pool::Tidy, ctx: &mut Self::Context) {
+        if let (Some(pool), true) = (&self.pool, self.reconciled) {
+            pool.do_send(super::pool::Tidy);
+        }
+        self.admit(ctx);
     }
 }
 

@@ -70,6 +70,8 @@ pub enum Command {
     Status,
     /// The profiles jobs can run with.
     Profiles,
+    /// The warm pool: per profile its target, READY and booting sandboxes, hits and misses.
+    Pool,
 }
 
 #[derive(Debug, Subcommand)]

@@ -14,6 +14,7 @@ use super::client::{parse, ApiClient};
 use super::exit::{self, CliError};
 use super::follow;
 use super::format;
+use crate::actors::pool_status::PoolStatus;
 use crate::model::{Artifact, Job, Sandbox};
 use crate::urlpath::{encode_path, encode_segment};
 
@@ -82,6 +83,10 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
         Command::Status => {
             let text = client.get_text("/v1/status")?;
             show(out, json, &text, format::status)
+        }
+        Command::Pool => {
+            let text = client.get_text("/v1/pool")?;
+            show(out, json, &text, |p: &PoolStatus| format::pool(p, now))
         }
         Command::Profiles => {
             let text = client.get_text("/v1/profiles")?;

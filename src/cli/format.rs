@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::actors::pool_status::PoolStatus;
 use crate::governor::status::{GovernorStatus, JobQueue, MemoryStatus, SandboxMemory};
 use crate::model::{Artifact, Job, PhaseRun, Sandbox, StartMethod};
 
@@ -704,10 +705,108 @@ pub fn profiles(profiles: &[Value]) -> String {
     table(&header, &rows)
 }
 
+/// `agentlab pool`: a row per profile, then the pool's sandboxes.
+pub fn pool(p: &PoolStatus, now_ms: i64) -> String {
+    if p.profiles.is_empty() {
+        return "no warm pool (tuning's `pool.profiles` is empty)\n".into();
+    }
+    let rows: Vec<Vec<String>> = p
+        .profiles
+        .iter()
+        .map(|profile| {
+            let waits = match (profile.backoff_until_ms, &profile.last_error) {
+                (Some(until), Some(error)) => format!(
+                    "boots wait {} after: {}",
+                    duration((until - now_ms).max(0) as f64 / 1000.0),
+                    clip(error, 60)
+                ),
+                _ => "-".into(),
+            };
+            vec![
+                profile.profile.clone(),
+                profile.target.to_string(),
+                profile.ready.to_string(),
+                profile.booting.to_string(),
+                profile.hits.to_string(),
+                profile.misses.to_string(),
+                profile
+                    .oldest_age_seconds
+                    .map_or_else(|| "-".into(), duration),
+                waits,
+            ]
+        })
+        .collect();
+    let mut out = table(
+        &[
+            "PROFILE", "TARGET", "READY", "BOOTING", "HITS", "MISSES", "OLDEST", "REFILL",
+        ],
+        &rows,
+    );
+    let _ = writeln!(out, "max idle: {}", duration(p.max_idle_seconds as f64));
+    if !p.sandboxes.is_empty() {
+        let rows: Vec<Vec<String>> = p
+            .sandboxes
+            .iter()
+            .map(|view| {
+                let s = &view.sandbox;
+                vec![
+                    s.id.clone(),
+                    s.profile.clone(),
+                    s.state.as_str().to_owned(),
+                    s.ready_at_ms
+                        .map_or_else(|| "-".into(), |at| age(at, now_ms)),
+                    view.memory_pss_bytes.map_or_else(|| "-".into(), mb),
+                ]
+            })
+            .collect();
+        out.push('\n');
+        out.push_str(&table(
+            &["SANDBOX", "PROFILE", "STATE", "READY", "PSS"],
+            &rows,
+        ));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{JobStatus, Phase};
+
+    #[test]
+    fn the_pool_view_shows_each_profile_and_why_refills_wait() {
+        let status = PoolStatus {
+            max_idle_seconds: 1800,
+            profiles: vec![crate::actors::pool_status::ProfilePool {
+                profile: "balanced".into(),
+                target: 2,
+                ready: 1,
+                booting: 1,
+                hits: 7,
+                misses: 3,
+                oldest_age_seconds: Some(90.0),
+                last_error: Some("clone failed".into()),
+                backoff_until_ms: Some(20_000),
+                ..Default::default()
+            }],
+            sandboxes: Vec::new(),
+        };
+        let text = pool(&status, 10_000);
+        let row = text.lines().nth(1).unwrap();
+        for cell in [
+            "balanced",
+            "2",
+            "1",
+            "7",
+            "3",
+            "1m30s",
+            "boots wait 10.0s after: clone failed",
+        ] {
+            assert!(row.contains(cell), "{cell} in {row}");
+        }
+        assert!(text.contains("max idle: 30m00s"), "{text}");
+        assert!(pool(&PoolStatus::default(), 0).contains("no warm pool"));
+    }
 
     fn job() -> Job {
         Job {

@@ -253,6 +253,15 @@ impl TuningHandle {
         }
     }
 
+    /// Puts `tuning` in force.
+    pub fn put(&self, tuning: Tuning) {
+        let fresh = Arc::new(tuning);
+        match self.0.write() {
+            Ok(mut guard) => *guard = fresh,
+            Err(poisoned) => *poisoned.into_inner() = fresh,
+        }
+    }
+
     /// Loads `path` and puts it in force; on error the old values stay and the error is returned.
     pub fn reload(&self, path: &Path) -> Result<Arc<Tuning>, ConfigError> {
         let fresh = Arc::new(Tuning::load(path)?);

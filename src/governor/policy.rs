@@ -159,6 +159,17 @@ impl Committed {
         });
     }
 
+    /// Stops counting an idle sandbox named `vm` (one the pool would give up to make room).
+    pub fn remove_named(&mut self, demand: &Demand, vm: &str) {
+        self.sandboxes = self.sandboxes.saturating_sub(1);
+        self.vcpus = self.vcpus.saturating_sub(u64::from(demand.vcpus));
+        self.memory_mb = self.memory_mb.saturating_sub(demand.memory_mb);
+        self.disk_gb = self.disk_gb.saturating_sub(demand.disk_gb);
+        if let Some(at) = self.disks.iter().position(|d| d.vm == vm) {
+            self.disks.remove(at);
+        }
+    }
+
     /// Takes in the backend's measurement: its provisioning, and what each disk really takes.
     pub fn measured(&mut self, usage: &DiskUsage) {
         self.provisioning = usage.provisioning;
@@ -428,120 +439,144 @@ impl Policy {
         committed: &Committed,
         demand: &Demand,
     ) -> Decision {
-        let budgets = Budgets::of(tuning, readings);
-        let mut blocks = Vec::new();
-
-        // Static: memory.
-        let need_mb = demand.memory_mb + budgets.sandbox_overhead_mb;
-        let reserve = tuning.budget.memory_reserve_mb;
-        if need_mb > budgets.memory_mb {
-            return Decision::Never(Block {
-                reason: Throttle::Memory,
-                detail: format!(
-                    "needs {need_mb} MB with overhead; this host allows {} MB for sandboxes \
-                     ({} MB physical − {reserve} MB reserve)",
-                    budgets.memory_mb,
-                    mb(readings.memory.total_bytes)
-                ),
-            });
-        }
-        let used_mb = budgets.memory_used_mb(committed);
-        if used_mb + need_mb > budgets.memory_mb {
-            blocks.push(Block {
-                reason: Throttle::Memory,
-                detail: format!(
-                    "memory budget: {used_mb} MB committed + {need_mb} MB > {} MB \
-                     (physical − {reserve} MB reserve)",
-                    budgets.memory_mb
-                ),
-            });
-        }
-
-        // Static: vCPUs.
-        let per_core = tuning.budget.vcpus_per_core;
-        if u64::from(demand.vcpus) > budgets.vcpus {
-            return Decision::Never(Block {
-                reason: Throttle::Cpu,
-                detail: format!(
-                    "needs {} vCPUs; this host allows {} ({} cores × {per_core})",
-                    demand.vcpus,
-                    budgets.vcpus,
-                    readings.cores()
-                ),
-            });
-        }
-        if committed.vcpus + u64::from(demand.vcpus) > budgets.vcpus {
-            blocks.push(Block {
-                reason: Throttle::Cpu,
-                detail: format!(
-                    "vCPU budget: {} committed + {} > {} ({} cores × {per_core})",
-                    committed.vcpus,
-                    demand.vcpus,
-                    budgets.vcpus,
-                    readings.cores()
-                ),
-            });
-        }
-
-        // Static: disk.
-        if let Some(block) = disk_block(tuning, &budgets, committed, demand) {
-            if committed.sandboxes == 0 {
-                // Nothing of ours holds space we could wait for: it would wait forever.
-                return Decision::Never(Block {
-                    reason: Throttle::Disk,
-                    detail: format!("with no sandbox running, {}", block.detail),
-                });
-            }
-            blocks.push(block);
-        }
-
-        // The boot cap.
-        let limit = self.boot_limit(tuning);
-        if committed.booting >= limit {
-            blocks.push(Block {
-                reason: Throttle::BootCap,
-                detail: format!(
-                    "{} sandboxes booting; the boot cap is {limit} (cap {:.2})",
-                    committed.booting,
-                    self.boot_cap.value()
-                ),
-            });
-        }
-
-        // Dynamic signals, once the progress floor is met.
-        if committed.sandboxes >= tuning.progress_floor {
-            for signal in Signal::ALL {
-                if !self.tripped[signal.index()] {
-                    continue;
-                }
-                let Some(threshold) = signal.threshold(&tuning.signals) else {
-                    continue;
-                };
-                let value = self.values[signal.index()].unwrap_or(f64::NAN);
-                let unit = signal.unit();
-                let (op, clear_op) = if threshold.trips_below() {
-                    ("≤", "≥")
-                } else {
-                    ("≥", "≤")
-                };
-                blocks.push(Block {
-                    reason: signal.reason(),
-                    detail: format!(
-                        "{} {value:.1}{unit} (tripped at {op} {}{unit}, clears at {clear_op} {}{unit})",
-                        signal.describe(),
-                        threshold.trip,
-                        threshold.clear
-                    ),
-                });
-            }
-        }
-
+        let mut blocks = match static_blocks(tuning, readings, committed, demand) {
+            Ok(blocks) => blocks,
+            Err(never) => return Decision::Never(never),
+        };
+        blocks.extend(self.boot_cap_block(tuning, committed));
+        blocks.extend(self.dynamic_blocks(tuning, committed));
         if blocks.is_empty() {
             Decision::Admit
         } else {
             Decision::Wait(blocks)
         }
     }
+
+    /// The boot cap's block, when as many sandboxes boot as it allows.
+    fn boot_cap_block(&self, tuning: &GovernorTuning, committed: &Committed) -> Option<Block> {
+        let limit = self.boot_limit(tuning);
+        (committed.booting >= limit).then(|| Block {
+            reason: Throttle::BootCap,
+            detail: format!(
+                "{} sandboxes booting; the boot cap is {limit} (cap {:.2})",
+                committed.booting,
+                self.boot_cap.value()
+            ),
+        })
+    }
+
+    /// The tripped dynamic signals, once the progress floor is met. These alone hold a job that
+    /// takes a sandbox already booted (the pool's): it needs no budget or boot of its own, but
+    /// its command loads the host like any other.
+    pub fn dynamic_blocks(&self, tuning: &GovernorTuning, committed: &Committed) -> Vec<Block> {
+        let mut blocks = Vec::new();
+        if committed.sandboxes < tuning.progress_floor {
+            return blocks;
+        }
+        for signal in Signal::ALL {
+            if !self.tripped[signal.index()] {
+                continue;
+            }
+            let Some(threshold) = signal.threshold(&tuning.signals) else {
+                continue;
+            };
+            let value = self.values[signal.index()].unwrap_or(f64::NAN);
+            let unit = signal.unit();
+            let (op, clear_op) = if threshold.trips_below() {
+                ("≤", "≥")
+            } else {
+                ("≥", "≤")
+            };
+            blocks.push(Block {
+                reason: signal.reason(),
+                detail: format!(
+                    "{} {value:.1}{unit} (tripped at {op} {}{unit}, clears at {clear_op} {}{unit})",
+                    signal.describe(),
+                    threshold.trip,
+                    threshold.clear
+                ),
+            });
+        }
+        blocks
+    }
+}
+
+/// The static budget's blocks for one more sandbox of `demand` (memory, vCPUs, disk), or
+/// Err with the rule it can never meet on this host.
+pub fn static_blocks(
+    tuning: &GovernorTuning,
+    readings: &HostReadings,
+    committed: &Committed,
+    demand: &Demand,
+) -> Result<Vec<Block>, Block> {
+    let budgets = Budgets::of(tuning, readings);
+    let mut blocks = Vec::new();
+
+    // Static: memory.
+    let need_mb = demand.memory_mb + budgets.sandbox_overhead_mb;
+    let reserve = tuning.budget.memory_reserve_mb;
+    if need_mb > budgets.memory_mb {
+        return Err(Block {
+            reason: Throttle::Memory,
+            detail: format!(
+                "needs {need_mb} MB with overhead; this host allows {} MB for sandboxes \
+                 ({} MB physical − {reserve} MB reserve)",
+                budgets.memory_mb,
+                mb(readings.memory.total_bytes)
+            ),
+        });
+    }
+    let used_mb = budgets.memory_used_mb(committed);
+    if used_mb + need_mb > budgets.memory_mb {
+        blocks.push(Block {
+            reason: Throttle::Memory,
+            detail: format!(
+                "memory budget: {used_mb} MB committed + {need_mb} MB > {} MB \
+                 (physical − {reserve} MB reserve)",
+                budgets.memory_mb
+            ),
+        });
+    }
+
+    // Static: vCPUs.
+    let per_core = tuning.budget.vcpus_per_core;
+    if u64::from(demand.vcpus) > budgets.vcpus {
+        return Err(Block {
+            reason: Throttle::Cpu,
+            detail: format!(
+                "needs {} vCPUs; this host allows {} ({} cores × {per_core})",
+                demand.vcpus,
+                budgets.vcpus,
+                readings.cores()
+            ),
+        });
+    }
+    if committed.vcpus + u64::from(demand.vcpus) > budgets.vcpus {
+        blocks.push(Block {
+            reason: Throttle::Cpu,
+            detail: format!(
+                "vCPU budget: {} committed + {} > {} ({} cores × {per_core})",
+                committed.vcpus,
+                demand.vcpus,
+                budgets.vcpus,
+                readings.cores()
+            ),
+        });
+    }
+
+    // Static: disk.
+    if let Some(block) = disk_block(tuning, &budgets, committed, demand) {
+        if committed.sandboxes == 0 {
+            // Nothing of ours holds space we could wait for: it would wait forever.
+            return Err(Block {
+                reason: Throttle::Disk,
+                detail: format!("with no sandbox running, {}", block.detail),
+            });
+        }
+        blocks.push(block);
+    }
+
+    Ok(blocks)
 }
 
 /// The disk rule: the storage keeps `disk_min_free_percent` free after the new sandbox. On thick

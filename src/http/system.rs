@@ -14,6 +14,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/health", web::get().to(health))
         .route("/v1/status", web::get().to(status))
         .route("/v1/governor", web::get().to(governor))
+        .route("/v1/pool", web::get().to(pool))
         .route("/v1/profiles", web::get().to(profiles));
 }
 
@@ -48,6 +49,27 @@ async fn governor_status(state: &ApiState) -> Result<GovernorStatus, ApiError> {
 
 async fn governor(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(governor_status(&state).await?))
+}
+
+/// The warm pool, per profile and per sandbox, with what each idle sandbox really holds.
+async fn pool(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
+    let rows = state.svc.store.call(|s| s.pool_sandboxes()).await?;
+    // A failed measurement leaves the sizes out; the pool's counts stand on their own.
+    let memory = state
+        .svc
+        .backend
+        .memory_usage()
+        .await
+        .map(|usage| usage.by_vm)
+        .unwrap_or_default();
+    let status = crate::actors::pool_status::pool_status(
+        rows,
+        &state.svc.tuning.get().pool,
+        &state.svc.pool,
+        &memory,
+        state.svc.clock.now_ms(),
+    );
+    Ok(HttpResponse::Ok().json(status))
 }
 
 async fn health() -> HttpResponse {

@@ -4,8 +4,8 @@
 use rusqlite::params;
 
 use super::events::insert_event;
-use super::{Store, StoreError};
-use crate::model::{now_ms, Event, Phase, SandboxState};
+use super::{parse_column, Store, StoreError};
+use crate::model::{now_ms, Event, Phase, SandboxState, StartMode};
 
 /// A queued job as admission sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,6 +15,10 @@ pub struct QueuedJob {
     /// 1 = next.
     pub position: u64,
     pub deadline_ms: Option<i64>,
+    /// How the request asked its sandbox to start.
+    pub start: StartMode,
+    /// The request's own lease ttl, if it set one.
+    pub ttl_minutes: Option<u32>,
 }
 
 /// What one live sandbox holds: a job's, a pool sandbox's, or an admitted job's that has no
@@ -113,27 +117,44 @@ impl Store {
         let queued = |sql: &str, limit: Option<u32>| -> Result<Vec<QueuedJob>, StoreError> {
             let mut stmt = conn.prepare_cached(sql)?;
             let map = |r: &rusqlite::Row<'_>| {
-                Ok(QueuedJob {
-                    id: r.get(0)?,
-                    profile: r.get(1)?,
-                    position: r.get(2)?,
-                    deadline_ms: r.get(3)?,
-                })
+                let start: Option<String> = r.get(4)?;
+                Ok((
+                    QueuedJob {
+                        id: r.get(0)?,
+                        profile: r.get(1)?,
+                        position: r.get(2)?,
+                        deadline_ms: r.get(3)?,
+                        start: StartMode::Auto,
+                        ttl_minutes: r.get(5)?,
+                    },
+                    start,
+                ))
             };
-            let rows = match limit {
+            let rows: Vec<(QueuedJob, Option<String>)> = match limit {
                 Some(limit) => stmt.query_map([limit], map)?.collect::<Result<_, _>>()?,
                 None => stmt.query_map([], map)?.collect::<Result<_, _>>()?,
             };
-            Ok(rows)
+            rows.into_iter()
+                .map(|(mut job, start)| {
+                    if let Some(start) = start {
+                        job.start = parse_column("jobs.request_json", &start)?;
+                    }
+                    Ok(job)
+                })
+                .collect()
         };
         let head = queued(
-            "SELECT id, profile, ROW_NUMBER() OVER (ORDER BY seq), deadline_ms
+            "SELECT id, profile, ROW_NUMBER() OVER (ORDER BY seq), deadline_ms,
+                    json_extract(request_json, '$.start'),
+                    json_extract(request_json, '$.ttl_minutes')
              FROM jobs WHERE status = 'QUEUED' ORDER BY seq LIMIT ?1",
             Some(head),
         )?;
         let deadlines = queued(
-            "SELECT id, profile, position, deadline_ms FROM (
-                 SELECT id, profile, ROW_NUMBER() OVER (ORDER BY seq) AS position, deadline_ms
+            "SELECT id, profile, position, deadline_ms, start, ttl FROM (
+                 SELECT id, profile, ROW_NUMBER() OVER (ORDER BY seq) AS position, deadline_ms,
+                        json_extract(request_json, '$.start') AS start,
+                        json_extract(request_json, '$.ttl_minutes') AS ttl
                  FROM jobs WHERE status = 'QUEUED')
              WHERE deadline_ms IS NOT NULL ORDER BY position",
             None,

@@ -3,6 +3,8 @@
 //! job turns RUNNING with the pool VM as its sandbox, a sandboxes row takes the VM over with the
 //! phases done ahead, and the pool row goes, so no two jobs ever get the same VM.
 
+use std::collections::BTreeMap;
+
 use rusqlite::{params, OptionalExtension, Row, Transaction};
 
 use super::events::insert_event;
@@ -218,6 +220,16 @@ impl Store {
             params![id, error, now_ms()],
         )?;
         Ok(())
+    }
+
+    /// READY pool sandboxes per profile (profiles with none are left out).
+    pub fn count_pool_ready(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT profile, COUNT(*) FROM pool_sandboxes WHERE state = 'READY' GROUP BY profile",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Forgets a pool sandbox whose VM is gone.

@@ -353,8 +353,11 @@ impl Store {
 
     pub fn count_sandboxes_by_state(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT state, COUNT(*) FROM sandboxes GROUP BY state")?;
+        let mut stmt = conn.prepare_cached(
+            "SELECT state, COUNT(*) FROM
+                 (SELECT state FROM sandboxes UNION ALL SELECT state FROM pool_sandboxes)
+             GROUP BY state",
+        )?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?)))?;
         let mut counts: BTreeMap<String, u64> = SandboxState::ALL
             .iter()
