@@ -388,4 +388,49 @@ mod tests {
             assert!(text.contains(name), "missing {name}");
         }
     }
+
+    #[test]
+    fn the_pool_shows_in_the_sandbox_states_and_its_own_gauges_and_counters() {
+        use crate::model::{PoolSandbox, SandboxState, StartMethod};
+        let store = Store::open_in_memory().unwrap();
+        let pooled = |id: &str| PoolSandbox {
+            id: id.into(),
+            profile: "balanced".into(),
+            backend: "qemu".into(),
+            vm_ref: None,
+            state: SandboxState::Booting,
+            cores: 1,
+            memory_mb: 512,
+            disk_gb: 4,
+            created_at_ms: 1,
+            ready_at_ms: None,
+            phases: Vec::new(),
+            start_method: None,
+            snapshot_id: None,
+            error: None,
+        };
+        store
+            .insert_pool_sandboxes(&[pooled("p1"), pooled("p2")])
+            .unwrap();
+        assert!(store
+            .set_pool_ready("p1", StartMethod::Cold, None, 2)
+            .unwrap());
+        let metrics = Metrics::new().unwrap();
+        metrics
+            .pool_claims
+            .with_label_values(&["balanced", "hit"])
+            .inc();
+        let text = metrics.render(&store).unwrap();
+        for line in [
+            "agentlab_sandboxes_total{state=\"READY\"} 1",
+            "agentlab_sandboxes_total{state=\"BOOTING\"} 1",
+            "agentlab_pool_ready{profile=\"balanced\"} 1",
+            "agentlab_pool_claims_total{profile=\"balanced\",result=\"hit\"} 1",
+        ] {
+            assert!(text.contains(line), "missing {line} in\n{text}");
+        }
+        store.remove_pool_sandbox("p1").unwrap();
+        let text = metrics.render(&store).unwrap();
+        assert!(!text.contains("agentlab_pool_ready{"), "{text}");
+    }
 }
