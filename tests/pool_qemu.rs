@@ -17,22 +17,32 @@ use sha2::{Digest, Sha256};
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-fn tuning(pool: u32) -> String {
+/// The tests' tuning with a `balanced` pool of `pool`; `budget` adds keys to the governor's
+/// static budget.
+fn tuning(pool: u32, budget: &str) -> String {
     format!(
         "phase_timeouts: {{cloud_init: 90s, guest_agent: 60s, run: 120s, upload: 60s, destroy: 30s}}\n\
          intervals: {{guest_poll: 250ms, reconcile: 2s}}\n\
-         governor: {{budget: {{disk_min_free_percent: null}}, boot_cap: {{initial: 2}}}}\n\
+         governor: {{budget: {{disk_min_free_percent: null{budget}}}, boot_cap: {{initial: 2}}}}\n\
          pool: {{profiles: {{balanced: {pool}}}, max_idle: 10m}}\n"
     )
 }
 
 fn write_tuning(dir: &Path, pool: u32) {
+    write_tuning_with(dir, pool, "");
+}
+
+fn write_tuning_with(dir: &Path, pool: u32, budget: &str) {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
-    std::fs::write(dir.join("tuning/default.yaml"), tuning(pool)).unwrap();
+    std::fs::write(dir.join("tuning/default.yaml"), tuning(pool, budget)).unwrap();
 }
 
 fn daemon(dir: &Path, pool: u32, extra: &str) -> Daemon {
     write_tuning(dir, pool);
+    start(dir, extra)
+}
+
+fn start(dir: &Path, extra: &str) -> Daemon {
     let qemu = format!(
         "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
         images().display(),
@@ -174,11 +184,7 @@ fn a_pool_sandbox_serves_one_job_is_refilled_and_a_job_meanwhile_boots_its_own()
     // A SIGHUP that empties the pool takes effect without a restart.
     write_tuning(dir.path(), 0);
     daemon.signal("HUP");
-    let deadline = Instant::now() + LIMIT;
-    while daemon.get("/v1/pool").1["sandboxes"] != json!([]) {
-        assert!(Instant::now() < deadline, "{}", daemon.log());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_empty(&daemon);
     assert_nothing_left(dir.path());
 }
 
@@ -231,10 +237,51 @@ fn a_daemon_killed_with_a_full_pool_and_a_job_just_claimed_leaks_and_doubles_not
 
     write_tuning(dir.path(), 0);
     second.signal("HUP");
+    wait_empty(&second);
+    assert_nothing_left(dir.path());
+}
+
+/// Waits until the pool lists no sandbox at all.
+fn wait_empty(daemon: &Daemon) {
     let deadline = Instant::now() + LIMIT;
-    while second.get("/v1/pool").1["sandboxes"] != json!([]) {
-        assert!(Instant::now() < deadline, "{}", second.log());
+    while daemon.get("/v1/pool").1["sandboxes"] != json!([]) {
+        assert!(Instant::now() < deadline, "{}", daemon.log());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_budget_that_fits_only_the_pool_makes_the_pool_shrink_for_a_queued_job() {
+    let dir = tempfile::tempdir().unwrap();
+    // 2 cores × 0.5: one 1-vCPU sandbox at a time, which the pool's one sandbox already holds.
+    write_tuning_with(dir.path(), 1, ", vcpus_per_core: 0.5");
+    let daemon = start(dir.path(), "");
+    let pooled = wait_ready(&daemon, 1);
+
+    // Another profile: it cannot take the pool's sandbox, and waits for its vCPU.
+    let id = daemon.submit(&json!({
+        "profile": "high-throughput",
+        "task": "needs the room",
+        "command": "echo got-the-room",
+    }));
+    let job = daemon.wait_terminal(&id, LIMIT);
+    let log = daemon.log();
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{log}");
+    assert!(daemon.job_log(&id).contains("got-the-room"));
+    assert!(
+        !pooled.contains(job["sandbox_id"].as_str().unwrap_or_default()),
+        "{job}"
+    );
+    assert!(
+        log.contains("the host is short: destroying idle pool sandboxes"),
+        "{log}"
+    );
+
+    // With nothing waiting, the pool fills again, with a new sandbox.
+    let refilled = wait_ready(&daemon, 1);
+    assert!(refilled.is_disjoint(&pooled), "{refilled:?} {pooled:?}");
+    write_tuning_with(dir.path(), 0, ", vcpus_per_core: 0.5");
+    daemon.signal("HUP");
+    wait_empty(&daemon);
     assert_nothing_left(dir.path());
 }
