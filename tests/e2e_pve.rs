@@ -178,8 +178,12 @@ impl Node {
     }
 
     fn daemon(&self, extra: &str) -> Daemon {
+        self.daemon_tuned(TUNING, extra)
+    }
+
+    fn daemon_tuned(&self, tuning: &str, extra: &str) -> Daemon {
         std::fs::create_dir_all(self.dir.join("tuning")).unwrap();
-        std::fs::write(self.dir.join("tuning/default.yaml"), TUNING).unwrap();
+        std::fs::write(self.dir.join("tuning/default.yaml"), tuning).unwrap();
         // The jobs' host repository (`git_repo`) lives in the test's folder.
         let config = format!(
             "guest_listen: 127.0.0.1:{port}\nguest_url: http://10.0.2.100\n{roots}\
@@ -430,6 +434,100 @@ fn a_job_runs_on_the_pve_backend_in_a_real_vm_and_leaves_nothing() {
     for (phase, seconds, count, raw_ms) in phase_table(&job, &calls) {
         println!("{phase:<12} {seconds:>7.3} s  {count:>4} calls  {raw_ms:>8.1} ms in qm/pvesh");
     }
+}
+
+/// `balanced`'s entry in `GET /v1/pool` once it has `ready` READY and nothing else.
+fn wait_pool(daemon: &Daemon, ready: u64) -> Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    loop {
+        let (_, pool) = daemon.get("/v1/pool");
+        let balanced = pool["profiles"][0].clone();
+        let settled = pool["sandboxes"].as_array().map(Vec::len) == Some(ready as usize);
+        if balanced["ready"] == ready && settled {
+            return pool;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{pool}\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_pool_sandbox_serves_a_job_through_qm_guest_exec_and_is_refilled() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::new(dir.path(), &[]);
+    let pooled = |n: u32| format!("{TUNING}pool: {{profiles: {{balanced: {n}}}}}\n");
+    let daemon = node.daemon_tuned(&pooled(1), "");
+    let pool = wait_pool(&daemon, 1);
+    let ready = pool["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    let vmid = pool["sandboxes"][0]["vm_ref"].as_str().unwrap().to_owned();
+
+    let repo = git_repo(&node.dir);
+    let hit = submit_job(&daemon, &repo);
+    let miss = submit_job(&daemon, &repo);
+    let hit_job = daemon.wait_terminal(&hit, Duration::from_secs(240));
+    let miss_job = daemon.wait_terminal(&miss, Duration::from_secs(240));
+    assert_job_came_back(&daemon, &hit, &hit_job);
+    assert_job_came_back(&daemon, &miss, &miss_job);
+    assert_eq!(hit_job["sandbox_id"], ready.as_str(), "{hit_job}");
+    let results = |job: &Value| -> Vec<String> {
+        job["phases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["result"].as_str().unwrap_or("-").to_owned())
+            .collect()
+    };
+    assert_eq!(
+        results(&hit_job),
+        ["pool", "pool", "pool", "pool", "ok", "ok", "ok"]
+    );
+    assert!(results(&miss_job).iter().all(|r| r == "ok"), "{miss_job}");
+
+    // The job got its identity (bootstrap file, hostname, clock, entropy) in one qm call.
+    let identity: Vec<Vec<String>> = node
+        .calls()
+        .iter()
+        .filter(|c| c["tool"] == "qm")
+        .map(|c| {
+            c["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_owned())
+                .collect::<Vec<String>>()
+        })
+        .filter(|args| args.last().map(String::as_str) == Some("identity"))
+        .collect();
+    let expected: Vec<String> = [
+        "guest",
+        "exec",
+        vmid.as_str(),
+        "--synchronous",
+        "0",
+        "--pass-stdin",
+        "1",
+        "--",
+        "/usr/local/bin/agentlab-runner",
+        "identity",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    assert_eq!(identity, [expected], "only the hit is handed over this way");
+
+    // Refilled with another VM; then emptied by a reload, and nothing is left.
+    let pool = wait_pool(&daemon, 1);
+    assert_ne!(pool["sandboxes"][0]["id"], ready.as_str(), "{pool}");
+    assert_eq!(pool["profiles"][0]["hits"], 1, "{pool}");
+    assert_eq!(pool["profiles"][0]["misses"], 1, "{pool}");
+    std::fs::write(node.dir.join("tuning/default.yaml"), pooled(0)).unwrap();
+    daemon.signal("HUP");
+    wait_pool(&daemon, 0);
+    node.assert_nothing_left();
 }
 
 #[test]
