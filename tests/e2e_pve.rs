@@ -764,3 +764,183 @@ fn figures() {
         );
     }
 }
+
+/// Submit → run phase started for one job, in seconds.
+fn submit_to_run(job: &Value) -> f64 {
+    let run = job["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == "run")
+        .unwrap();
+    (run["started_at_ms"].as_f64().unwrap() - job["created_at_ms"].as_f64().unwrap()) / 1000.0
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
+}
+
+/// CPU seconds (user + system) and PSS bytes of every QEMU under `needle`, by pid.
+fn qemu_usage(needle: &str) -> BTreeMap<u32, (f64, u64)> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut usage = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if !(text.contains("qemu-system") && text.contains(needle)) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let cpu = fields
+            .get(11..13)
+            .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum::<f64>() / ticks)
+            .unwrap_or(0.0);
+        let rollup = std::fs::read_to_string(entry.path().join("smaps_rollup")).unwrap_or_default();
+        let pss_kb: u64 = rollup
+            .lines()
+            .find(|l| l.starts_with("Pss:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        usage.insert(pid, (cpu, pss_kb * 1024));
+    }
+    usage
+}
+
+/// Warm-pool figures, printed as tables (ignored; `--ignored --nocapture`): submit → run phase
+/// started for pool hits and misses (`start: cold`, which never takes a pool sandbox) on the
+/// local backend and on the Proxmox stand-ins, alternating, `POOL_RUNS` (10) each; the hit
+/// ratio when `POOL_ARRIVALS` (20) jobs arrive every `POOL_EVERY` (15) s with a pool of 2 on
+/// the stand-ins; and the CPU and PSS of an idle READY sandbox over 30 s.
+#[test]
+#[ignore]
+fn pool_figures() {
+    let env = |key: &str, default: u64| -> u64 {
+        std::env::var(key)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let (runs, arrivals, every) = (
+        env("POOL_RUNS", 10),
+        env("POOL_ARRIVALS", 20),
+        env("POOL_EVERY", 15),
+    );
+    let pool = |n: u32| format!("{TUNING}pool: {{profiles: {{balanced: {n}}}}}\n");
+    let job = |start: &str| json!({"profile": "balanced", "task": "t", "command": "true", "start": start});
+    let mut table = Vec::new();
+    for backend in ["qemu", "pve"] {
+        let dir = tempfile::tempdir().unwrap();
+        let node;
+        let daemon = if backend == "qemu" {
+            std::fs::create_dir_all(dir.path().join("tuning")).unwrap();
+            std::fs::write(dir.path().join("tuning/default.yaml"), pool(1)).unwrap();
+            let qemu = format!(
+                "qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n",
+                images().display(),
+            );
+            Daemon::start(dir.path(), "qemu", &qemu)
+        } else {
+            node = Node::new(dir.path(), &[]);
+            node.daemon_tuned(&pool(1), "")
+        };
+        let (mut hits, mut misses) = (Vec::new(), Vec::new());
+        for _ in 0..runs {
+            wait_pool(&daemon, 1);
+            let id = daemon.submit(&job("auto"));
+            let done = daemon.wait_terminal(&id, Duration::from_secs(300));
+            assert_eq!(done["status"], "COMPLETED", "{done}");
+            assert_eq!(done["phases"][0]["result"], "pool", "{done}");
+            hits.push(submit_to_run(&done));
+            wait_pool(&daemon, 1);
+            let id = daemon.submit(&job("cold"));
+            let done = daemon.wait_terminal(&id, Duration::from_secs(300));
+            assert_eq!(done["status"], "COMPLETED", "{done}");
+            misses.push(submit_to_run(&done));
+        }
+        table.push((
+            backend,
+            median(hits.clone()),
+            median(misses.clone()),
+            hits,
+            misses,
+        ));
+        if backend == "qemu" {
+            // Idle cost: the one READY sandbox, left alone for 30 s.
+            wait_pool(&daemon, 1);
+            std::thread::sleep(Duration::from_secs(5));
+            let needle = dir.path().display().to_string();
+            let before = qemu_usage(&needle);
+            std::thread::sleep(Duration::from_secs(30));
+            let after = qemu_usage(&needle);
+            for (pid, (cpu, pss)) in &after {
+                let was = before.get(pid).map_or(0.0, |b| b.0);
+                println!(
+                    "idle READY sandbox (local, pid {pid}): {:.1}% of one CPU over 30 s, PSS {} MB",
+                    (cpu - was) / 30.0 * 100.0,
+                    pss >> 20
+                );
+            }
+        }
+    }
+    println!("\n| backend | hit p50 | miss p50 | ratio |\n|---|---|---|---|");
+    for (backend, hit, miss, hits, misses) in &table {
+        println!(
+            "| {backend} | {hit:.2} s | {miss:.2} s | {:.1}× |",
+            miss / hit
+        );
+        println!("  hits {hits:.2?}\n  misses {misses:.2?}");
+    }
+
+    // Arrivals on the stand-ins with a pool of 2.
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::new(dir.path(), &[]);
+    let daemon = node.daemon_tuned(&pool(2), "");
+    wait_pool(&daemon, 2);
+    let needle = dir.path().display().to_string();
+    let before = qemu_usage(&needle);
+    std::thread::sleep(Duration::from_secs(30));
+    let after = qemu_usage(&needle);
+    for (pid, (cpu, pss)) in &after {
+        let was = before.get(pid).map_or(0.0, |b| b.0);
+        println!(
+            "idle READY sandbox (pve stand-in, pid {pid}): {:.1}% of one CPU over 30 s, PSS {} MB",
+            (cpu - was) / 30.0 * 100.0,
+            pss >> 20
+        );
+    }
+    let mut ids = Vec::new();
+    for _ in 0..arrivals {
+        ids.push(daemon.submit(&job("auto")));
+        std::thread::sleep(Duration::from_secs(every));
+    }
+    let mut hit_count = 0;
+    let mut starts = Vec::new();
+    for id in &ids {
+        let done = daemon.wait_terminal(id, Duration::from_secs(300));
+        assert_eq!(done["status"], "COMPLETED", "{done}");
+        if done["phases"][0]["result"] == "pool" {
+            hit_count += 1;
+        }
+        starts.push(submit_to_run(&done));
+    }
+    println!(
+        "\n{arrivals} jobs one every {every} s, pool of 2 (pve stand-in): {hit_count} hits \
+         ({:.0}%), submit → run p50 {:.2} s",
+        f64::from(hit_count) * 100.0 / arrivals as f64,
+        median(starts)
+    );
+}
