@@ -108,6 +108,8 @@ pub struct Answer {
     pub evict: Vec<String>,
     /// Profiles to boot one more pool sandbox of (one entry each).
     pub refill: Vec<String>,
+    /// Why the rest of the pool's deficit is not booted now.
+    pub refill_waits: Option<String>,
 }
 
 /// Takes the first idle pool sandbox `candidate` may have out of `idle`.
@@ -147,8 +149,16 @@ pub fn ungoverned(head: &[Candidate], free: usize, pool: &[IdlePool], refill: &[
         used += 1;
         answer.admit.push(candidate.job_id.clone());
     }
+    let room = free.saturating_sub(used);
+    if !refill.is_empty() {
+        if waits {
+            answer.refill_waits = Some("jobs are waiting in the queue".into());
+        } else if refill.len() > room {
+            answer.refill_waits = Some("admission.max_concurrent sandboxes are live".into());
+        }
+    }
     if !waits {
-        for wanted in refill.iter().take(free.saturating_sub(used)) {
+        for wanted in refill.iter().take(room) {
             answer.refill.push(wanted.profile.clone());
         }
     }
@@ -679,13 +689,14 @@ impl ResourceGovernor {
         }
         let admitted = answer.admit.len();
         let waiting_after = ask.queue_length.saturating_sub(admitted as u64);
-        if waiting_after == 0 && answer.never.is_none() {
-            answer.refill = self.refills(
-                g,
-                &mut committed,
-                &ask.refill,
-                ask.free - slots_used.min(ask.free),
-            );
+        if !ask.refill.is_empty() {
+            if waiting_after == 0 && answer.never.is_none() {
+                let free = ask.free - slots_used.min(ask.free);
+                (answer.refill, answer.refill_waits) =
+                    self.refills(g, &mut committed, &ask.refill, free);
+            } else {
+                answer.refill_waits = Some("jobs are waiting in the queue".into());
+            }
         }
         self.note_admissions(admitted, waiting_after);
         if tuning.admission.predict_deadlines {
@@ -735,28 +746,37 @@ impl ResourceGovernor {
     }
 
     /// The pool sandboxes to boot now, in order, into `free` slots: each must pass the same
-    /// rules as a job (budget, boot cap, pressure); the first that does not stops the refill.
+    /// rules as a job (budget, boot cap, pressure); the first that does not stops the refill,
+    /// and its rule is returned as why the rest waits.
     fn refills(
         &self,
         g: &GovernorTuning,
         committed: &mut Committed,
         wanted: &[Refill],
         free: usize,
-    ) -> Vec<String> {
+    ) -> (Vec<String>, Option<String>) {
         let mut refill = Vec::new();
-        for one in wanted.iter().take(free) {
+        for (at, one) in wanted.iter().enumerate() {
+            if at >= free {
+                let why = "admission.max_concurrent sandboxes are live";
+                return (refill, Some(why.into()));
+            }
             if g.enabled {
                 let Some(readings) = &self.readings else {
-                    break;
+                    return (refill, Some("no host sample yet".into()));
                 };
-                if self.policy.decide(g, readings, committed, &one.demand) != Decision::Admit {
-                    break;
+                match self.policy.decide(g, readings, committed, &one.demand) {
+                    Decision::Admit => {}
+                    Decision::Wait(blocks) => {
+                        return (refill, blocks.first().map(ToString::to_string));
+                    }
+                    Decision::Never(block) => return (refill, Some(block.to_string())),
                 }
             }
             committed.add(&one.demand, true);
             refill.push(one.profile.clone());
         }
-        refill
+        (refill, None)
     }
 
     fn status(&self, committed: Option<Committed>) -> GovernorStatus {

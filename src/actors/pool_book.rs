@@ -25,6 +25,9 @@ pub struct ProfileBook {
     pub backoff_until_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// Why the last admission round booted less than the pool's deficit (None: it booted all).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill_waits: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +75,11 @@ impl PoolBook {
     /// Whether `profile` may boot a pool sandbox at `now_ms`.
     pub fn may_refill(&self, profile: &str, now_ms: i64) -> bool {
         self.with(profile, |b| b.backoff_until_ms.is_none_or(|t| now_ms >= t))
+    }
+
+    /// What the last admission round said of `profile`'s refill.
+    pub fn refill_waits(&self, profile: &str, why: Option<String>) {
+        self.with(profile, |b| b.refill_waits = why);
     }
 
     pub fn get(&self, profile: &str) -> ProfileBook {

@@ -36,6 +36,9 @@ pub struct ProfilePool {
     pub last_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_until_ms: Option<i64>,
+    /// Why the pool is short of its target and not being refilled now (the governor's rule).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refill_waits: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,6 +93,9 @@ pub fn pool_status(
         let counts = book.get(&entry.profile);
         entry.hits = counts.hits;
         entry.misses = counts.misses;
+        if entry.ready + entry.booting < entry.target {
+            entry.refill_waits = counts.refill_waits;
+        }
         if counts.backoff_until_ms.is_some_and(|until| until > now_ms) {
             entry.backoff_until_ms = counts.backoff_until_ms;
             entry.last_error = counts.last_error;
@@ -137,7 +143,7 @@ mod tests {
         let pool = PoolTuning {
             profiles: [
                 ("balanced".to_owned(), 2),
-                ("high-throughput".to_owned(), 1),
+                ("high-throughput".to_owned(), 2),
             ]
             .into(),
             max_idle: Duration::from_secs(600),
@@ -147,6 +153,12 @@ mod tests {
         book.hit("balanced");
         book.miss("balanced");
         book.failed("high-throughput", "clone failed", 50_000);
+        book.refill_waits(
+            "high-throughput",
+            Some("vCPU budget: 4 committed + 4 > 4".into()),
+        );
+        // Full: a stale reason does not show.
+        book.refill_waits("balanced", Some("jobs are waiting in the queue".into()));
         let rows = vec![
             row("a", "balanced", SandboxState::Ready, Some(40_000)),
             row("b", "balanced", SandboxState::Ready, Some(55_000)),
@@ -175,6 +187,7 @@ mod tests {
             (2, 2, 0, 2, 1)
         );
         assert_eq!(balanced.oldest_age_seconds, Some(20.0));
+        assert_eq!(balanced.refill_waits, None);
         assert_eq!(
             (status.profiles[1].target, status.profiles[1].destroying),
             (0, 1)
@@ -182,6 +195,10 @@ mod tests {
         let high = &status.profiles[2];
         assert_eq!(high.booting, 1);
         assert_eq!(high.last_error.as_deref(), Some("clone failed"));
+        assert_eq!(
+            high.refill_waits.as_deref(),
+            Some("vCPU budget: 4 committed + 4 > 4")
+        );
         assert_eq!(status.sandboxes[0].memory_pss_bytes, Some(40 << 20));
         assert_eq!(status.sandboxes[1].memory_pss_bytes, None);
     }

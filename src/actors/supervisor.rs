@@ -492,6 +492,14 @@ async fn admission_round(
     if let (Some(pool), false) = (&pool, answer.evict.is_empty()) {
         pool.do_send(super::pool::Evict(answer.evict.clone()));
     }
+    for profile in tuning.pool.profiles.keys() {
+        let wanted = plan.refill.iter().filter(|r| &r.profile == profile).count();
+        let booted = answer.refill.iter().filter(|p| *p == profile).count();
+        let why = (booted < wanted)
+            .then(|| answer.refill_waits.clone())
+            .flatten();
+        svc.pool.refill_waits(profile, why);
+    }
     if answer.admit.is_empty()
         && answer.never.is_none()
         && answer.doomed.is_empty()

@@ -720,7 +720,10 @@ pub fn pool(p: &PoolStatus, now_ms: i64) -> String {
                     duration((until - now_ms).max(0) as f64 / 1000.0),
                     clip(error, 60)
                 ),
-                _ => "-".into(),
+                _ => profile
+                    .refill_waits
+                    .as_deref()
+                    .map_or_else(|| "-".into(), |why| format!("waits: {}", clip(why, 80))),
             };
             vec![
                 profile.profile.clone(),
