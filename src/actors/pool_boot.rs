@@ -142,7 +142,8 @@ impl PoolBoot<'_> {
             }
             Phase::GuestAgent => {
                 let vm = self.vm()?.clone();
-                lifecycle::wait_for_agent(self.svc, &vm).await
+                lifecycle::wait_for_agent(self.svc, &vm).await?;
+                self.warm_runner(&vm).await
             }
             _ => Ok(()),
         }
@@ -204,6 +205,26 @@ impl PoolBoot<'_> {
                 tracing::warn!(sandbox = %self.row.id, %err, "no snapshot for the pool sandbox; it boots cold");
                 None
             }
+        }
+    }
+
+    /// Runs the guest's runner once (`--version`), so that a template without one fails here,
+    /// not in a job's run phase, and so that the first exec of the runner in this VM, slow
+    /// under TCG (every code page translated afresh), is not on the job's path.
+    async fn warm_runner(&self, vm: &VmHandle) -> Result<(), PhaseError> {
+        let probe = GuestCommand {
+            path: lifecycle::RUNNER_PATH.to_owned(),
+            args: vec!["--version".to_owned()],
+            env: Default::default(),
+            stdin: None,
+        };
+        match restore::exec_to_end(self.svc, vm, &probe).await? {
+            ExecStatus::Exited { code: 0 } => Ok(()),
+            other => Err(PhaseError::Guest(format!(
+                "{} --version in the guest: {}",
+                lifecycle::RUNNER_PATH,
+                lifecycle::describe(other)
+            ))),
         }
     }
 
