@@ -905,22 +905,11 @@ fn pool_figures() {
             misses,
         ));
         if backend == "qemu" {
-            // Idle cost: the one READY sandbox, left alone for 30 s.
             wait_pool(&daemon, 1);
             std::thread::sleep(Duration::from_secs(5));
-            let needle = dir.path().display().to_string();
-            let before = qemu_usage(&needle);
-            std::thread::sleep(Duration::from_secs(30));
-            let after = qemu_usage(&needle);
-            for (pid, (cpu, pss)) in &after {
-                let was = before.get(pid).map_or(0.0, |b| b.0);
-                println!(
-                    "idle READY sandbox (local, pid {pid}): {:.1}% of one CPU over 30 s, PSS {} MB",
-                    (cpu - was) / 30.0 * 100.0,
-                    pss >> 20
-                );
-            }
+            print_idle_cost("local", dir.path());
         }
+        empty_pool(&daemon, dir.path(), &pool(0));
     }
     println!("\n| backend | hit p50 | miss p50 | ratio |\n|---|---|---|---|");
     for (backend, hit, miss, hits, misses) in &table {
@@ -939,18 +928,7 @@ fn pool_figures() {
     let node = Node::new(dir.path(), &[]);
     let daemon = node.daemon_tuned(&pool(2), "");
     wait_pool(&daemon, 2);
-    let needle = dir.path().display().to_string();
-    let before = qemu_usage(&needle);
-    std::thread::sleep(Duration::from_secs(30));
-    let after = qemu_usage(&needle);
-    for (pid, (cpu, pss)) in &after {
-        let was = before.get(pid).map_or(0.0, |b| b.0);
-        println!(
-            "idle READY sandbox (pve stand-in, pid {pid}): {:.1}% of one CPU over 30 s, PSS {} MB",
-            (cpu - was) / 30.0 * 100.0,
-            pss >> 20
-        );
-    }
+    print_idle_cost("pve stand-in", dir.path());
     let mut ids = Vec::new();
     for _ in 0..arrivals {
         ids.push(daemon.submit(&job("auto")));
@@ -972,4 +950,28 @@ fn pool_figures() {
         f64::from(hit_count) * 100.0 / arrivals as f64,
         median(starts)
     );
+    empty_pool(&daemon, dir.path(), &pool(0));
+}
+
+/// The CPU share and PSS of each QEMU under `dir` over 30 s with nothing running in it.
+fn print_idle_cost(label: &str, dir: &Path) {
+    let needle = dir.display().to_string();
+    let before = qemu_usage(&needle);
+    std::thread::sleep(Duration::from_secs(30));
+    for (pid, (cpu, pss)) in &qemu_usage(&needle) {
+        let was = before.get(pid).map_or(0.0, |b| b.0);
+        println!(
+            "idle READY sandbox ({label}, pid {pid}): {:.1}% of one CPU over 30 s, PSS {} MB",
+            (cpu - was) / 30.0 * 100.0,
+            pss >> 20
+        );
+    }
+}
+
+/// Puts `tuning` (a pool of 0) in force and waits until the pool's VMs are gone: READY pool
+/// sandboxes outlive their daemon by design, and a test must not leave them running.
+fn empty_pool(daemon: &Daemon, dir: &Path, tuning: &str) {
+    std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
+    daemon.signal("HUP");
+    wait_pool(daemon, 0);
 }
