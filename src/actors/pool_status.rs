@@ -152,7 +152,7 @@ mod tests {
         book.hit("balanced");
         book.hit("balanced");
         book.miss("balanced");
-        book.failed("high-throughput", "clone failed", 50_000);
+        book.failed("high-throughput", "clone failed", 58_000);
         book.refill_waits(
             "high-throughput",
             Some("vCPU budget: 4 committed + 4 > 4".into()),
