@@ -391,24 +391,9 @@ mod tests {
 
     #[test]
     fn the_pool_shows_in_the_sandbox_states_and_its_own_gauges_and_counters() {
-        use crate::model::{PoolSandbox, SandboxState, StartMethod};
+        use crate::model::{PoolSandbox, StartMethod};
         let store = Store::open_in_memory().unwrap();
-        let pooled = |id: &str| PoolSandbox {
-            id: id.into(),
-            profile: "balanced".into(),
-            backend: "qemu".into(),
-            vm_ref: None,
-            state: SandboxState::Booting,
-            cores: 1,
-            memory_mb: 512,
-            disk_gb: 4,
-            created_at_ms: 1,
-            ready_at_ms: None,
-            phases: Vec::new(),
-            start_method: None,
-            snapshot_id: None,
-            error: None,
-        };
+        let pooled = |id: &str| PoolSandbox::booting(id.into(), "balanced", "qemu", (1, 512, 4), 1);
         store
             .insert_pool_sandboxes(&[pooled("p1"), pooled("p2")])
             .unwrap();

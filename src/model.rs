@@ -365,6 +365,35 @@ pub struct PoolSandbox {
     pub error: Option<String>,
 }
 
+impl PoolSandbox {
+    /// A pool sandbox about to boot, as an admission round writes its row: `size` is (vCPUs,
+    /// memory MB, disk GB).
+    pub fn booting(
+        id: String,
+        profile: &str,
+        backend: &str,
+        (cores, memory_mb, disk_gb): (u32, u64, u64),
+        created_at_ms: i64,
+    ) -> PoolSandbox {
+        PoolSandbox {
+            id,
+            profile: profile.to_owned(),
+            backend: backend.to_owned(),
+            vm_ref: None,
+            state: SandboxState::Booting,
+            cores,
+            memory_mb,
+            disk_gb,
+            created_at_ms,
+            ready_at_ms: None,
+            phases: Vec::new(),
+            start_method: None,
+            snapshot_id: None,
+            error: None,
+        }
+    }
+}
+
 /// One entry in a job's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {

@@ -427,20 +427,15 @@ mod tests {
 
     fn row(id: &str, profile: &str, state: SandboxState, ready_at: Option<i64>) -> PoolSandbox {
         PoolSandbox {
-            id: id.into(),
-            profile: profile.into(),
-            backend: "qemu".into(),
-            vm_ref: None,
             state,
-            cores: 1,
-            memory_mb: 512,
-            disk_gb: 4,
-            created_at_ms: ready_at.unwrap_or(0) - 10,
             ready_at_ms: ready_at,
-            phases: Vec::new(),
-            start_method: None,
-            snapshot_id: None,
-            error: None,
+            ..PoolSandbox::booting(
+                id.into(),
+                profile,
+                "qemu",
+                (1, 512, 4),
+                ready_at.unwrap_or(0) - 10,
+            )
         }
     }
 

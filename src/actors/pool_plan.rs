@@ -37,7 +37,7 @@ pub fn plan(
     let since = ready_since_ms(pool, now_ms);
     let mut idle: Vec<(i64, IdlePool)> = holdings
         .iter()
-        .filter(|h| h.job_id.is_none() && h.pool == Some(SandboxState::Ready))
+        .filter(|h| h.is_idle_pool())
         .filter_map(|h| {
             let ready = h.ready_at_ms?;
             let (vcpus, memory_mb, disk_gb) = h.resources?;

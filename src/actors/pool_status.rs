@@ -121,20 +121,9 @@ mod tests {
 
     fn row(id: &str, profile: &str, state: SandboxState, ready: Option<i64>) -> PoolSandbox {
         PoolSandbox {
-            id: id.into(),
-            profile: profile.into(),
-            backend: "qemu".into(),
-            vm_ref: None,
             state,
-            cores: 1,
-            memory_mb: 512,
-            disk_gb: 4,
-            created_at_ms: 0,
             ready_at_ms: ready,
-            phases: Vec::new(),
-            start_method: None,
-            snapshot_id: None,
-            error: None,
+            ..PoolSandbox::booting(id.into(), profile, "qemu", (1, 512, 4), 0)
         }
     }
 

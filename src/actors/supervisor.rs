@@ -600,22 +600,17 @@ fn pool_rows(
         .iter()
         .filter_map(|name| {
             let profile = profiles.get(name)?;
-            Some(PoolSandbox {
-                id: new_pool_sandbox_name(),
-                profile: name.clone(),
-                backend: svc.backend.kind().as_str().to_owned(),
-                vm_ref: None,
-                state: SandboxState::Booting,
-                cores: profile.resources.cores,
-                memory_mb: profile.resources.memory_mb,
-                disk_gb: profile.storage.root_size_gb,
-                created_at_ms: now,
-                ready_at_ms: None,
-                phases: Vec::new(),
-                start_method: None,
-                snapshot_id: None,
-                error: None,
-            })
+            Some(PoolSandbox::booting(
+                new_pool_sandbox_name(),
+                name,
+                svc.backend.kind().as_str(),
+                (
+                    profile.resources.cores,
+                    profile.resources.memory_mb,
+                    profile.storage.root_size_gb,
+                ),
+                now,
+            ))
         })
         .collect()
 }

@@ -44,7 +44,7 @@ impl Holding {
     /// A READY pool sandbox: what a job of its profile can take, or what a short host destroys
     /// first.
     pub fn is_idle_pool(&self) -> bool {
-        self.pool == Some(SandboxState::Ready)
+        self.job_id.is_none() && self.pool == Some(SandboxState::Ready)
     }
 }
 

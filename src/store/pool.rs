@@ -355,22 +355,13 @@ mod tests {
     use crate::store::test_support::submit;
 
     fn booting(profile: &str, created: i64) -> PoolSandbox {
-        PoolSandbox {
-            id: new_pool_sandbox_name(),
-            profile: profile.into(),
-            backend: "qemu".into(),
-            vm_ref: None,
-            state: SandboxState::Booting,
-            cores: 2,
-            memory_mb: 2048,
-            disk_gb: 10,
-            created_at_ms: created,
-            ready_at_ms: None,
-            phases: Vec::new(),
-            start_method: None,
-            snapshot_id: None,
-            error: None,
-        }
+        PoolSandbox::booting(
+            new_pool_sandbox_name(),
+            profile,
+            "qemu",
+            (2, 2048, 10),
+            created,
+        )
     }
 
     fn run(phase: Phase, from: i64, to: i64) -> PhaseRun {
