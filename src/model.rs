@@ -153,6 +153,21 @@ pub struct JobRequest {
     /// the host can do (the default).
     #[serde(default, skip_serializing_if = "StartMode::is_auto")]
     pub start: StartMode,
+    /// Fetch the agent's changes into the host repository as branch `agentlab/JOB`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub result_branch: bool,
+}
+
+/// True for a repo that a guest clones itself rather than the daemon bundling it.
+pub fn is_remote_repo(repo: &str) -> bool {
+    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !repo.starts_with('/'))
+}
+
+impl JobRequest {
+    /// The job's repository if it is one on the daemon's host (not a URL the guest clones).
+    pub fn host_repo(&self) -> Option<&str> {
+        self.repo.as_deref().filter(|repo| !is_remote_repo(repo))
+    }
 }
 
 /// How a job's sandbox starts.
@@ -301,6 +316,65 @@ pub struct Job {
     pub queue_position: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub phases: Vec<PhaseRun>,
+    /// Whether the job asked for its changes as a branch of its host repository.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub result_branch: bool,
+    /// What the agent changed in its host repository's checkout, once the job has uploaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changes: Option<JobChanges>,
+}
+
+/// What a job's agent changed in the checkout of its host repository: its commits (and the
+/// runner's commit of what it left uncommitted) against the commit the checkout started at.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobChanges {
+    pub commits: u64,
+    pub files: u64,
+    pub insertions: u64,
+    pub deletions: u64,
+    /// The branch of the host repository that holds them, when the job asked for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    /// Why the change could not be read or its branch made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl JobChanges {
+    /// The event's words: `2 commits, 3 files changed (+10 -2); branch agentlab/JOB`.
+    pub fn summary(&self, branch_asked: bool) -> String {
+        let changes = self;
+        let mut text = if changes.commits == 0 && changes.error.is_none() {
+            "the agent left the repository unchanged".to_owned()
+        } else {
+            format!(
+                "{} commit{}, {} file{} changed (+{} -{})",
+                changes.commits,
+                plural(changes.commits),
+                changes.files,
+                plural(changes.files),
+                changes.insertions,
+                changes.deletions
+            )
+        };
+        if let Some(branch) = &changes.branch {
+            text.push_str(&format!("; branch {branch} in the host repository"));
+        } else if branch_asked && changes.commits == 0 && changes.error.is_none() {
+            text.push_str("; no branch made");
+        }
+        if let Some(error) = &changes.error {
+            text.push_str(&format!("; {error}"));
+        }
+        text
+    }
+}
+
+fn plural(n: u64) -> &'static str {
+    if n == 1 {
+        ""
+    } else {
+        "s"
+    }
 }
 
 /// A sandbox (one VM) as the API shows it.
@@ -528,5 +602,33 @@ mod tests {
         assert_ne!(pooled, new_pool_sandbox_name());
         assert!(!JobStatus::Running.is_terminal());
         assert!(JobStatus::Cancelled.is_terminal());
+    }
+
+    #[test]
+    fn summarises_changes_branches_and_errors() {
+        let changes = JobChanges {
+            commits: 2,
+            files: 1,
+            insertions: 10,
+            deletions: 2,
+            branch: Some("agentlab/j1".into()),
+            error: None,
+        };
+        assert_eq!(
+            changes.summary(true),
+            "2 commits, 1 file changed (+10 -2); branch agentlab/j1 in the host repository"
+        );
+        assert_eq!(
+            JobChanges::default().summary(true),
+            "the agent left the repository unchanged; no branch made"
+        );
+        let failed = JobChanges {
+            error: Some("the result bundle is refused: it is not a git bundle".into()),
+            ..JobChanges::default()
+        };
+        assert_eq!(
+            failed.summary(false),
+            "0 commits, 0 files changed (+0 -0); the result bundle is refused: it is not a git bundle"
+        );
     }
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::restore;
 use super::Services;
+use super::{changes, restore};
 use crate::backend::{
     BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
@@ -459,7 +459,9 @@ impl Lifecycle {
                     pid,
                     "the runner exited before finishing uploads",
                 )
-                .await
+                .await?;
+                changes::record_changes(&self.svc, &self.job.id, &self.request).await?;
+                Ok(())
             }
             Phase::Destroy => Ok(()),
         }

@@ -3,6 +3,7 @@
 //! ends expired leases, another removes what is past retention; a reconciler repairs the difference between the store and the backend
 //! after a crash.
 
+pub mod changes;
 pub mod collector;
 pub mod governor;
 pub mod guest_reports;

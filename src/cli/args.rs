@@ -101,6 +101,8 @@ pub enum JobCommand {
     },
     /// Cancel a queued or running job.
     Cancel { id: String },
+    /// The agent's change to the job's host repository, as a patch series (git format-patch).
+    Diff { id: String },
     /// List the job's artifacts, or download them.
     Artifacts {
         id: String,
@@ -149,6 +151,10 @@ pub struct RunArgs {
     /// can (auto, the default), always booted (cold), or restored or refused (snapshot).
     #[arg(long, value_enum, value_name = "HOW")]
     pub start: Option<StartArg>,
+    /// Fetch the agent's changes (its commits, and what it left uncommitted as one more commit)
+    /// into the host repository as branch agentlab/JOB; no other ref and no file there changes.
+    #[arg(long)]
+    pub result_branch: bool,
     /// Wait for the job to end, showing its phases; the exit code follows the job's status.
     #[arg(long)]
     pub wait: bool,
@@ -310,6 +316,7 @@ impl RunArgs {
             run_timeout_seconds: self.run_timeout,
             deadline_seconds: self.deadline,
             start: self.start.map(StartMode::from).unwrap_or_default(),
+            result_branch: self.result_branch,
         })
     }
 }

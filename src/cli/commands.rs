@@ -133,6 +133,11 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
                 format!("job {} {}\n", j.id, j.status)
             })
         }
+        Command::Job(JobCommand::Diff { id }) => {
+            let mut resp = client.get_stream(&format!("{}/diff", job_path(id)))?;
+            std::io::copy(&mut resp, out).map_err(io)?;
+            Ok(exit::SUCCESS)
+        }
         Command::Job(JobCommand::Artifacts { id, download }) => {
             let text = client.get_text(&format!("{}/artifacts", job_path(id)))?;
             match download {

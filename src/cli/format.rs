@@ -238,6 +238,11 @@ fn job_detail_with(job: &Job, queue: Option<&JobQueue>, started: Option<String>)
     if let Some(code) = job.exit_code {
         field("exit code", code.to_string());
     }
+    match &job.changes {
+        Some(changes) => field("changes", changes.summary(job.result_branch)),
+        None if job.result_branch => field("changes", "to come, as a branch".into()),
+        None => {}
+    }
     if let Some(error) = &job.error {
         field("error", error.clone());
     }
@@ -849,6 +854,15 @@ mod tests {
                     result: None,
                 },
             ],
+            result_branch: true,
+            changes: Some(crate::model::JobChanges {
+                commits: 2,
+                files: 3,
+                insertions: 7,
+                deletions: 1,
+                branch: Some("agentlab/0199aa".into()),
+                error: None,
+            }),
         }
     }
 
@@ -953,6 +967,12 @@ mod tests {
             "{detail}"
         );
         assert!(detail.contains("exit code:    2"), "{detail}");
+        assert!(
+            detail.contains(
+                "changes:      2 commits, 3 files changed (+7 -1); branch agentlab/0199aa"
+            ),
+            "{detail}"
+        );
         assert!(detail.contains("took:         1m15s"), "{detail}");
         assert!(detail.contains("clone  1.2s      ok"), "{detail}");
         assert!(detail.contains("run    running"), "{detail}");

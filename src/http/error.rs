@@ -108,9 +108,11 @@ impl From<JobFilesError> for ApiError {
             // Already logged where the bundle was made; these messages name no host path.
             JobFilesError::BundleRefused(message) => ApiError::Conflict(message),
             JobFilesError::BundleUnavailable(message) => ApiError::Internal(message),
+            JobFilesError::ResultRefused(_) => ApiError::Conflict(err.to_string()),
             JobFilesError::BundleTimeout { .. }
             | JobFilesError::BundleFailed { .. }
             | JobFilesError::Repo(_)
+            | JobFilesError::ResultFailed { .. }
             | JobFilesError::Io { .. }
             | JobFilesError::TaskFailed(_) => ApiError::internal(err),
         }

@@ -222,7 +222,9 @@ async fn bootstrap(state: web::Data<ApiState>, req: HttpRequest) -> Result<HttpR
             }
         }
     });
+    let send_changes = request.host_repo().is_some();
     let spec = JobSpec {
+        send_changes,
         job_id: job_id.clone(),
         session_token,
         task: request.task,

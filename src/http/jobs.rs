@@ -30,10 +30,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/{id}/cancel", web::post().to(cancel));
 }
 
-/// True for a repo that a guest clones itself rather than the daemon bundling it.
-pub fn is_remote_repo(repo: &str) -> bool {
-    repo.contains("://") || (repo.contains('@') && repo.contains(':') && !repo.starts_with('/'))
-}
+pub use crate::model::is_remote_repo;
 
 fn valid_env_key(key: &str) -> bool {
     let mut chars = key.chars();

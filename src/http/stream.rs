@@ -13,7 +13,7 @@ use tokio::sync::{broadcast, mpsc};
 use super::error::ApiError;
 use super::jobs::load_job;
 use super::ApiState;
-use crate::jobfiles::{JobFiles, LogReader};
+use crate::jobfiles::{JobFiles, LogReader, ResultTarget};
 use crate::model::Event;
 
 const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
@@ -24,6 +24,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/v1/jobs/{id}/events", web::get().to(events))
         .route("/v1/jobs/{id}/logs", web::get().to(logs))
         .route("/v1/jobs/{id}/artifacts", web::get().to(list_artifacts))
+        .route("/v1/jobs/{id}/diff", web::get().to(diff))
         .route(
             "/v1/jobs/{id}/artifacts/{path:.*}",
             web::get().to(download_artifact),
@@ -243,4 +244,42 @@ async fn download_artifact(
         .content_type("application/octet-stream")
         .insert_header(("X-Sha256", artifact.sha256.clone()))
         .body(actix_web::body::SizedStream::new(artifact.size, body)))
+}
+
+/// The agent's change to the job's host repository as a patch series (empty when it changed
+/// nothing, or while the job has not uploaded yet: then 404 says so).
+async fn diff(state: web::Data<ApiState>, id: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let job = load_job(&state, id.into_inner()).await?;
+    let job_id = job.id.clone();
+    let request = state
+        .svc
+        .store
+        .call(move |s| s.job_request(&job_id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("job {} does not exist", job.id)))?;
+    let repo = request.host_repo().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "job {} has no repository on this host, so no change to show",
+            job.id
+        ))
+    })?;
+    let target = ResultTarget {
+        repo: repo.into(),
+        repo_roots: state.svc.config.repo_roots.clone(),
+    };
+    let patch = JobFiles::new(&state.svc.config)
+        .result_patch(&job.id, target)
+        .await?;
+    match (patch, &job.changes) {
+        (Some(patch), _) => Ok(HttpResponse::Ok()
+            .content_type("text/x-patch; charset=utf-8")
+            .body(patch)),
+        (None, Some(_)) => Ok(HttpResponse::Ok()
+            .content_type("text/x-patch; charset=utf-8")
+            .finish()),
+        (None, None) => Err(ApiError::NotFound(format!(
+            "job {} has not sent its changes (yet)",
+            job.id
+        ))),
+    }
 }

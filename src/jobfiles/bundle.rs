@@ -18,7 +18,7 @@ use crate::host_repos::{self, BundleTarget, HostRepoError, ResolvedRepo};
 
 const BUNDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Cap on each small git step in the scratch repository.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+pub(super) const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const BUNDLE_FILE: &str = "repo.bundle";
 /// Holds the answer for a job whose bundle could not be made: `refused` or `failed`, a newline,
 /// and the message the guest gets.
@@ -186,8 +186,51 @@ fn kept_failure(kept: &str) -> JobFilesError {
     }
 }
 
-/// Removes the scratch repository however its bundle went.
-struct ScratchRepo(PathBuf);
+/// A bare repository of the daemon's own under `tmp/` that borrows a host repository's objects
+/// (as a git alternate); removed when dropped, however its work went.
+pub(super) struct ScratchRepo(PathBuf);
+
+impl ScratchRepo {
+    /// A new, empty scratch repository under `scratch` with `resolved`'s objects as its alternate.
+    pub(super) fn borrowing(
+        scratch: &Path,
+        resolved: &ResolvedRepo,
+    ) -> Result<ScratchRepo, JobFilesError> {
+        std::fs::create_dir_all(scratch)
+            .map_err(JobFilesError::io(format!("creating {}", scratch.display())))?;
+        let repo = ScratchRepo(scratch.join(format!("{}.git", crate::model::new_id())));
+        let git_dir = repo.0.as_path();
+        step(
+            duct::cmd!(
+                "git",
+                "init",
+                "--bare",
+                "--quiet",
+                "--template=",
+                format!("--object-format={}", resolved.object_format),
+                git_dir
+            )
+            .stdout_null(),
+            STEP_TIMEOUT,
+        )?;
+        let alternates = git_dir.join("objects/info/alternates");
+        std::fs::create_dir_all(git_dir.join("objects/info"))
+            .and_then(|()| {
+                let mut line = resolved.objects.clone().into_os_string();
+                line.push("\n");
+                std::fs::write(&alternates, line.as_encoded_bytes())
+            })
+            .map_err(JobFilesError::io(format!(
+                "writing {}",
+                alternates.display()
+            )))?;
+        Ok(repo)
+    }
+
+    pub(super) fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for ScratchRepo {
     fn drop(&mut self) {
@@ -196,7 +239,7 @@ impl Drop for ScratchRepo {
 }
 
 /// `git --git-dir=SCRATCH ARGS`: the daemon's own repository, so no `safe.directory` entry.
-fn scratch_git(scratch: &Path, args: &[&str]) -> duct::Expression {
+pub(super) fn scratch_git(scratch: &Path, args: &[&str]) -> duct::Expression {
     let mut argv = vec![std::ffi::OsString::from("--git-dir")];
     argv.push(scratch.into());
     argv.extend(args.iter().map(std::ffi::OsString::from));
@@ -239,34 +282,8 @@ fn create_bundle(
     dest: &Path,
     timeout: Duration,
 ) -> Result<u64, JobFilesError> {
-    std::fs::create_dir_all(scratch)
-        .map_err(JobFilesError::io(format!("creating {}", scratch.display())))?;
-    let repo = ScratchRepo(scratch.join(format!("{}.git", crate::model::new_id())));
+    let repo = ScratchRepo::borrowing(scratch, resolved)?;
     let git_dir = repo.0.as_path();
-    step(
-        duct::cmd!(
-            "git",
-            "init",
-            "--bare",
-            "--quiet",
-            "--template=",
-            format!("--object-format={}", resolved.object_format),
-            git_dir
-        )
-        .stdout_null(),
-        STEP_TIMEOUT,
-    )?;
-    let alternates = git_dir.join("objects/info/alternates");
-    std::fs::create_dir_all(git_dir.join("objects/info"))
-        .and_then(|()| {
-            let mut line = resolved.objects.clone().into_os_string();
-            line.push("\n");
-            std::fs::write(&alternates, line.as_encoded_bytes())
-        })
-        .map_err(JobFilesError::io(format!(
-            "writing {}",
-            alternates.display()
-        )))?;
     let commit = resolved.target.commit();
     match &resolved.target {
         BundleTarget::Branch { full_name, commit } => {

@@ -11,6 +11,8 @@
 //!   `artifacts/.tmp/` first and renamed into place once complete, never through a symlink;
 //! - `bundles/JOB/`: the git bundle of the job's host repository, made once on the guest's first
 //!   request and removed when the job ends (or why it could not be made);
+//! - `artifacts/JOB/.agentlab/result.bundle`: the work the agent left in a host repository's
+//!   checkout, which `changes` reads and turns into the job's branch;
 //! - `tmp/`: scratch for making bundles (a bare repository per bundle, removed once done).
 //!
 //! Appends to one job's log, commits of one job's artifacts, and makings of its bundle take turns (a per-job lock held
@@ -19,6 +21,7 @@
 
 mod artifacts;
 mod bundle;
+mod changes;
 mod locks;
 mod logs;
 mod mask;
@@ -31,6 +34,7 @@ use crate::paths::join_confined;
 
 pub use artifacts::{ArtifactUpload, StoredArtifact};
 pub use bundle::{BundleSource, RepoBundle};
+pub use changes::{ResultTarget, RESULT_BRANCH_PREFIX, RESULT_BUNDLE_ARTIFACT};
 pub use logs::{LogAppend, LogReader};
 pub use mask::{JobMasker, LogMasks};
 
@@ -104,6 +108,12 @@ pub enum JobFilesError {
     /// path, the daemon's log has the details.
     #[error("{0}")]
     BundleUnavailable(String),
+    /// The guest's result bundle is not one the daemon takes; the message names no host path.
+    #[error("the result bundle is refused: {0}")]
+    ResultRefused(String),
+    /// Git could not read the result bundle or make the job's branch; `detail` may quote git.
+    #[error("git {what} failed: {detail}")]
+    ResultFailed { what: &'static str, detail: String },
     #[error("{context}: {source}")]
     Io {
         context: String,

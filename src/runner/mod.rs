@@ -6,6 +6,7 @@
 //! Plain threads and blocking IO throughout: the binary ships into minimal guests.
 
 pub mod artifacts;
+pub mod changes;
 pub mod client;
 pub mod error;
 pub mod exec;
@@ -26,6 +27,7 @@ pub use exec::{ExecSettings, TIMEOUT_EXIT_CODE};
 pub use logs::LogSettings;
 pub use spec::{Bootstrap, JobSpec, RepoSpec, DEFAULT_BOOTSTRAP_PATH};
 
+use changes::RESULT_BUNDLE_ARTIFACT;
 use exec::CommandSpec;
 use logs::{spawn_shipper, LogQueue};
 use mask::Masker;
@@ -84,7 +86,11 @@ pub fn run(config: &RunnerConfig) -> Result<i32, RunnerError> {
         queue.note(&text);
     };
 
-    let checkout = match prepare_checkout(&spec, &client, &masker) {
+    let git = Git {
+        env: &spec.env,
+        masker: &masker,
+    };
+    let checkout = match prepare_checkout(&spec, &client, &git) {
         Ok(()) => Some(spec.workdir.clone()),
         Err(e) => {
             let text = format!("cannot prepare the checkout: {e}");
@@ -92,6 +98,20 @@ pub fn run(config: &RunnerConfig) -> Result<i32, RunnerError> {
             errors.push(text);
             None
         }
+    };
+
+    // The start commit is read before the command runs: the command may move HEAD.
+    let base = match (&checkout, spec.send_changes) {
+        (Some(dir), true) => match git.head_commit(dir) {
+            Ok(base) => Some(base),
+            Err(e) => {
+                errors.push(format!(
+                    "cannot tell which commit the checkout started at: {e}"
+                ));
+                None
+            }
+        },
+        _ => None,
     };
 
     let exit_code = match &checkout {
@@ -140,10 +160,15 @@ pub fn run(config: &RunnerConfig) -> Result<i32, RunnerError> {
         errors.push(e.to_string());
     }
 
-    let uploaded = match &checkout {
+    let mut uploaded = match &checkout {
         Some(dir) => upload_artifacts(&client, dir, &spec, &mut errors),
         None => 0,
     };
+    if let (Some(dir), Some(base)) = (&checkout, &base) {
+        if send_changes(&client, &git, dir, base, &spec, &mut errors) {
+            uploaded += 1;
+        }
+    }
 
     // Errors quote git, paths and answers: mask them like the output.
     let errors: Vec<String> = errors
@@ -156,15 +181,7 @@ pub fn run(config: &RunnerConfig) -> Result<i32, RunnerError> {
     Ok(exit_code)
 }
 
-fn prepare_checkout(
-    spec: &JobSpec,
-    client: &GuestClient,
-    masker: &Masker,
-) -> Result<(), RunnerError> {
-    let git = Git {
-        env: &spec.env,
-        masker,
-    };
+fn prepare_checkout(spec: &JobSpec, client: &GuestClient, git: &Git) -> Result<(), RunnerError> {
     match &spec.repo {
         None => repo::create_empty(&spec.workdir),
         Some(RepoSpec::Url { url, git_ref }) => {
@@ -208,6 +225,13 @@ fn upload_artifacts(
     errors.extend(expansion.errors);
     let mut uploaded = 0;
     for file in &expansion.files {
+        if file.rel == RESULT_BUNDLE_ARTIFACT.as_bytes() {
+            errors.push(format!(
+                "artifact {} skipped: the name is the result bundle's",
+                file.display()
+            ));
+            continue;
+        }
         if file.len > spec.max_artifact_bytes {
             errors.push(format!(
                 "artifact {} skipped: {} bytes is over the limit of {} bytes",
@@ -223,4 +247,43 @@ fn upload_artifacts(
         }
     }
     uploaded
+}
+
+/// Bundles the checkout's changes against `base` and uploads them as the result bundle; true if
+/// one was uploaded. A checkout left as it was sends nothing.
+fn send_changes(
+    client: &GuestClient,
+    git: &Git,
+    checkout: &Path,
+    base: &str,
+    spec: &JobSpec,
+    errors: &mut Vec<String>,
+) -> bool {
+    let path = bundle_path(checkout).with_extension("result");
+    let made = git.bundle_changes(checkout, base, &spec.job_id, &path);
+    let sent = match made {
+        Ok(None) => false,
+        Ok(Some(bundle)) if bundle.len > spec.max_artifact_bytes => {
+            errors.push(format!(
+                "the result bundle ({} commits) is not sent: {} bytes is over the limit of {} bytes",
+                bundle.commits, bundle.len, spec.max_artifact_bytes
+            ));
+            false
+        }
+        Ok(Some(bundle)) => {
+            match client.put_artifact(RESULT_BUNDLE_ARTIFACT.as_bytes(), &bundle.path, bundle.len) {
+                Ok(()) => true,
+                Err(e) => {
+                    errors.push(format!("the result bundle: {e}"));
+                    false
+                }
+            }
+        }
+        Err(e) => {
+            errors.push(format!("cannot bundle the checkout's changes: {e}"));
+            false
+        }
+    };
+    let _ = std::fs::remove_file(&path);
+    sent
 }

@@ -22,7 +22,7 @@ pub struct Git<'a> {
 }
 
 impl Git<'_> {
-    fn run(&self, dir: Option<&Path>, args: &[&str]) -> Result<Output, RunnerError> {
+    pub(super) fn run(&self, dir: Option<&Path>, args: &[&str]) -> Result<Output, RunnerError> {
         let mut cmd = Command::new("git");
         apply_env(&mut cmd, self.env);
         cmd.env("GIT_TERMINAL_PROMPT", "0").args(args);

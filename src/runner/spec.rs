@@ -77,6 +77,10 @@ pub struct JobSpec {
     pub run_timeout_seconds: u64,
     pub max_artifact_bytes: u64,
     pub workdir: PathBuf,
+    /// Whether the runner sends back the work left in the checkout (`changes`): the daemon asks
+    /// for it when the repository is on its host.
+    #[serde(default)]
+    pub send_changes: bool,
 }
 
 impl fmt::Debug for JobSpec {
@@ -92,6 +96,7 @@ impl fmt::Debug for JobSpec {
             .field("run_timeout_seconds", &self.run_timeout_seconds)
             .field("max_artifact_bytes", &self.max_artifact_bytes)
             .field("workdir", &self.workdir)
+            .field("send_changes", &self.send_changes)
             .finish()
     }
 }

@@ -8,7 +8,7 @@ use rusqlite::{params, OptionalExtension, Row};
 use super::events::insert_event;
 use super::paging::{JobCursor, Page};
 use super::{parse_column, Store, StoreError};
-use crate::model::{now_ms, Event, Job, JobRequest, JobStatus, Phase, PhaseRun};
+use crate::model::{now_ms, Event, Job, JobChanges, JobRequest, JobStatus, Phase, PhaseRun};
 use crate::secrets::url::redact_url;
 
 /// A job to insert: the request as validated, and what the daemon resolved for it.
@@ -44,9 +44,9 @@ pub struct GuestProgress {
 
 const JOB_COLUMNS: &str =
     "id, request_json, status, phase, sandbox_id, exit_code, error, restarts, \
-     created_ms, started_ms, finished_ms, deadline_ms";
+     created_ms, started_ms, finished_ms, deadline_ms, changes_json";
 /// How many columns `JOB_COLUMNS` names: a query may select more after them.
-const JOB_COLUMN_COUNT: usize = 12;
+const JOB_COLUMN_COUNT: usize = 13;
 
 fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
     let request_json: String = row.get(1)?;
@@ -57,6 +57,14 @@ fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         })?;
     let status: String = row.get(2)?;
     let phase: Option<String> = row.get(3)?;
+    let changes: Option<String> = row.get(12)?;
+    let changes = changes
+        .map(|json| serde_json::from_str::<JobChanges>(&json))
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            table: "jobs",
+            message: e.to_string(),
+        })?;
     Ok(Job {
         id: row.get(0)?,
         profile: request.profile,
@@ -80,6 +88,8 @@ fn job_from_row(row: &Row<'_>) -> Result<Job, StoreError> {
         deadline_at_ms: row.get(11)?,
         queue_position: None,
         phases: Vec::new(),
+        result_branch: request.result_branch,
+        changes,
     })
 }
 
@@ -437,6 +447,28 @@ impl Store {
             params![id, exit_code],
         )?;
         Ok(changed > 0)
+    }
+
+    /// Records what the job's agent changed, with the event that says so.
+    pub fn set_job_changes(
+        &self,
+        id: &str,
+        changes: &JobChanges,
+        message: &str,
+    ) -> Result<Event, StoreError> {
+        let json = serde_json::to_string(changes).map_err(|e| StoreError::Corrupt {
+            table: "jobs",
+            message: e.to_string(),
+        })?;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE jobs SET changes_json = ?2 WHERE id = ?1",
+            params![id, json],
+        )?;
+        let event = insert_event(&tx, id, "changes", None, message)?;
+        tx.commit()?;
+        Ok(event)
     }
 
     pub fn record_guest_done(&self, id: &str) -> Result<bool, StoreError> {

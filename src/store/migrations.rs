@@ -152,6 +152,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX pool_by_profile ON pool_sandboxes (profile, state, created_ms);
     ALTER TABLE sandboxes ADD COLUMN from_pool INTEGER NOT NULL DEFAULT 0;
     "#,
+    // 6: what a job's agent changed in its host repository's checkout.
+    r#"
+    ALTER TABLE jobs ADD COLUMN changes_json TEXT;
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
