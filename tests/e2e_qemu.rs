@@ -302,3 +302,88 @@ fn the_kvm_probe_runs_at_start_up_not_in_the_first_jobs_start_phase() {
         "no probe in the start phase"
     );
 }
+
+/// `git` in `repo`, its stdout trimmed.
+fn git_out(repo: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new("git")
+        .arg("-C")
+        .arg(repo)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git {args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+#[test]
+fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git_repo(dir.path());
+    // The user's own state in the host repo, which the job must leave as it is.
+    git_out(&repo, &["branch", "feature"]);
+    std::fs::write(repo.join("wip.txt"), "the user's uncommitted work\n").unwrap();
+    let refs_before = git_out(&repo, &["for-each-ref", "--format=%(refname) %(objectname)"]);
+    let status_before = git_out(&repo, &["status", "--porcelain", "--untracked-files=all"]);
+    let head_before = git_out(&repo, &["symbolic-ref", "HEAD"]);
+
+    let daemon = daemon(dir.path(), TUNING, "");
+    let id = daemon.submit(&json!({
+        "profile": "balanced",
+        "task": "change things",
+        "repo": repo.display().to_string(),
+        "result_branch": true,
+        "command": "printf 'new file\\n' > added.txt && git add added.txt && \
+                    git -c user.name=agent -c user.email=agent@example.invalid commit -q -m 'add added.txt' && \
+                    printf 'edited by the agent\\n' >> hello.txt && echo changes-made",
+    }));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(240));
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
+    assert_eq!(job["result_branch"], true);
+    let branch = format!("agentlab/{id}");
+    assert_eq!(
+        job["changes"],
+        json!({"commits": 2, "files": 2, "insertions": 2, "deletions": 0, "branch": branch}),
+        "{job}"
+    );
+
+    // The branch holds the agent's commit and the runner's commit of the uncommitted edit.
+    let subjects = git_out(&repo, &["log", "--format=%s", &format!("main..{branch}")]);
+    assert_eq!(
+        subjects,
+        format!("Uncommitted changes left by job {id}\nadd added.txt")
+    );
+    assert_eq!(
+        git_out(&repo, &["show", &format!("{branch}:hello.txt")]),
+        "hello from the host repo\nedited by the agent"
+    );
+    assert_eq!(
+        git_out(&repo, &["show", &format!("{branch}:added.txt")]),
+        "new file"
+    );
+    // Nothing else in the host repo changed: refs (but the new branch), HEAD, work tree.
+    let refs_after = git_out(&repo, &["for-each-ref", "--format=%(refname) %(objectname)"]);
+    let mut expected: Vec<String> = refs_before.lines().map(str::to_owned).collect();
+    expected.push(format!(
+        "refs/heads/{branch} {}",
+        git_out(&repo, &["rev-parse", &branch])
+    ));
+    expected.sort();
+    let mut got: Vec<String> = refs_after.lines().map(str::to_owned).collect();
+    got.sort();
+    assert_eq!(got, expected);
+    assert_eq!(git_out(&repo, &["symbolic-ref", "HEAD"]), head_before);
+    assert_eq!(
+        git_out(&repo, &["status", "--porcelain", "--untracked-files=all"]),
+        status_before
+    );
+    assert!(!repo.join(".git/FETCH_HEAD").exists());
+
+    // The bundle is kept as an artifact, and the diff shows both changes.
+    let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
+    assert_eq!(listing["artifacts"][0]["path"], ".agentlab/result.bundle", "{listing}");
+    let patch = String::from_utf8(daemon.get_bytes(&format!("/v1/jobs/{id}/diff"))).unwrap();
+    assert!(patch.contains("Subject: [PATCH 1/2] add added.txt"), "{patch}");
+    assert!(patch.contains("+new file"), "{patch}");
+    assert!(patch.contains("+edited by the agent"), "{patch}");
+    assert_nothing_left(dir.path());
+}
