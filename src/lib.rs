@@ -7,6 +7,7 @@
 pub mod actors;
 pub mod backend;
 pub mod cli;
+pub mod cloud_verdict;
 pub mod cloudinit;
 pub mod config;
 pub mod daemon;

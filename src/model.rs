@@ -324,6 +324,19 @@ pub struct Job {
     pub changes: Option<JobChanges>,
 }
 
+/// Cloud-init's verdict on the last cold boot of a template, as `GET /v1/status` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateCheck {
+    pub backend: String,
+    /// The profile's `image` (empty: the backend's default template).
+    pub template: String,
+    /// The job whose boot it was.
+    pub job_id: String,
+    pub checked_at_ms: i64,
+    /// Empty when cloud-init reported none.
+    pub errors: Vec<String>,
+}
+
 /// What a job's agent changed in the checkout of its host repository: its commits (and the
 /// runner's commit of what it left uncommitted) against the commit the checkout started at.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -734,3 +734,38 @@ fn scratch_left_by_a_crash_is_cleared_at_start_up_and_job_files_are_kept() {
     assert_eq!(std::fs::read(&kept_artifact).unwrap(), b"x");
     assert_eq!(std::fs::read(&kept_log).unwrap(), b"x");
 }
+
+#[test]
+fn cloud_inits_errors_become_a_job_event_and_mark_the_template_in_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "fake:\n  cloud_init_errors: [\"('locale', ProcessExecutionError('locale-gen failed'))\"]\n";
+    let daemon = Daemon::start(dir.path(), "fake", config);
+    let id = daemon.submit(&json!({"profile": "balanced", "task": "x", "command": "true"}));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(60));
+    // The job itself goes on: its guest did reach the daemon.
+    assert_eq!(job["status"], "COMPLETED", "{job}");
+    let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
+    let cloud_init: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "cloud-init")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        cloud_init,
+        [
+            "cloud-init reported 1 error (DataSourceNoCloud [seed=fake]): \
+          ('locale', ProcessExecutionError('locale-gen failed'))"
+        ],
+        "{events}"
+    );
+    let (_, status) = daemon.get("/v1/status");
+    let templates = status["templates"].as_array().unwrap();
+    assert_eq!(templates.len(), 1, "{status}");
+    assert_eq!(templates[0]["job_id"], id.as_str());
+    assert_eq!(
+        templates[0]["errors"],
+        json!(["('locale', ProcessExecutionError('locale-gen failed'))"])
+    );
+}

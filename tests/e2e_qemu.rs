@@ -73,17 +73,53 @@ fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
     assert!(output.contains("artifact-written"), "{output}");
 
     let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
+    // The report, and the result bundle: out/ was left uncommitted in the checkout.
     let artifacts = listing["artifacts"].as_array().unwrap();
-    assert_eq!(artifacts.len(), 1, "{listing}");
-    assert_eq!(artifacts[0]["path"], "out/report.txt");
+    let paths: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [".agentlab/result.bundle", "out/report.txt"],
+        "{listing}"
+    );
+    let artifacts = &artifacts[1..];
+    assert_eq!(job["changes"]["commits"], 1, "{job}");
+    assert_eq!(job["changes"]["files"], 1, "{job}");
     let bytes = daemon.get_bytes(&format!("/v1/jobs/{id}/artifacts/out/report.txt"));
     assert_eq!(
         String::from_utf8_lossy(&bytes),
         "task=summarise hello.txt\n25\n"
     );
     assert_eq!(artifacts[0]["sha256"], hex::encode(Sha256::digest(&bytes)));
+    // Cloud-init's verdict, read in the VM the snapshot was made from, is the job's and the
+    // template's.
+    assert_eq!(
+        cloud_init_events(&daemon, &id),
+        ["cloud-init finished without errors (DataSourceNoCloud [seed=/dev/vdb])"]
+    );
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(
+        status["templates"],
+        json!([{"backend": "qemu", "template": "", "job_id": id, "errors": [],
+                "checked_at_ms": status["templates"][0]["checked_at_ms"]}]),
+        "{status}"
+    );
     assert_nothing_left(dir.path());
     assert!(!daemon.log().contains("do-not-print-me"));
+}
+
+/// The messages of the job's `cloud-init` events.
+fn cloud_init_events(daemon: &Daemon, id: &str) -> Vec<String> {
+    let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
+    events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "cloud-init")
+        .map(|e| e["message"].as_str().unwrap().to_owned())
+        .collect()
 }
 
 #[test]
@@ -322,7 +358,10 @@ fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else
     // The user's own state in the host repo, which the job must leave as it is.
     git_out(&repo, &["branch", "feature"]);
     std::fs::write(repo.join("wip.txt"), "the user's uncommitted work\n").unwrap();
-    let refs_before = git_out(&repo, &["for-each-ref", "--format=%(refname) %(objectname)"]);
+    let refs_before = git_out(
+        &repo,
+        &["for-each-ref", "--format=%(refname) %(objectname)"],
+    );
     let status_before = git_out(&repo, &["status", "--porcelain", "--untracked-files=all"]);
     let head_before = git_out(&repo, &["symbolic-ref", "HEAD"]);
 
@@ -332,6 +371,7 @@ fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else
         "task": "change things",
         "repo": repo.display().to_string(),
         "result_branch": true,
+        "start": "cold",
         "command": "printf 'new file\\n' > added.txt && git add added.txt && \
                     git -c user.name=agent -c user.email=agent@example.invalid commit -q -m 'add added.txt' && \
                     printf 'edited by the agent\\n' >> hello.txt && echo changes-made",
@@ -361,7 +401,10 @@ fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else
         "new file"
     );
     // Nothing else in the host repo changed: refs (but the new branch), HEAD, work tree.
-    let refs_after = git_out(&repo, &["for-each-ref", "--format=%(refname) %(objectname)"]);
+    let refs_after = git_out(
+        &repo,
+        &["for-each-ref", "--format=%(refname) %(objectname)"],
+    );
     let mut expected: Vec<String> = refs_before.lines().map(str::to_owned).collect();
     expected.push(format!(
         "refs/heads/{branch} {}",
@@ -377,12 +420,23 @@ fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else
         status_before
     );
     assert!(!repo.join(".git/FETCH_HEAD").exists());
+    // A cold boot's verdict is read through the guest agent once it answers.
+    assert_eq!(
+        cloud_init_events(&daemon, &id),
+        ["cloud-init finished without errors (DataSourceNoCloud [seed=/dev/vdb])"]
+    );
 
     // The bundle is kept as an artifact, and the diff shows both changes.
     let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
-    assert_eq!(listing["artifacts"][0]["path"], ".agentlab/result.bundle", "{listing}");
+    assert_eq!(
+        listing["artifacts"][0]["path"], ".agentlab/result.bundle",
+        "{listing}"
+    );
     let patch = String::from_utf8(daemon.get_bytes(&format!("/v1/jobs/{id}/diff"))).unwrap();
-    assert!(patch.contains("Subject: [PATCH 1/2] add added.txt"), "{patch}");
+    assert!(
+        patch.contains("Subject: [PATCH 1/2] add added.txt"),
+        "{patch}"
+    );
     assert!(patch.contains("+new file"), "{patch}");
     assert!(patch.contains("+edited by the agent"), "{patch}");
     assert_nothing_left(dir.path());

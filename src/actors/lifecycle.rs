@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Services;
-use super::{changes, restore};
+use super::{changes, cloud_check, restore};
 use crate::backend::{
     BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
@@ -433,7 +433,16 @@ impl Lifecycle {
                 )
                 .await
             }
-            Phase::GuestAgent => self.wait_for_agent().await,
+            Phase::GuestAgent => {
+                self.wait_for_agent().await?;
+                // A restored guest's cloud-init ran when its snapshot was made, and was checked then.
+                if !self.restored().await? {
+                    let vm = self.vm().await?;
+                    cloud_check::record_verdict(&self.svc, &self.job.id, &vm, &self.profile)
+                        .await?;
+                }
+                Ok(())
+            }
             Phase::Run => {
                 let vm = self.vm().await?;
                 let pid = self.start_runner(&vm).await?;

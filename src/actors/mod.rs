@@ -4,6 +4,7 @@
 //! after a crash.
 
 pub mod changes;
+pub mod cloud_check;
 pub mod collector;
 pub mod governor;
 pub mod guest_reports;

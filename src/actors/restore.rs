@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use super::lifecycle::{describe, PhaseError, BOOTSTRAP_PATH, RUNNER_PATH};
-use super::Services;
+use super::{cloud_check, Services};
 use crate::backend::{
     BackendError, ExecStatus, GuestCommand, GuestInput, SandboxSpec, SnapshotStatus, VmHandle,
 };
@@ -78,6 +78,12 @@ pub(super) async fn snapshot_to_restore(
                     ),
                 )
                 .await?;
+                // The template booted cold for the making: its cloud-init's verdict is the
+                // template's, and every sandbox restored from the snapshot inherits it.
+                if let Some(result) = &info.cloud_init_result {
+                    cloud_check::record_result(svc, job_id, &spec.template, result.as_bytes())
+                        .await?;
+                }
             }
             made
         }

@@ -410,6 +410,30 @@ impl Backend for SharedFake {
         Ok(pid)
     }
 
+    /// The guest contract's result.json (with the configured errors); no other file exists.
+    async fn read_guest_file(
+        &self,
+        vm: &VmHandle,
+        path: &str,
+        _limit: usize,
+    ) -> Result<Option<Vec<u8>>, BackendError> {
+        let fake = &self.0;
+        if !fake.with_vm(&vm.name, |v| v.running)? {
+            return Err(BackendError::AgentUnavailable(format!(
+                "{} is not running",
+                vm.name
+            )));
+        }
+        if path != "/run/cloud-init/result.json" {
+            return Ok(None);
+        }
+        let result = serde_json::json!({"v1": {
+            "datasource": "DataSourceNoCloud [seed=fake]",
+            "errors": fake.config.cloud_init_errors,
+        }});
+        Ok(Some(result.to_string().into_bytes()))
+    }
+
     async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError> {
         let fake = &self.0;
         fake.checked(FakeOp::ExecStatus, "guest exec-status")

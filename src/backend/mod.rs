@@ -78,6 +78,8 @@ pub struct SnapshotInfo {
     pub memory_bytes: u64,
     pub state_bytes: u64,
     pub disk_bytes: u64,
+    /// The template VM's cloud-init result.json, as read when the snapshot was made.
+    pub cloud_init_result: Option<String>,
 }
 
 /// Whether the snapshot a sandbox would be restored from exists.
@@ -297,6 +299,15 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     async fn exec(&self, vm: &VmHandle, command: &GuestCommand) -> Result<i64, BackendError>;
 
     async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError>;
+
+    /// A small guest file, read through the guest agent: None if it does not exist; an error if
+    /// it is larger than `limit` bytes.
+    async fn read_guest_file(
+        &self,
+        vm: &VmHandle,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, BackendError>;
 
     /// Stops the VM and removes everything that belongs to it. Succeeds if it is already gone.
     async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError>;

@@ -409,6 +409,9 @@ pub struct DaemonStatus {
     /// VMs under our name prefix the daemon did not make, and leaves alone.
     #[serde(default)]
     pub foreign_vms: Vec<crate::instance::ForeignVm>,
+    /// Cloud-init's verdict on each template's last cold boot.
+    #[serde(default)]
+    pub templates: Vec<crate::model::TemplateCheck>,
     /// `GET /v1/governor`'s answer; kept loose so a daemon of another version still prints.
     pub governor: Option<Value>,
 }
@@ -456,6 +459,27 @@ pub fn status(s: &DaemonStatus) -> String {
             })
             .collect();
         out.push_str(&table(&["NAME", "REF", "OWNER"], &rows));
+    }
+    if !s.templates.is_empty() {
+        let _ = writeln!(out, "templates (cloud-init on the last cold boot):");
+        let rows: Vec<Vec<String>> = s
+            .templates
+            .iter()
+            .map(|t| {
+                let name = if t.template.is_empty() {
+                    "(default)".to_owned()
+                } else {
+                    t.template.clone()
+                };
+                let verdict = if t.errors.is_empty() {
+                    "ok".to_owned()
+                } else {
+                    clip(&format!("ERRORS: {}", t.errors.join("; ")), 200)
+                };
+                vec![name, t.backend.clone(), t.job_id.clone(), verdict]
+            })
+            .collect();
+        out.push_str(&table(&["TEMPLATE", "BACKEND", "JOB", "CLOUD-INIT"], &rows));
     }
     if let Some(governor) = s
         .governor
@@ -1063,6 +1087,31 @@ mod tests {
         assert!(text.contains("uptime:       1m15s"), "{text}");
         assert!(!text.contains("shutting"), "{text}");
         assert!(!text.contains("foreign"), "{text}");
+    }
+
+    #[test]
+    fn status_shows_which_templates_cloud_init_reports_errors_for() {
+        let s: DaemonStatus = serde_json::from_value(serde_json::json!({
+            "templates": [
+                {"backend": "qemu", "template": "", "job_id": "j1", "checked_at_ms": 1,
+                 "errors": []},
+                {"backend": "qemu", "template": "debian-12", "job_id": "j2", "checked_at_ms": 2,
+                 "errors": ["('locale', ProcessExecutionError())"]}
+            ]
+        }))
+        .unwrap();
+        let text = status(&s);
+        assert!(
+            text.contains("templates (cloud-init on the last cold boot):"),
+            "{text}"
+        );
+        let default = text.lines().find(|l| l.starts_with("(default)")).unwrap();
+        assert!(default.ends_with(" ok"), "{text}");
+        let debian = text.lines().find(|l| l.starts_with("debian-12")).unwrap();
+        assert!(
+            debian.contains("j2") && debian.contains("ERRORS: ('locale'"),
+            "{text}"
+        );
     }
 
     #[test]

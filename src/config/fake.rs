@@ -52,6 +52,8 @@ pub struct FakeConfig {
     pub faults: BTreeMap<FakeOp, Fault>,
     /// The simulated command's exit code.
     pub exit_code: i32,
+    /// The errors the simulated guest's cloud-init reports in its result.json.
+    pub cloud_init_errors: Vec<String>,
     /// Where the fake keeps its VM list, so leaks survive a daemon restart. None: memory only.
     pub state_file: Option<PathBuf>,
     /// What `disk_usage` reports. None: the trait's default (thick, nothing measured).

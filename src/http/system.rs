@@ -77,7 +77,7 @@ async fn health() -> HttpResponse {
 }
 
 async fn status(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
-    let (jobs, sandboxes, queue_length) = state
+    let (jobs, sandboxes, queue_length, templates) = state
         .svc
         .store
         .call(|s| {
@@ -85,6 +85,7 @@ async fn status(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
                 s.count_jobs_by_status()?,
                 s.count_sandboxes_by_state()?,
                 s.queue_length()?,
+                s.list_template_checks()?,
             ))
         })
         .await?;
@@ -95,6 +96,8 @@ async fn status(state: web::Data<ApiState>) -> Result<HttpResponse, ApiError> {
         // Null while the local backend's KVM probe runs, and on backends that do not choose.
         "accelerator": state.svc.backend.accelerator(),
         "foreign_vms": state.svc.instance.foreign(),
+        // Cloud-init's verdict on each template's last cold boot.
+        "templates": templates,
         "uptime_seconds": state.started.elapsed().as_secs(),
         "jobs": jobs,
         "sandboxes": sandboxes,

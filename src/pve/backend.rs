@@ -47,6 +47,10 @@ use crate::model::VM_NAME_PREFIX;
 /// `nextid` and the clone.
 const ID_ATTEMPTS: u32 = 5;
 
+/// How long a guest file read (a synchronous `qm guest exec`) may take.
+const GUEST_READ_TIMEOUT_SECONDS: u64 = 15;
+/// The exit code of the read's shell when the file does not exist.
+const ABSENT_EXIT: i64 = 3;
 /// How often `exec_status` asks again when the guest agent does not answer: one missed poll of a
 /// long job should not fail it.
 const STATUS_ATTEMPTS: u32 = 3;
@@ -831,6 +835,57 @@ impl Backend for PveBackend {
         let text = self.run(invocation).await.map_err(fail)?;
         parse::exec_pid(&text)
             .map_err(|problem| fail(unreadable(&format!("qm guest exec {vmid}"), problem, &text)))
+    }
+
+    /// `qm guest exec` (synchronous) of `cat`: qm has no file-read of its own, and its
+    /// exec-status hands back the output, up to qemu-ga's own cap on it.
+    async fn read_guest_file(
+        &self,
+        vm: &VmHandle,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, BackendError> {
+        let vmid = vmid_of(vm)?;
+        let args = vec![
+            "guest".to_owned(),
+            "exec".to_owned(),
+            vmid.to_string(),
+            "--timeout".to_owned(),
+            GUEST_READ_TIMEOUT_SECONDS.to_string(),
+            "--".to_owned(),
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            format!(
+                "test -e \"$1\" || exit {ABSENT_EXIT}; exec head -c {} -- \"$1\"",
+                limit + 1
+            ),
+            "sh".to_owned(),
+            path.to_owned(),
+        ];
+        let text = self
+            .run(self.invocation(Tool::Qm, args))
+            .await
+            .map_err(|e| e.into_backend("guest file read"))?;
+        let (code, output) = parse::exec_output(&text).map_err(|problem| {
+            unreadable(
+                &format!("qm guest exec {vmid} -- cat {path}"),
+                problem,
+                &text,
+            )
+            .into_backend("guest file read")
+        })?;
+        match code {
+            Some(0) if output.len() > limit => Err(BackendError::operation(
+                "guest file read",
+                format!("{path} is larger than {limit} bytes"),
+            )),
+            Some(0) => Ok(Some(output)),
+            Some(ABSENT_EXIT) => Ok(None),
+            other => Err(BackendError::operation(
+                "guest file read",
+                format!("reading {path} in VM {vmid} ended with {other:?}"),
+            )),
+        }
     }
 
     async fn exec_status(&self, vm: &VmHandle, pid: i64) -> Result<ExecStatus, BackendError> {

@@ -274,6 +274,30 @@ pub fn exec_pid(stdout: &str) -> Result<i64, String> {
         .ok_or_else(|| "no pid in the reply".to_owned())
 }
 
+/// A synchronous `qm guest exec`'s reply: the exit code once the process has exited (None while
+/// it runs: qm gave up waiting) and its output (`out-data`, decoded by qm already).
+pub fn exec_output(stdout: &str) -> Result<(Option<i64>, Vec<u8>), String> {
+    let value: Value = serde_json::from_str(stdout).map_err(|e| e.to_string())?;
+    let exited = value.get("exited").and_then(as_bool).unwrap_or(false);
+    let code = if exited {
+        Some(
+            value
+                .get("exitcode")
+                .and_then(as_i64)
+                .ok_or_else(|| "exited without an exit code".to_owned())?,
+        )
+    } else {
+        None
+    };
+    let output = value
+        .get("out-data")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .as_bytes()
+        .to_vec();
+    Ok((code, output))
+}
+
 /// `qm guest exec-status ID PID`: `{"exited": 0}` while running; `{"exited": 1, "exitcode": N}`
 /// or `{"exited": 1, "signal": N}` once done.
 pub fn exec_status(stdout: &str) -> Result<ExecStatus, String> {
@@ -626,6 +650,20 @@ mod tests {
              ide2: local:9000/vm-9000-cloudinit.qcow2,media=cdrom\n",
         );
         assert_eq!(template_info(9000, &config).unwrap().root_disk, "ide0");
+    }
+
+    #[test]
+    fn a_synchronous_exec_gives_its_code_and_output() {
+        assert_eq!(
+            exec_output(r#"{"exitcode":0,"exited":1,"out-data":"{\"v1\": {}}\n"}"#).unwrap(),
+            (Some(0), b"{\"v1\": {}}\n".to_vec())
+        );
+        assert_eq!(
+            exec_output(r#"{"exitcode":3,"exited":1}"#).unwrap(),
+            (Some(3), Vec::new())
+        );
+        assert_eq!(exec_output(r#"{"pid":12}"#).unwrap(), (None, Vec::new()));
+        assert!(exec_output(r#"{"exited":1}"#).is_err());
     }
 
     #[test]

@@ -55,6 +55,8 @@ const GUEST_DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/
 
 /// How long one QMP conversation during start may take.
 const QMP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Each guest-agent call of a guest file read may take this long (a busy TCG guest is slow).
+const GUEST_FILE_CALL: Duration = Duration::from_secs(5);
 
 /// Where the backend keeps templates and sandboxes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -792,6 +794,37 @@ impl Backend for QemuBackend {
         match result {
             Ok(()) => Ok(()),
             Err(e) => Err(self.agent_error("guest ping", &vm.name, &paths, e).await),
+        }
+    }
+
+    async fn read_guest_file(
+        &self,
+        vm: &VmHandle,
+        path: &str,
+        limit: usize,
+    ) -> Result<Option<Vec<u8>>, BackendError> {
+        let paths = self.paths(vm)?;
+        Self::require_dir(&paths, &vm.name).await?;
+        let _guard = self.lock_vm(&vm.name).await;
+        let mut agent = self.take_agent(&vm.name, &paths);
+        let result = agent
+            .read_file(
+                path,
+                limit,
+                self.config.agent_ping_timeout.max(GUEST_FILE_CALL),
+            )
+            .await;
+        self.keep_agent(&vm.name, agent);
+        match result {
+            Ok(contents) => Ok(Some(contents)),
+            Err(QgaError::Guest { command, desc, .. })
+                if command == "guest-file-open" && desc.contains("No such file") =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self
+                .agent_error("guest file read", &vm.name, &paths, e)
+                .await),
         }
     }
 

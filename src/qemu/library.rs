@@ -270,6 +270,7 @@ impl From<&SnapshotManifest> for SnapshotInfo {
             memory_bytes: manifest.memory_bytes,
             state_bytes: manifest.state_bytes,
             disk_bytes: manifest.disk_bytes,
+            cloud_init_result: manifest.cloud_init_result.clone(),
         }
     }
 }

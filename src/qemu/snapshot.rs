@@ -82,6 +82,10 @@ pub struct SnapshotManifest {
     pub memory_bytes: u64,
     pub state_bytes: u64,
     pub disk_bytes: u64,
+    /// The template VM's `/run/cloud-init/result.json` as it was read before the pause (every
+    /// restored sandbox has the same), for the daemon to record cloud-init's verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init_result: Option<String>,
 }
 
 /// The files of one snapshot folder.
@@ -337,6 +341,7 @@ mod tests {
             memory_bytes: 0,
             state_bytes: 0,
             disk_bytes: 0,
+            cloud_init_result: None,
         };
         std::fs::write(files.manifest(), serde_json::to_vec(&manifest).unwrap()).unwrap();
         assert_eq!(files.read_manifest().await.unwrap(), Some(manifest));

@@ -165,7 +165,7 @@ impl SnapshotMaker {
             },
         };
         launch::launch(&plan, self.config.tool_timeout).await?;
-        self.wait_until_up(&vm).await?;
+        let cloud_init_result = self.wait_until_up(&vm).await?;
         self.warm_up(&vm).await;
 
         let mut qmp = QmpClient::connect(&vm.qmp_socket(), Duration::from_secs(5))
@@ -191,6 +191,7 @@ impl SnapshotMaker {
             memory_bytes: sizes.memory,
             state_bytes: sizes.state,
             disk_bytes: sizes.disk,
+            cloud_init_result: Some(String::from_utf8_lossy(&cloud_init_result).into_owned()),
         };
         let text = serde_json::to_vec_pretty(&manifest)
             .map_err(|e| BackendError::operation("snapshot", e.to_string()))?;
@@ -199,7 +200,8 @@ impl SnapshotMaker {
     }
 
     /// Waits until the template VM's guest agent answers and cloud-init has written its result.
-    async fn wait_until_up(&self, vm: &SandboxPaths) -> Result<(), BackendError> {
+    /// Returns the result file as read.
+    async fn wait_until_up(&self, vm: &SandboxPaths) -> Result<Vec<u8>, BackendError> {
         let timeout = self.config.snapshot_boot_timeout;
         let deadline = Instant::now() + timeout;
         let mut agent = QgaClient::new(vm.qga_socket());
@@ -227,7 +229,7 @@ impl SnapshotMaker {
                 {
                     Ok(result) => {
                         report_cloud_init(&result);
-                        return Ok(());
+                        return Ok(result);
                     }
                     Err(e) if e.is_unavailable() => agent = QgaClient::new(vm.qga_socket()),
                     // Not written yet.

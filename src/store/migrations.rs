@@ -152,9 +152,18 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX pool_by_profile ON pool_sandboxes (profile, state, created_ms);
     ALTER TABLE sandboxes ADD COLUMN from_pool INTEGER NOT NULL DEFAULT 0;
     "#,
-    // 6: what a job's agent changed in its host repository's checkout.
+    // 6: what a job's agent changed in its host repository's checkout, and cloud-init's last
+    // verdict on each template.
     r#"
     ALTER TABLE jobs ADD COLUMN changes_json TEXT;
+    CREATE TABLE template_checks (
+        backend TEXT NOT NULL,
+        template TEXT NOT NULL,
+        job_id TEXT NOT NULL,
+        checked_ms INTEGER NOT NULL,
+        errors_json TEXT NOT NULL,
+        PRIMARY KEY (backend, template)
+    );
     "#,
 ];
 

@@ -16,6 +16,7 @@ mod paging;
 mod pool;
 mod retention;
 mod sandboxes;
+mod templates;
 mod tokens;
 
 #[cfg(test)]
