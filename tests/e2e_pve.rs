@@ -297,9 +297,12 @@ fn assert_job_came_back(daemon: &Daemon, id: &str, job: &Value) {
     assert!(output.contains("hello from the host repo"), "{output}");
     assert!(output.contains("artifact-written"), "{output}");
     let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
+    // The report, and the result bundle: out/ was left uncommitted in the checkout.
     let artifacts = listing["artifacts"].as_array().unwrap();
-    assert_eq!(artifacts.len(), 1, "{listing}");
-    assert_eq!(artifacts[0]["path"], "out/report.txt");
+    let paths: Vec<&str> = artifacts.iter().map(|a| a["path"].as_str().unwrap()).collect();
+    assert_eq!(paths, [".agentlab/result.bundle", "out/report.txt"], "{listing}");
+    assert_eq!(job["changes"]["commits"], 1, "{job}");
+    let artifacts = &artifacts[1..];
     let bytes = client(daemon)
         .get(format!(
             "http://agentlabd/v1/jobs/{id}/artifacts/out/report.txt"

@@ -441,3 +441,78 @@ fn the_agents_commit_and_uncommitted_edit_come_back_as_a_branch_and_nothing_else
     assert!(patch.contains("+edited by the agent"), "{patch}");
     assert_nothing_left(dir.path());
 }
+
+/// The figure of the result-branch issue: the round trip of a 10 MB change (the runner's commit
+/// and bundle in the guest, the upload, the daemon's read and fetch into the host repository),
+/// against a job that changes nothing, side by side in one daemon.
+#[test]
+#[ignore = "a measurement: run with --ignored --nocapture"]
+fn result_branch_figures() {
+    let runs: usize = std::env::var("FIGURE_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = git_repo(dir.path());
+    let daemon = daemon(dir.path(), TUNING, "");
+    let at = |events: &Value, kind: &str, text: &str| -> f64 {
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == kind && e["message"].as_str().unwrap().contains(text))
+            .map(|e| e["at_ms"].as_f64().unwrap())
+            .unwrap_or_else(|| panic!("no {kind} event with {text}: {events}"))
+    };
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
+        ("10 MB change", Vec::new(), Vec::new(), Vec::new()),
+        ("no change", Vec::new(), Vec::new(), Vec::new()),
+    ];
+    for _ in 0..runs {
+        for (name, guest, host, upload) in rows.iter_mut() {
+            let command = if *name == "no change" {
+                "true"
+            } else {
+                "head -c 10485760 /dev/urandom > big.bin"
+            };
+            let id = daemon.submit(&json!({
+                "profile": "balanced", "task": "t", "repo": repo.display().to_string(),
+                "result_branch": true, "command": command,
+            }));
+            let job = daemon.wait_terminal(&id, Duration::from_secs(300));
+            assert_eq!(job["status"], "COMPLETED", "{job}");
+            let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
+            let exited = at(&events, "guest", "command exited");
+            let done = at(&events, "guest", "uploads done");
+            let changes = at(&events, "changes", "");
+            guest.push((done - exited) / 1000.0);
+            host.push((changes - done) / 1000.0);
+            let phase = job["phases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["phase"] == "upload")
+                .unwrap()["duration_seconds"]
+                .as_f64()
+                .unwrap();
+            upload.push(phase);
+        }
+    }
+    println!("result branch round trip, {runs} jobs each, medians in seconds");
+    println!(
+        "{:<14} {:>22} {:>22} {:>14}",
+        "job", "exit -> uploads done", "uploads done -> branch", "upload phase"
+    );
+    for (name, guest, host, upload) in rows {
+        println!(
+            "{name:<14} {:>22.2} {:>22.2} {:>14.2}",
+            median(guest),
+            median(host),
+            median(upload)
+        );
+    }
+}
