@@ -299,8 +299,15 @@ fn assert_job_came_back(daemon: &Daemon, id: &str, job: &Value) {
     let (_, listing) = daemon.get(&format!("/v1/jobs/{id}/artifacts"));
     // The report, and the result bundle: out/ was left uncommitted in the checkout.
     let artifacts = listing["artifacts"].as_array().unwrap();
-    let paths: Vec<&str> = artifacts.iter().map(|a| a["path"].as_str().unwrap()).collect();
-    assert_eq!(paths, [".agentlab/result.bundle", "out/report.txt"], "{listing}");
+    let paths: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        paths,
+        [".agentlab/result.bundle", "out/report.txt"],
+        "{listing}"
+    );
     assert_eq!(job["changes"]["commits"], 1, "{job}");
     let artifacts = &artifacts[1..];
     let bytes = client(daemon)

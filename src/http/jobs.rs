@@ -106,6 +106,12 @@ pub fn validate(
     if request.git_ref.is_some() && request.repo.is_none() {
         return Err(ApiError::BadRequest("`ref` needs a `repo`".into()));
     }
+    if request.result_branch && request.host_repo().is_none() {
+        return Err(ApiError::BadRequest(
+            "`result_branch` needs a `repo` on the daemon's host (a path under `repo_roots`):              the branch is made there"
+                .into(),
+        ));
+    }
     for (field, value) in [
         ("ttl_minutes", request.ttl_minutes.map(u64::from)),
         ("run_timeout_seconds", request.run_timeout_seconds),
@@ -365,6 +371,12 @@ mod tests {
     fn rejects_what_a_guest_or_shell_could_abuse() {
         let p = profiles();
         assert!(validate(&ok_request(), &p).is_ok());
+        let branch = JobRequest {
+            repo: Some("/srv/repos/r".into()),
+            result_branch: true,
+            ..ok_request()
+        };
+        assert!(validate(&branch, &p).is_ok());
         let cases = [
             JobRequest {
                 profile: "nope".into(),
@@ -407,6 +419,15 @@ mod tests {
             },
             JobRequest {
                 run_timeout_seconds: Some(0),
+                ..ok_request()
+            },
+            JobRequest {
+                result_branch: true,
+                ..ok_request()
+            },
+            JobRequest {
+                repo: Some("https://example.invalid/r.git".into()),
+                result_branch: true,
                 ..ok_request()
             },
             JobRequest {
