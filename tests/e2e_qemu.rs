@@ -468,12 +468,14 @@ fn result_branch_figures() {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mut rows: Vec<(&str, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![
-        ("10 MB change", Vec::new(), Vec::new(), Vec::new()),
-        ("no change", Vec::new(), Vec::new(), Vec::new()),
+    /// One kind of job's samples: guest part, host part, upload phase.
+    type Samples = (Vec<f64>, Vec<f64>, Vec<f64>);
+    let mut rows: Vec<(&str, Samples)> = vec![
+        ("10 MB change", Samples::default()),
+        ("no change", Samples::default()),
     ];
     for _ in 0..runs {
-        for (name, guest, host, upload) in rows.iter_mut() {
+        for (name, (guest, host, upload)) in rows.iter_mut() {
             let command = if *name == "no change" {
                 "true"
             } else {
@@ -507,7 +509,7 @@ fn result_branch_figures() {
         "{:<14} {:>22} {:>22} {:>14}",
         "job", "exit -> uploads done", "uploads done -> branch", "upload phase"
     );
-    for (name, guest, host, upload) in rows {
+    for (name, (guest, host, upload)) in rows {
         println!(
             "{name:<14} {:>22.2} {:>22.2} {:>14.2}",
             median(guest),
