@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::daemon::{repo_roots, Daemon};
-use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes};
+use common::vm::{artifact_at, assert_nothing_left, free_port, git_repo, images, qemu_processes};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -168,12 +168,7 @@ fn a_pool_sandbox_serves_one_job_is_refilled_and_a_job_meanwhile_boots_its_own()
     assert!(output.contains("hello from the host repo"), "{output}");
     let (_, listing) = daemon.get(&format!("/v1/jobs/{hit}/artifacts"));
     // Beside the result bundle (out/ was left uncommitted), the job's own artifact.
-    let artifact = listing["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["path"] == "out/host.txt")
-        .unwrap_or_else(|| panic!("no out/host.txt: {listing}"));
+    let artifact = artifact_at(&listing, "out/host.txt");
     let bytes = daemon.get_bytes(&format!("/v1/jobs/{hit}/artifacts/out/host.txt"));
     assert_eq!(artifact["sha256"], hex::encode(Sha256::digest(&bytes)));
     assert_eq!(String::from_utf8_lossy(&bytes).trim(), sandbox);

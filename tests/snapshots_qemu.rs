@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::daemon::{repo_roots, Daemon};
-use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes, truncate_file};
+use common::vm::{
+    artifact_at, assert_nothing_left, free_port, git_repo, images, qemu_processes, truncate_file,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -151,12 +153,7 @@ fn a_restored_job_completes_with_its_output_and_artifact_and_says_where_it_came_
     assert!(output.contains("artifact-written"), "{output}");
     let (_, listing) = daemon.get(&format!("/v1/jobs/{second}/artifacts"));
     // Beside the result bundle (out/ was left uncommitted), the job's own artifact.
-    let artifact = listing["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["path"] == "out/host.txt")
-        .unwrap_or_else(|| panic!("no out/host.txt: {listing}"));
+    let artifact = artifact_at(&listing, "out/host.txt");
     assert_eq!(artifact["path"], "out/host.txt", "{listing}");
     let bytes = daemon.get_bytes(&format!("/v1/jobs/{second}/artifacts/out/host.txt"));
     assert_eq!(artifact["sha256"], hex::encode(Sha256::digest(&bytes)));

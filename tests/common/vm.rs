@@ -95,3 +95,14 @@ pub fn assert_nothing_left(dir: &Path) {
         .collect();
     assert!(makings.is_empty(), "snapshot makings left: {makings:?}");
 }
+
+/// The artifact at `path` in a `GET /v1/jobs/{id}/artifacts` listing (a job of a host repository
+/// that leaves files in its checkout has the result bundle beside its own artifacts).
+pub fn artifact_at<'a>(listing: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    listing["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["path"] == path)
+        .unwrap_or_else(|| panic!("no artifact {path}: {listing}"))
+}
