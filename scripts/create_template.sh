@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Build the AgentLab sandbox template on a Proxmox VE host: an Ubuntu cloud image with
-# qemu-guest-agent, git and the AgentLab guest runner installed, imported as the disk of a VM that
+# qemu-guest-agent, git and curl installed (and, with --runner, the AgentLab guest runner; without
+# it, each sandbox's user-data fetches the daemon's own runner and checks its sha256), imported as the disk of a VM that
 # has the guest agent enabled, a cloud-init drive and the firewall that keeps "restricted"
 # sandboxes to the daemon's guest endpoint; then `qm template`. Profiles name it by VMID
 # (`template_vmid`, 9000 by default). The guest side of the contract is docs/guest-contract.md;
 # the host side (bridge, DHCP, egress rules) is docs/proxmox.md.
 #
-# Run as root on the Proxmox node. Needs virt-customize (apt install libguestfs-tools) and the
-# runner binary (cargo build --release --bin agentlab-runner). See --help.
+# Run as root on the Proxmox node. Needs virt-customize (apt install libguestfs-tools). See --help.
 set -euo pipefail
 
 VMID=9000
@@ -32,10 +32,12 @@ die() {
 
 usage() {
 	cat <<EOF
-Usage: $(basename "$0") --runner PATH [options]
+Usage: $(basename "$0") [options]
 
 Options:
-  --runner PATH        the agentlab-runner binary to install in the image (required)
+  --runner PATH        also bake this agentlab-runner binary into the image. Not needed for
+                       jobs: the daemon serves its own runner to every sandbox. A warm pool on
+                       Proxmox boots sandboxes before any job, and needs one baked in.
   --vmid N             template VMID (default $VMID; the profiles' template_vmid)
   --name NAME          template name (default $NAME)
   --storage ID         storage for the template's disks (default $STORAGE). Use one that can
@@ -78,8 +80,7 @@ for tool in qm pvesh pvesm; do
 	command -v "$tool" >/dev/null || die "$tool not found: run this on a Proxmox VE node"
 done
 command -v virt-customize >/dev/null || die "virt-customize not found: apt install libguestfs-tools"
-[ -n "$RUNNER" ] || die "--runner is required (cargo build --release --bin agentlab-runner)"
-[ -x "$RUNNER" ] || die "runner $RUNNER is not an executable file"
+[ -z "$RUNNER" ] || [ -x "$RUNNER" ] || die "runner $RUNNER is not an executable file"
 case "$VMID" in '' | *[!0-9]*) die "--vmid must be a number" ;; esac
 pvesm status --storage "$STORAGE" >/dev/null 2>&1 || die "storage $STORAGE does not exist (pvesm status)"
 ip link show "$BRIDGE" >/dev/null 2>&1 || log "warning: bridge $BRIDGE does not exist yet (docs/proxmox.md, Networking)"
@@ -121,16 +122,21 @@ cp "$cached" "$disk"
 # --- Inside the image: what docs/guest-contract.md asks of a guest. -------------------------------
 # - qemu-guest-agent: the daemon starts the runner with `qm guest exec` and pings the agent;
 # - git and CA certificates: the runner checks out the job's repository;
-# - the runner at /usr/local/bin/agentlab-runner, and /etc/agentlab for its bootstrap file;
+# - curl, which the user-data uses to fetch the daemon's runner (or, with --runner, the runner at
+#   /usr/local/bin/agentlab-runner already), and /etc/agentlab for its bootstrap file;
 # - cloud-init state cleaned, so each clone runs cloud-init as a first boot (phone_home included);
 # - an empty machine-id, so each clone gets its own (and its own DHCP client id).
 log "customising the image (virt-customize)"
+runner_args=()
+if [ -n "$RUNNER" ]; then
+	runner_args=(--upload "$RUNNER:/usr/local/bin/agentlab-runner"
+		--chmod 0755:/usr/local/bin/agentlab-runner)
+fi
 virt-customize -a "$disk" \
-	--install qemu-guest-agent,git,ca-certificates \
+	--install qemu-guest-agent,git,ca-certificates,curl \
 	--mkdir /etc/agentlab \
 	--chmod 0700:/etc/agentlab \
-	--upload "$RUNNER:/usr/local/bin/agentlab-runner" \
-	--chmod 0755:/usr/local/bin/agentlab-runner \
+	"${runner_args[@]}" \
 	--run-command 'systemctl enable qemu-guest-agent' \
 	--run-command 'cloud-init clean --logs --seed' \
 	--truncate /etc/machine-id

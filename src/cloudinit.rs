@@ -10,10 +10,15 @@
 
 use std::fmt;
 
-use crate::backend::CloudInitSpec;
+use crate::backend::{CloudInitSpec, RunnerFetch};
 
 /// Where the runner finds the daemon's URL and its one-time token.
 pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
+
+/// The script the user-data writes and runs to install the daemon's runner.
+pub const FETCH_RUNNER_PATH: &str = "/etc/agentlab/fetch-runner.sh";
+/// Where the runner is installed (docs/guest-contract.md).
+const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
 
 /// How often cloud-init's phone_home retries.
 const PHONE_HOME_TRIES: u32 = 10;
@@ -73,6 +78,8 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
         field: "bootstrap_token",
         reason: "cannot be encoded as JSON",
     })?;
+    let runner = spec.runner.as_ref().map(runner_parts).transpose()?;
+    let (runner_file, runcmd) = runner.unwrap_or_default();
     let user_data = format!(
         "#cloud-config\n\
          hostname: \"{hostname}\"\n\
@@ -81,6 +88,8 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
              permissions: \"0600\"\n    \
              content: |\n      \
                {bootstrap}\n\
+         {runner_file}\
+         {runcmd}\
          phone_home:\n  \
            url: \"{phone_home_url}\"\n  \
            post:\n    \
@@ -104,19 +113,83 @@ pub fn render_for(
 ) -> Result<SeedFiles, CloudInitError> {
     match spec {
         Some(spec) => render(instance_id, spec),
-        None => render_template(instance_id, instance_id),
+        None => render_template(instance_id, instance_id, None),
     }
 }
 
 /// The seed of a snapshot's template VM: an identity and nothing a job owns (no token, no
 /// phone-home). Each sandbox restored from it gets its own identity through the guest agent.
-pub fn render_template(instance_id: &str, hostname: &str) -> Result<SeedFiles, CloudInitError> {
+pub fn render_template(
+    instance_id: &str,
+    hostname: &str,
+    runner: Option<&RunnerFetch>,
+) -> Result<SeedFiles, CloudInitError> {
     check_hostname("instance_id", instance_id)?;
     check_hostname("hostname", hostname)?;
+    let mut user_data = format!("#cloud-config\nhostname: \"{hostname}\"\n");
+    if let Some(runner) = runner {
+        let (file, runcmd) = runner_parts(runner)?;
+        user_data.push_str("write_files:\n");
+        user_data.push_str(&file);
+        user_data.push_str(&runcmd);
+    }
     Ok(SeedFiles {
         meta_data: format!("instance-id: \"{instance_id}\"\nlocal-hostname: \"{hostname}\"\n"),
-        user_data: format!("#cloud-config\nhostname: \"{hostname}\"\n"),
+        user_data,
     })
+}
+
+/// The `write_files` item of the runner's fetch script and the `runcmd` that runs it. The script
+/// keeps a runner that is already the daemon's (a template with one baked in boots as before),
+/// otherwise downloads it (curl, else busybox wget), checks its sha256, and installs it; a
+/// download that is not that file is refused, and cloud-init records the failure. The script
+/// holds a token, so it is 0700 and removes itself.
+fn runner_parts(runner: &RunnerFetch) -> Result<(String, String), CloudInitError> {
+    check_scalar("runner_url", &runner.url)?;
+    check_scalar("runner_token", &runner.token)?;
+    if runner.sha256.len() != 64 || !runner.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(CloudInitError {
+            field: "runner_sha256",
+            reason: "must be 64 hex digits",
+        });
+    }
+    // check_scalar keeps quotes out of the url and token, so single quotes hold them safely.
+    let script = [
+        "set -u".to_owned(),
+        format!("want={}", runner.sha256),
+        format!("dest={RUNNER_PATH}"),
+        "have=$(sha256sum \"$dest\" 2>/dev/null | cut -d ' ' -f 1)".to_owned(),
+        "if [ \"$have\" = \"$want\" ]; then rm -f \"$0\"; exit 0; fi".to_owned(),
+        "mkdir -p \"$(dirname \"$dest\")\"".to_owned(),
+        "tmp=\"$dest.download\"".to_owned(),
+        "rm -f \"$tmp\"".to_owned(),
+        "if command -v curl >/dev/null 2>&1; then".to_owned(),
+        format!(
+            "  curl -fsS --noproxy '*' --retry 5 -H 'Authorization: Bearer {}' -o \"$tmp\" '{}'",
+            runner.token, runner.url
+        ),
+        "else".to_owned(),
+        format!(
+            "  wget -q -Y off --header 'Authorization: Bearer {}' -O \"$tmp\" '{}'",
+            runner.token, runner.url
+        ),
+        "fi".to_owned(),
+        "fetched=$?".to_owned(),
+        "rm -f \"$0\"".to_owned(),
+        "if [ \"$fetched\" -ne 0 ]; then rm -f \"$tmp\"; echo \"agentlab: cannot fetch the runner\" >&2; exit 1; fi".to_owned(),
+        "got=$(sha256sum \"$tmp\" | cut -d ' ' -f 1)".to_owned(),
+        "if [ \"$got\" != \"$want\" ]; then rm -f \"$tmp\"; echo \"agentlab: refused the runner: its sha256 is $got, not $want\" >&2; exit 1; fi".to_owned(),
+        "chmod 0755 \"$tmp\" && mv -f \"$tmp\" \"$dest\"".to_owned(),
+    ];
+    let mut file =
+        format!("  - path: \"{FETCH_RUNNER_PATH}\"\n    permissions: \"0700\"\n    content: |\n");
+    for line in script {
+        file.push_str("      ");
+        file.push_str(&line);
+        file.push('\n');
+    }
+    let runcmd = format!("runcmd:\n  - \"/bin/sh {FETCH_RUNNER_PATH}\"\n");
+    Ok((file, runcmd))
 }
 
 /// A hostname-like identifier: RFC 1123 labels, lower case.
@@ -170,7 +243,64 @@ pub(crate) mod tests {
             phone_home_url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123".into(),
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: "BOOTTOKEN456".into(),
+            runner: None,
         }
+    }
+
+    fn runner() -> RunnerFetch {
+        RunnerFetch {
+            url: "http://10.0.2.100/guest/v1/runner".into(),
+            token: "RUNNERTOKEN789".into(),
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    #[test]
+    fn the_runner_fetch_is_a_0700_script_that_runcmd_runs_and_that_checks_the_digest() {
+        let spec = CloudInitSpec {
+            runner: Some(runner()),
+            ..spec()
+        };
+        let files = render("sandbox-0123456789ab", &spec).unwrap();
+        let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
+        let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
+        let script = &doc["write_files"][1];
+        assert_eq!(script["path"], FETCH_RUNNER_PATH);
+        assert_eq!(script["permissions"], "0700");
+        let text = script["content"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("want={}", "ab".repeat(32))),
+            "{text}"
+        );
+        assert!(
+            text.contains("Authorization: Bearer RUNNERTOKEN789"),
+            "{text}"
+        );
+        assert!(
+            text.contains("'http://10.0.2.100/guest/v1/runner'"),
+            "{text}"
+        );
+        assert_eq!(
+            doc["runcmd"],
+            serde_json::json!([format!("/bin/sh {FETCH_RUNNER_PATH}")])
+        );
+        // The phone-home still comes last, after runcmd has installed the runner.
+        assert!(doc["phone_home"]["url"].is_string());
+        assert!(!format!("{spec:?}").contains("RUNNERTOKEN789"));
+
+        let template =
+            render_template("snapshot-0123", "sandbox-snapshot", Some(&runner())).unwrap();
+        let doc: serde_json::Value =
+            yaml_serde::from_str(template.user_data.strip_prefix("#cloud-config\n").unwrap())
+                .unwrap();
+        assert_eq!(doc["write_files"][0]["path"], FETCH_RUNNER_PATH);
+        assert!(doc.get("phone_home").is_none());
+
+        let bad = RunnerFetch {
+            sha256: "not-a-digest".into(),
+            ..runner()
+        };
+        assert!(render_template("snapshot-0123", "sandbox-snapshot", Some(&bad)).is_err());
     }
 
     #[test]
@@ -226,13 +356,13 @@ phone_home:
 
     #[test]
     fn a_template_seed_carries_an_identity_and_nothing_of_a_job() {
-        let files = render_template("snapshot-0123456789abcdef", "sandbox-snapshot").unwrap();
+        let files = render_template("snapshot-0123456789abcdef", "sandbox-snapshot", None).unwrap();
         let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
         let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
         assert_eq!(doc, serde_json::json!({"hostname": "sandbox-snapshot"}));
         let meta: serde_json::Value = yaml_serde::from_str(&files.meta_data).unwrap();
         assert_eq!(meta["instance-id"], "snapshot-0123456789abcdef");
-        assert!(render_template("Bad Id", "sandbox-snapshot").is_err());
+        assert!(render_template("Bad Id", "sandbox-snapshot", None).is_err());
     }
 
     #[test]

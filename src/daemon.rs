@@ -46,6 +46,8 @@ pub enum DaemonError {
     Instance(#[from] InstanceError),
     #[error("job files: {0}")]
     JobFiles(#[from] crate::jobfiles::JobFilesError),
+    #[error(transparent)]
+    Runner(#[from] crate::runner_binary::RunnerBinaryError),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -259,6 +261,22 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         BuiltBackend::Other(backend) => Arc::clone(backend),
     };
     let guest_url = config.resolved_guest_url(guest_addr);
+    let runner = {
+        let configured = config.runner_path.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::runner_binary::RunnerBinary::locate(configured.as_deref())
+        })
+        .await
+        .map_err(|e| DaemonError::Unsupported(e.to_string()))??
+    };
+    match &runner {
+        Some(runner) => {
+            tracing::info!(path = %runner.path.display(), sha256 = %runner.sha256, bytes = runner.size, "guests get the daemon's runner")
+        }
+        None => tracing::warn!(
+            "no runner to serve (runner_path): templates must bring their own agentlab-runner"
+        ),
+    }
     let config = Arc::new(config);
     let svc = Arc::new(Services {
         config: Arc::clone(&config),
@@ -273,6 +291,7 @@ pub async fn start(config: Config) -> Result<Started, DaemonError> {
         live: LiveConfig::new(&config),
         pool: Default::default(),
         instance: Instance::new(instance_id),
+        runner,
     });
     let sampler = tokio::task::spawn_blocking(crate::governor::sampler::HostSampler::new)
         .await

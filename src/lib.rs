@@ -22,6 +22,7 @@ pub mod paths;
 pub mod pve;
 pub mod qemu;
 pub mod runner;
+pub mod runner_binary;
 pub mod secrets;
 pub mod start;
 pub mod store;

@@ -518,3 +518,164 @@ fn result_branch_figures() {
         );
     }
 }
+
+/// An images folder whose default template is the test template with its runner removed
+/// (`debugfs` on a raw copy of its root file system), the kernel, initrd and manifest shared.
+fn runnerless_images(dir: &Path) -> std::path::PathBuf {
+    let images = dir.join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    let source = images_dir_files();
+    for file in ["vmlinuz", "initrd.img", "manifest.json"] {
+        std::os::unix::fs::symlink(source.join(file).canonicalize().unwrap(), images.join(file))
+            .unwrap();
+    }
+    let raw = dir.join("root.raw");
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let root = source.join("root.qcow2").canonicalize().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            root.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    run(
+        "debugfs",
+        &[
+            "-w".as_ref(),
+            "-R".as_ref(),
+            "rm /usr/local/bin/agentlab-runner".as_ref(),
+            raw.as_os_str(),
+        ],
+    );
+    let listing = run(
+        "debugfs",
+        &["-R".as_ref(), "ls /usr/local/bin".as_ref(), raw.as_os_str()],
+    );
+    assert!(!listing.contains("agentlab-runner"), "{listing}");
+    let qcow2 = images.join("root.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            raw.as_os_str(),
+            qcow2.as_os_str(),
+        ],
+    );
+    std::fs::remove_file(&raw).unwrap();
+    images
+}
+
+fn images_dir_files() -> std::path::PathBuf {
+    images()
+}
+
+/// The runner without its debug information (a debug build's is 20 times larger), in `dir`.
+fn stripped_runner(dir: &Path) -> std::path::PathBuf {
+    let runner = dir.join("agentlab-runner");
+    let out = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&runner)
+        .arg(env!("CARGO_BIN_EXE_agentlab-runner"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "strip: {out:?}");
+    runner
+}
+
+/// The daemon on `images`, serving the runner at `runner`.
+fn daemon_on(dir: &Path, images: &Path, runner: &Path) -> Daemon {
+    std::fs::create_dir_all(dir.join("tuning")).unwrap();
+    let tuning = format!("{TUNING}governor: {{budget: {{disk_min_free_percent: null}}}}\n");
+    std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
+    let qemu = format!(
+        "{roots}runner_path: {runner}\nqemu:\n  images_dir: {images}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n",
+        roots = repo_roots(&[dir]),
+        runner = runner.display(),
+        images = images.display(),
+    );
+    Daemon::start(dir, "qemu", &qemu)
+}
+
+#[test]
+fn a_template_without_a_runner_gets_the_daemons_cold_and_through_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = runnerless_images(dir.path());
+    let runner = stripped_runner(dir.path());
+    let daemon = daemon_on(dir.path(), &images, &runner);
+    for start in ["cold", "auto"] {
+        let id = daemon.submit(&json!({
+            "profile": "balanced", "task": "t", "start": start,
+            "command": "agentlab-runner --version; echo ran-with-the-daemons-runner",
+        }));
+        let job = daemon.wait_terminal(&id, Duration::from_secs(300));
+        assert_eq!(
+            job["status"],
+            "COMPLETED",
+            "{start}: {job}\n{}",
+            daemon.log()
+        );
+        let output = daemon.job_log(&id);
+        assert!(output.contains("ran-with-the-daemons-runner"), "{output}");
+        assert_eq!(
+            cloud_init_events(&daemon, &id)
+                .iter()
+                .filter(|e| e.contains("reported"))
+                .count(),
+            0,
+            "{start}"
+        );
+    }
+    // The cold boot and the snapshot's template VM each fetched it.
+    assert!(
+        daemon.log().matches("a guest fetched the runner").count() >= 2,
+        "{}",
+        daemon.log()
+    );
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn a_runner_whose_sha256_is_not_the_one_in_the_user_data_is_refused_by_the_guest() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = runnerless_images(dir.path());
+    let runner = stripped_runner(dir.path());
+    let daemon = daemon_on(dir.path(), &images, &runner);
+    // Replaced under the daemon: it serves these bytes, but the user-data names the digest it
+    // read at start-up.
+    let mut tampered = std::fs::read(&runner).unwrap();
+    tampered.extend_from_slice(b"tampered");
+    std::fs::write(&runner, tampered).unwrap();
+    let id = daemon.submit(&json!({
+        "profile": "balanced", "task": "t", "start": "cold", "command": "echo should-not-run",
+    }));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(300));
+    assert_eq!(job["status"], "FAILED", "{job}");
+    assert!(!daemon.job_log(&id).contains("should-not-run"));
+    let verdict = cloud_init_events(&daemon, &id);
+    assert_eq!(verdict.len(), 1, "{verdict:?}");
+    assert!(
+        verdict[0].contains("cloud-init reported 1 error"),
+        "{verdict:?}"
+    );
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(
+        status["templates"][0]["errors"].as_array().unwrap().len(),
+        1,
+        "{status}"
+    );
+    assert!(daemon.log().contains("a guest fetched the runner"));
+    assert_nothing_left(dir.path());
+}

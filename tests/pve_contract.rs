@@ -382,6 +382,7 @@ fn spec(network: NetworkMode) -> SandboxSpec {
             phone_home_url: "http://10.77.0.1:8848/guest/v1/phone-home/ph-secret".into(),
             guest_url: "http://10.77.0.1:8848".into(),
             bootstrap_token: "boot-secret".into(),
+            runner: None,
         }),
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
@@ -1206,6 +1207,7 @@ async fn reconciliation_destroys_unknown_vms_of_ours_and_sweeps_their_snippets()
         clock: Clock::new(),
         live: LiveConfig::new(&Config::default()),
         pool: Default::default(),
+        runner: None,
         instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
     };
     let report = reconciler::reconcile(&svc, &Default::default())

@@ -98,6 +98,7 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
             phone_home_url: format!("http://10.0.2.100/guest/v1/phone-home/ph-{job_id}"),
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: format!("boot-{job_id}"),
+            runner: None,
         }),
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
@@ -695,6 +696,7 @@ async fn a_reconcile_leaves_sandbox_folders_it_did_not_make() {
         instance: Instance::new(InstanceId::parse(OWNER).unwrap()),
         live: LiveConfig::new(&Config::default()),
         pool: Default::default(),
+        runner: None,
     };
     let report = reconciler::reconcile(&svc, &Default::default())
         .await

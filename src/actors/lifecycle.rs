@@ -13,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::Services;
 use super::{changes, cloud_check, restore};
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, RunnerFetch, SandboxSpec, VmHandle,
+    VmState,
 };
 use crate::config::profile::Profile;
 use crate::jobfiles::JobFiles;
@@ -480,17 +481,31 @@ impl Lifecycle {
         let (job, ttl) = (self.job.id.clone(), self.svc.config.token_ttl());
         let ttl_ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
         // Fresh tokens per attempt: a VM cloned before a crash keeps the (still valid) old ones.
-        let (phone_home, bootstrap) = self
+        let serves_runner = self.svc.runner.is_some();
+        let (phone_home, bootstrap, runner_token) = self
             .svc
             .store
             .call(move |s| {
                 Ok((
                     s.issue_token(&job, TokenKind::PhoneHome, ttl_ms)?,
                     s.issue_token(&job, TokenKind::Bootstrap, ttl_ms)?,
+                    serves_runner
+                        .then(|| s.issue_token(&job, TokenKind::Runner, ttl_ms))
+                        .transpose()?,
                 ))
             })
             .await?;
         let guest_url = self.svc.guest_url.trim_end_matches('/').to_owned();
+        let runner = self
+            .svc
+            .runner
+            .as_ref()
+            .zip(runner_token)
+            .map(|(binary, token)| RunnerFetch {
+                url: format!("{guest_url}/guest/v1/runner"),
+                token,
+                sha256: binary.sha256.clone(),
+            });
         let template = template_of(&self.svc, &self.profile);
         let spec = SandboxSpec {
             job_id: self.job.id.clone(),
@@ -505,6 +520,7 @@ impl Lifecycle {
                 phone_home_url: format!("{guest_url}/guest/v1/phone-home/{phone_home}"),
                 guest_url,
                 bootstrap_token: bootstrap,
+                runner,
             }),
             owner: self.svc.instance.id.to_string(),
             start: restore::start_mode(&self.svc, &self.request)?,

@@ -77,6 +77,8 @@ pub struct Services {
     pub live: LiveConfig,
     /// The warm pool's hits, misses and failed boots, per profile.
     pub pool: pool_book::PoolBook,
+    /// The runner the daemon serves to its guests; None: templates bring their own.
+    pub runner: Option<crate::runner_binary::RunnerBinary>,
 }
 
 /// The config file's keys that a reload changes in a running daemon (the others need a restart:

@@ -545,6 +545,7 @@ mod tests {
                 phone_home_url: "http://10.0.2.100/ph".into(),
                 guest_url: "http://10.0.2.100".into(),
                 bootstrap_token: "boot".into(),
+                runner: None,
             }),
             owner: "me".into(),
             start: StartMode::Cold,

@@ -30,6 +30,26 @@ pub struct CloudInitSpec {
     pub guest_url: String,
     /// One-time token the runner redeems for its job spec.
     pub bootstrap_token: String,
+    /// Where the guest fetches the daemon's runner, when the daemon serves one.
+    pub runner: Option<RunnerFetch>,
+}
+
+/// The daemon's runner as a guest fetches it: `GET url` with the bearer `token`, installed only
+/// if its sha256 is `sha256`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RunnerFetch {
+    pub url: String,
+    pub token: String,
+    pub sha256: String,
+}
+
+impl std::fmt::Debug for RunnerFetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunnerFetch")
+            .field("url", &self.url)
+            .field("sha256", &self.sha256)
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for CloudInitSpec {

@@ -151,6 +151,11 @@ pub struct Config {
     /// Artifacts older than this are removed even while their job stays; null: `retention`.
     #[serde(with = "humantime_serde")]
     pub artifact_retention: Option<Duration>,
+    /// The runner binary the daemon serves to its guests (`GET /guest/v1/runner`), which every
+    /// sandbox's user-data fetches and installs unless the template's own is the same. Default:
+    /// `agentlab-runner` beside the daemon's executable, if it is there; an empty string turns
+    /// serving off (templates must then bring their own runner).
+    pub runner_path: Option<PathBuf>,
     pub fake: FakeConfig,
     /// The Proxmox VE backend's settings (`backend: pve`).
     pub pve: PveConfig,
@@ -188,6 +193,7 @@ impl Default for Config {
             shutdown_grace: Duration::from_secs(20),
             retention: Duration::from_secs(30 * 24 * 3600),
             artifact_retention: None,
+            runner_path: None,
             fake: FakeConfig::default(),
             pve: PveConfig::default(),
             qemu: QemuConfig::default(),

@@ -45,6 +45,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/guest/v1/phone-home/{token}", web::post().to(phone_home))
         .route("/guest/v1/bootstrap", web::post().to(bootstrap))
         .route("/guest/v1/repo.bundle", web::get().to(repo_bundle))
+        .route("/guest/v1/runner", web::get().to(runner_binary))
         .route("/guest/v1/log", web::post().to(append_log))
         .route("/guest/v1/exit", web::post().to(exit))
         .route(
@@ -269,6 +270,31 @@ async fn repo_bundle(
     Ok(HttpResponse::Ok()
         .content_type("application/x-git-bundle")
         .body(actix_web::body::SizedStream::new(bundle.size, body)))
+}
+
+/// The daemon's runner binary, for the sandbox's user-data to install: behind the sandbox's
+/// runner token, which works until it expires or the job ends (the template VM of a snapshot the
+/// job makes uses it too). `X-Sha256` is the digest the user-data checks, read at start-up.
+async fn runner_binary(
+    state: web::Data<ApiState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let job_id = redeem(&state, bearer(&req), TokenKind::Runner).await?;
+    let _permit = admit(&state, &job_id)?;
+    let runner =
+        state.svc.runner.as_ref().ok_or_else(|| {
+            ApiError::NotFound("this daemon serves no runner (runner_path)".into())
+        })?;
+    let file = tokio::fs::File::open(&runner.path)
+        .await
+        .map_err(ApiError::internal)?;
+    let size = file.metadata().await.map_err(ApiError::internal)?.len();
+    tracing::info!(job = %job_id, "a guest fetched the runner");
+    let body = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
+    Ok(HttpResponse::Ok()
+        .content_type("application/octet-stream")
+        .insert_header(("X-Sha256", runner.sha256.clone()))
+        .body(actix_web::body::SizedStream::new(size, body)))
 }
 
 /// The masker of the job's log, made from the job's secrets on its first post. Making one also

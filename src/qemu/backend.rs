@@ -635,7 +635,8 @@ impl Backend for QemuBackend {
 
     async fn make_snapshot(&self, spec: &SandboxSpec) -> Result<SnapshotInfo, BackendError> {
         let (shape, accel) = self.snapshots.shape_for(spec).await?;
-        let manifest = self.snapshots.make(shape, accel).await?;
+        let runner = spec.cloud_init.as_ref().and_then(|c| c.runner.clone());
+        let manifest = self.snapshots.make(shape, accel, runner).await?;
         Ok(SnapshotInfo::from(&manifest))
     }
 
@@ -1241,6 +1242,7 @@ mod tests {
                 phone_home_url: "http://10.0.2.100/p".into(),
                 guest_url: "http://10.0.2.100".into(),
                 bootstrap_token: "t".into(),
+                runner: None,
             }),
             owner: "0199-ours".into(),
             start: crate::model::StartMode::Cold,

@@ -92,6 +92,7 @@ impl SnapshotLibrary {
             memory_mb: config.clamp_memory_mb(spec.memory_mb),
             disk_bytes,
             network: spec.network,
+            runner_sha256: runner_of(spec).map(|r| r.sha256.clone()),
         };
         Ok((shape, accel))
     }
@@ -118,6 +119,7 @@ impl SnapshotLibrary {
         self: &Arc<Self>,
         shape: SnapshotShape,
         accel: Accelerator,
+        runner: Option<crate::backend::RunnerFetch>,
     ) -> Result<SnapshotManifest, BackendError> {
         let id = shape.id();
         let id_lock = Arc::clone(lock(&self.locks).entry(id.clone()).or_default());
@@ -127,7 +129,7 @@ impl SnapshotLibrary {
             if let Some(manifest) = library.ready(&id).await? {
                 return Ok(manifest);
             }
-            library.maker.make(&shape, accel).await
+            library.maker.make(&shape, accel, runner.as_ref()).await
         });
         task.await
             .map_err(|e| BackendError::operation("snapshot", e.to_string()))?
@@ -273,4 +275,9 @@ impl From<&SnapshotManifest> for SnapshotInfo {
             cloud_init_result: manifest.cloud_init_result.clone(),
         }
     }
+}
+
+/// The runner fetch of the spec's seed, which the template VM of its snapshot uses too.
+fn runner_of(spec: &SandboxSpec) -> Option<&crate::backend::RunnerFetch> {
+    spec.cloud_init.as_ref().and_then(|c| c.runner.as_ref())
 }

@@ -57,6 +57,10 @@ pub struct SnapshotShape {
     pub disk_bytes: u64,
     /// The guest's DHCP lease (a route and DNS, or neither) depends on it.
     pub network: NetworkMode,
+    /// The sha256 of the daemon's runner the template VM fetched, if it fetched one: every
+    /// restored sandbox has that runner, so a daemon with another one makes a new snapshot.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner_sha256: Option<String>,
 }
 
 impl SnapshotShape {
@@ -252,6 +256,7 @@ mod tests {
             memory_mb: 256,
             disk_bytes: 4 << 30,
             network: NetworkMode::Restricted,
+            runner_sha256: None,
         }
     }
 

@@ -22,6 +22,7 @@ use super::qga::{ExecRequest, QgaClient};
 use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
 use super::snapshot::{SnapshotFiles, SnapshotManifest, SnapshotShape};
+use crate::backend::RunnerFetch;
 use crate::backend::{BackendError, StartMode};
 use crate::cloudinit;
 use crate::config::qemu::QemuConfig;
@@ -66,12 +67,13 @@ impl SnapshotMaker {
         &self,
         shape: &SnapshotShape,
         accel: Accelerator,
+        runner: Option<&RunnerFetch>,
     ) -> Result<SnapshotManifest, BackendError> {
         let id = shape.id();
         let building = SnapshotFiles::building(&self.snapshots_dir, &id);
         let started = Instant::now();
         self.clear(&building).await?;
-        let result = self.build(shape, accel, &building, started).await;
+        let result = self.build(shape, accel, runner, &building, started).await;
         if result.is_err() {
             if let Err(e) = self.clear(&building).await {
                 tracing::warn!(snapshot = %id, error = %e, "cannot clear a failed snapshot's folder");
@@ -104,6 +106,7 @@ impl SnapshotMaker {
         &self,
         shape: &SnapshotShape,
         accel: Accelerator,
+        runner: Option<&RunnerFetch>,
         building: &SnapshotFiles,
         started: Instant,
     ) -> Result<SnapshotManifest, BackendError> {
@@ -125,8 +128,9 @@ impl SnapshotMaker {
             self.config.tool_timeout,
         )
         .await?;
-        let seed_files = cloudinit::render_template(&format!("snapshot-{id}"), TEMPLATE_HOSTNAME)
-            .map_err(|e| BackendError::InvalidInput(e.to_string()))?;
+        let seed_files =
+            cloudinit::render_template(&format!("snapshot-{id}"), TEMPLATE_HOSTNAME, runner)
+                .map_err(|e| BackendError::InvalidInput(e.to_string()))?;
         let tools = SeedTools {
             mkfs_vfat: self.config.mkfs_vfat_binary.clone(),
             mcopy: self.config.mcopy_binary.clone(),

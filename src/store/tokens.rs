@@ -18,6 +18,9 @@ pub enum TokenKind {
     PhoneHome,
     Bootstrap,
     Session,
+    /// Fetches the daemon's runner (`GET /guest/v1/runner`); works until it expires or the job
+    /// ends, so the template VM of a snapshot the job makes can use it too.
+    Runner,
 }
 
 impl TokenKind {
@@ -26,11 +29,12 @@ impl TokenKind {
             TokenKind::PhoneHome => "phone_home",
             TokenKind::Bootstrap => "bootstrap",
             TokenKind::Session => "session",
+            TokenKind::Runner => "runner",
         }
     }
 
     fn one_time(self) -> bool {
-        !matches!(self, TokenKind::Session)
+        !matches!(self, TokenKind::Session | TokenKind::Runner)
     }
 }
 

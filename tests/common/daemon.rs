@@ -101,6 +101,13 @@ impl Daemon {
         } else {
             "guest_listen: 127.0.0.1:0\n"
         };
+        // The test template has a runner of its own; only the tests about serving one (which
+        // name it in `extra`) make the guests fetch the daemon's, a stripped copy.
+        let guest = if extra.contains("runner_path:") {
+            guest.to_owned()
+        } else {
+            format!("{guest}runner_path: \"\"\n")
+        };
         let text = format!(
             "data_dir: {data}\nsocket_path: {socket}\nmetrics_listen: \"\"\n{guest}\
              profiles_dir: {repo}/profiles\ntuning_dir: {tuning}\nbackend: {backend}\n{extra}\n",

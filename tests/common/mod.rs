@@ -151,6 +151,7 @@ impl Harness {
             clock: Clock::new(),
             live,
             pool: Default::default(),
+            runner: None,
             instance: test_instance(),
         });
         let host = ManualSampler::new(readings);
