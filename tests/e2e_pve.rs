@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::daemon::{repo_dir, repo_roots, Daemon};
-use common::vm::{git_repo, images, qemu_processes};
+use common::vm::{git_repo, images, qemu_processes, runnerless_images, stripped_runner};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -39,10 +39,16 @@ struct Node {
     dir: PathBuf,
     port: u16,
     envs: Vec<(String, String)>,
+    /// The images the template is made of (the test template's, or a variant of it).
+    images: PathBuf,
 }
 
 impl Node {
     fn new(dir: &Path, extra_env: &[(&str, &str)]) -> Node {
+        Node::with_images(dir, extra_env, &images())
+    }
+
+    fn with_images(dir: &Path, extra_env: &[(&str, &str)], images: &Path) -> Node {
         // Running VMs forward to this port, so it must stay the same across daemon restarts.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -63,7 +69,7 @@ impl Node {
                 env!("CARGO_BIN_EXE_pve-standin").to_owned(),
             ),
             ("PVE_STANDIN_DIR", dir.join("pve").display().to_string()),
-            ("PVE_STANDIN_IMAGES", images().display().to_string()),
+            ("PVE_STANDIN_IMAGES", images.display().to_string()),
             ("PVE_STANDIN_GUEST_ENDPOINT", format!("127.0.0.1:{port}")),
             (
                 "PVE_STANDIN_STORAGES",
@@ -84,6 +90,7 @@ impl Node {
             dir: dir.to_owned(),
             port,
             envs,
+            images: images.to_owned(),
         };
         node.make_template();
         node
@@ -108,7 +115,7 @@ impl Node {
     fn make_template(&self) {
         let import = format!(
             "local:0,import-from={}",
-            images().join("root.qcow2").display()
+            self.images.join("root.qcow2").display()
         );
         self.run(
             "qm",
@@ -984,4 +991,22 @@ fn empty_pool(daemon: &Daemon, dir: &Path, tuning: &str) {
     std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
     daemon.signal("HUP");
     wait_pool(daemon, 0);
+}
+
+#[test]
+fn a_template_without_a_runner_gets_the_daemons_through_the_snippet_user_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = runnerless_images(dir.path());
+    let node = Node::with_images(dir.path(), &[], &images);
+    let runner = stripped_runner(dir.path());
+    let daemon = node.daemon(&format!("runner_path: {}\n", runner.display()));
+    let id = daemon.submit(&json!({
+        "profile": "balanced", "task": "t",
+        "command": "agentlab-runner --version; echo ran-with-the-daemons-runner",
+    }));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(300));
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
+    assert!(daemon.job_log(&id).contains("ran-with-the-daemons-runner"));
+    assert!(daemon.log().contains("a guest fetched the runner"));
+    node.assert_nothing_left();
 }

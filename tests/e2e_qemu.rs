@@ -9,7 +9,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::daemon::{repo_roots, Daemon};
-use common::vm::{assert_nothing_left, free_port, git_repo, images, qemu_processes};
+use common::vm::{
+    assert_nothing_left, free_port, git_repo, images, qemu_processes, runnerless_images,
+    stripped_runner,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -517,82 +520,6 @@ fn result_branch_figures() {
             median(upload)
         );
     }
-}
-
-/// An images folder whose default template is the test template with its runner removed
-/// (`debugfs` on a raw copy of its root file system), the kernel, initrd and manifest shared.
-fn runnerless_images(dir: &Path) -> std::path::PathBuf {
-    let images = dir.join("images");
-    std::fs::create_dir_all(&images).unwrap();
-    let source = images_dir_files();
-    for file in ["vmlinuz", "initrd.img", "manifest.json"] {
-        std::os::unix::fs::symlink(source.join(file).canonicalize().unwrap(), images.join(file))
-            .unwrap();
-    }
-    let raw = dir.join("root.raw");
-    let run = |program: &str, args: &[&std::ffi::OsStr]| {
-        let out = std::process::Command::new(program)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{program} {args:?}: {out:?}");
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    };
-    let root = source.join("root.qcow2").canonicalize().unwrap();
-    run(
-        "qemu-img",
-        &[
-            "convert".as_ref(),
-            "-O".as_ref(),
-            "raw".as_ref(),
-            root.as_os_str(),
-            raw.as_os_str(),
-        ],
-    );
-    run(
-        "debugfs",
-        &[
-            "-w".as_ref(),
-            "-R".as_ref(),
-            "rm /usr/local/bin/agentlab-runner".as_ref(),
-            raw.as_os_str(),
-        ],
-    );
-    let listing = run(
-        "debugfs",
-        &["-R".as_ref(), "ls /usr/local/bin".as_ref(), raw.as_os_str()],
-    );
-    assert!(!listing.contains("agentlab-runner"), "{listing}");
-    let qcow2 = images.join("root.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "convert".as_ref(),
-            "-O".as_ref(),
-            "qcow2".as_ref(),
-            raw.as_os_str(),
-            qcow2.as_os_str(),
-        ],
-    );
-    std::fs::remove_file(&raw).unwrap();
-    images
-}
-
-fn images_dir_files() -> std::path::PathBuf {
-    images()
-}
-
-/// The runner without its debug information (a debug build's is 20 times larger), in `dir`.
-fn stripped_runner(dir: &Path) -> std::path::PathBuf {
-    let runner = dir.join("agentlab-runner");
-    let out = std::process::Command::new("strip")
-        .arg("-o")
-        .arg(&runner)
-        .arg(env!("CARGO_BIN_EXE_agentlab-runner"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "strip: {out:?}");
-    runner
 }
 
 /// The daemon on `images`, serving the runner at `runner`.

@@ -106,3 +106,75 @@ pub fn artifact_at<'a>(listing: &'a serde_json::Value, path: &str) -> &'a serde_
         .find(|a| a["path"] == path)
         .unwrap_or_else(|| panic!("no artifact {path}: {listing}"))
 }
+
+/// An images folder whose default template is the test template with its runner removed
+/// (`debugfs` on a raw copy of its root file system), the kernel, initrd and manifest shared.
+pub fn runnerless_images(dir: &Path) -> PathBuf {
+    let variant = dir.join("images");
+    std::fs::create_dir_all(&variant).unwrap();
+    let source = images();
+    for file in ["vmlinuz", "initrd.img", "manifest.json"] {
+        std::os::unix::fs::symlink(source.join(file).canonicalize().unwrap(), variant.join(file))
+            .unwrap();
+    }
+    let raw = dir.join("root.raw");
+    let run = |program: &str, args: &[&std::ffi::OsStr]| {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{program} {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let root = source.join("root.qcow2").canonicalize().unwrap();
+    run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "raw".as_ref(),
+            root.as_os_str(),
+            raw.as_os_str(),
+        ],
+    );
+    run(
+        "debugfs",
+        &[
+            "-w".as_ref(),
+            "-R".as_ref(),
+            "rm /usr/local/bin/agentlab-runner".as_ref(),
+            raw.as_os_str(),
+        ],
+    );
+    let listing = run(
+        "debugfs",
+        &["-R".as_ref(), "ls /usr/local/bin".as_ref(), raw.as_os_str()],
+    );
+    assert!(!listing.contains("agentlab-runner"), "{listing}");
+    let qcow2 = variant.join("root.qcow2");
+    run(
+        "qemu-img",
+        &[
+            "convert".as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            raw.as_os_str(),
+            qcow2.as_os_str(),
+        ],
+    );
+    std::fs::remove_file(&raw).unwrap();
+    variant
+}
+
+/// The runner without its debug information (a debug build's is 20 times larger), in `dir`.
+pub fn stripped_runner(dir: &Path) -> PathBuf {
+    let runner = dir.join("agentlab-runner");
+    let out = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&runner)
+        .arg(env!("CARGO_BIN_EXE_agentlab-runner"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "strip: {out:?}");
+    runner
+}
