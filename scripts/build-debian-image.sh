@@ -63,8 +63,14 @@ readonly MASK_UNITS=(
 	systemd-journal-flush.service systemd-random-seed.service systemd-fsck-root.service
 	systemd-ask-password-console.path systemd-ask-password-wall.path
 	cryptsetup.target remote-fs.target remote-cryptsetup.target veritysetup.target
-	# cloud-init: hotplug handling (nothing is hot-plugged)
-	cloud-init-hotplugd.socket cloud-init-hotplugd.service
+	# modules loaded on demand anyway, and the file systems they are for (configfs, fusectl)
+	modprobe@drm.service modprobe@dm_mod.service modprobe@loop.service modprobe@fuse.service
+	modprobe@configfs.service sys-kernel-config.mount sys-fs-fuse-connections.mount
+	# logins and seats: nobody logs in
+	systemd-logind.service systemd-user-sessions.service
+	# cloud-init: hotplug handling (nothing is hot-plugged); its local stage (NoCloud is found by
+	# the init stage as well, and one python start less is several seconds under TCG)
+	cloud-init-hotplugd.socket cloud-init-hotplugd.service cloud-init-local.service
 	# time is set by the host's RTC and, after a restore, by the runner's identity step
 	systemd-timesyncd.service
 )
@@ -328,12 +334,14 @@ rm -f "$ROOT/etc/resolv.conf"
 ln -s ../run/systemd/resolve/resolv.conf "$ROOT/etc/resolv.conf"
 # Networking: systemd-networkd (DHCP on eth0/en*), systemd-resolved for /etc/resolv.conf.
 mkdir -p "$ROOT/etc/systemd/system/multi-user.target.wants" "$ROOT/etc/systemd/system/sockets.target.wants" \
-	"$ROOT/etc/systemd/system/network-online.target.wants" "$ROOT/etc/systemd/system/sysinit.target.wants"
+	"$ROOT/etc/systemd/system/network-online.target.wants"
 ln -sfn /lib/systemd/system/systemd-networkd.service "$ROOT/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
 ln -sfn /lib/systemd/system/systemd-networkd.socket "$ROOT/etc/systemd/system/sockets.target.wants/systemd-networkd.socket"
 ln -sfn /lib/systemd/system/systemd-networkd-wait-online.service \
 	"$ROOT/etc/systemd/system/network-online.target.wants/systemd-networkd-wait-online.service"
-ln -sfn /lib/systemd/system/systemd-resolved.service "$ROOT/etc/systemd/system/sysinit.target.wants/systemd-resolved.service"
+ln -sfn /lib/systemd/system/systemd-resolved.service "$ROOT/etc/systemd/system/multi-user.target.wants/systemd-resolved.service"
+# No display: the default target is multi-user, not graphical.
+ln -sfn /lib/systemd/system/multi-user.target "$ROOT/etc/systemd/system/default.target"
 # A new machine id at each first boot of a clone (an empty file: systemd makes one in /run).
 : >"$ROOT/etc/machine-id"
 rm -f "$ROOT/var/lib/dbus/machine-id"
