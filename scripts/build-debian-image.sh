@@ -75,6 +75,19 @@ readonly MASK_UNITS=(
 	systemd-timesyncd.service
 )
 
+# Kernel module folders (under /lib/modules/VER/kernel/) for hardware a QEMU sandbox does not
+# have: removed from the trimmed image (about 200 MB), then depmod. Everything virtio, the file
+# systems, netfilter, overlay, loop, fuse and the like stay.
+readonly PRUNE_MODULES=(
+	drivers/gpu drivers/media drivers/infiniband drivers/staging drivers/comedi drivers/isdn
+	drivers/iio drivers/bluetooth drivers/net/wireless drivers/net/ethernet drivers/net/can
+	drivers/net/usb drivers/usb drivers/hid drivers/input drivers/video drivers/platform
+	drivers/scsi/lpfc drivers/scsi/qla2xxx drivers/scsi/mpt3sas drivers/scsi/megaraid
+	drivers/scsi/bfa drivers/scsi/be2iscsi drivers/scsi/qedf drivers/scsi/qedi drivers/mmc
+	drivers/nfc drivers/hwmon drivers/leds drivers/thunderbolt drivers/misc drivers/mfd
+	sound net/wireless net/mac80211 net/bluetooth arch/x86/kvm
+)
+
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
 REPO_ROOT=$(cd "$(dirname "$SCRIPT")/.." && pwd)
 GUEST_DIR=$REPO_ROOT/guest-image
@@ -225,6 +238,7 @@ stamp_inputs() {
 		"$DISK_SIZE" "$ROOT_LABEL" "$KERNEL_CMDLINE" "$BZIMAGE" "$TRIM"
 	printf 'source %s\n' "${SOURCES[@]}"
 	printf 'mask %s\n' "${MASK_UNITS[@]}"
+	printf 'prune %s\n' "${PRUNE_MODULES[@]}"
 	while IFS= read -r base; do
 		[ -n "$base" ] || continue
 		for f in "${base}_InRelease" "${base}_Release"; do
@@ -325,6 +339,10 @@ if [ "$TRIM" = 1 ]; then
 	for u in "${MASK_UNITS[@]}"; do
 		ln -sfn /dev/null "$ROOT/etc/systemd/system/$u"
 	done
+	for d in "${PRUNE_MODULES[@]}"; do
+		rm -rf "${MODDIR:?}/kernel/$d"
+	done
+	chroot "$ROOT" depmod -a "$KVER"
 	# The apt lists are a snapshot of the build's day: `apt-get update` fetches current ones.
 	find "$ROOT/var/lib/apt/lists" -maxdepth 1 -type f ! -name lock -delete
 fi
