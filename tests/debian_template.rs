@@ -21,7 +21,8 @@ const PROFILE: &str = "debian-12";
 /// A systemd + python cloud-init guest under TCG boots in tens of seconds, not a few: longer
 /// phases than the busybox tests use. The clone phase of the first snapshot start boots the
 /// template VM and saves its memory.
-const TUNING: &str = "phase_timeouts: {clone: 600s, start: 120s, cloud_init: 420s, guest_agent: 240s, \
+const TUNING: &str =
+    "phase_timeouts: {clone: 600s, start: 120s, cloud_init: 420s, guest_agent: 240s, \
      run: 300s, upload: 120s, destroy: 60s}\n\
      intervals: {guest_poll: 500ms, reconcile: 5s}\n\
      governor: {budget: {disk_min_free_percent: null}, boot_cap: {initial: 1}}\n";
@@ -79,7 +80,10 @@ fn assert_guest_output(log: &str, job: &Value) {
     let has = |prefix: &str| log.lines().any(|l| l.starts_with(prefix));
     assert!(has("git version 2."), "no git version: {log}");
     assert!(has("Python 3."), "no python3 version: {log}");
-    assert!(value(log, "node").starts_with('v'), "no node version: {log}");
+    assert!(
+        value(log, "node").starts_with('v'),
+        "no node version: {log}"
+    );
     assert!(has("gcc (Debian "), "no gcc version: {log}");
     assert_eq!(value(log, "failed-units"), "", "failed units: {log}");
     assert_eq!(
