@@ -294,14 +294,17 @@ class Agent:
         return r["return"]
 
 def wait_agent(sock, t0, timeout):
+    # QEMU may drop the client connection while the guest's end of the port is not open yet
+    # (a slow boot): connect again until the deadline instead of giving up.
     deadline = now() + timeout
-    try:
-        a = Agent(sock, deadline)
-        if a.sync(deadline):
-            print("%.2f" % (now() - t0))
-            return 0
-    except (OSError, EOFError):
-        pass
+    while now() < deadline:
+        try:
+            a = Agent(sock, deadline)
+            if a.sync(deadline):
+                print("%.2f" % (now() - t0))
+                return 0
+        except (OSError, EOFError):
+            time.sleep(0.2)
     return 1
 
 def guest_exec(sock, command, timeout):
