@@ -20,7 +20,7 @@
 # images/NAME/builds/<id>/, and published by renaming the "current" link; the four stable names
 # are links into current/. A rebuild happens only when an input changed: the mirror's state as the
 # host's apt lists see it (their Release files), the package list, guest-image/debian/, the
-# initramfs files, the runner, this script and the options. Otherwise it exits in a second or so.
+# initramfs files, the runner, this script and the options. Otherwise it exits within seconds.
 # Downloaded .debs are kept in images/.debian-cache so that a rebuild does not fetch them again.
 #
 # The kernel and initramfs: the image's own linux-image-amd64 kernel, booted the way the busybox
