@@ -6,7 +6,10 @@
 #   - optionally (--upload MB) guest-to-host upload throughput through the guestfwd
 # then quits QEMU through QMP and removes everything (unless --keep).
 #
-# The template comes from scripts/build-guest-image.sh. Nothing here needs root: the overlay is
+# The template comes from scripts/build-guest-image.sh (--template NAME: the one in images/NAME/,
+# such as debian-12 from --distro debian). The last line is a summary to parse:
+#   boot-guest: result template=NAME accel=tcg agent_s=N phone_home_s=N
+# Nothing here needs root: the overlay is
 # made with qemu-img and the vfat seed with mkfs.vfat -C and mcopy.
 set -euo pipefail
 
@@ -18,10 +21,14 @@ Options:
   --accel tcg|kvm|auto  accelerator (default auto: KVM if a probe boot works, else TCG)
   --keep                keep the work directory (console.log, overlay, seed)
   --data-dir DIR        instead of \$AGENTLAB_DATA_DIR (default /var/lib/agentlab)
+  --template NAME       boot images/NAME/ (default: the default template, images/)
+  --memory MB           guest RAM (default 256; 1024 for a Debian template)
+  --cores N             guest CPUs (default 1)
   --exec CMD            shell command to run in the guest through guest-exec
                         (default: git --version; ls /work; cat /etc/hostname)
   --upload MB           also time an upload of MB MiB from the guest through the guestfwd
-  --timeout SECONDS     give up waiting for the guest agent after this long (default 60)
+  --timeout SECONDS     give up waiting for the guest agent, and for phone_home, after this
+                        long (default 60; 300 for a Debian template)
   -h, --help            this text
 EOF
 }
@@ -37,7 +44,10 @@ KEEP=0
 DATA_DIR=${AGENTLAB_DATA_DIR:-/var/lib/agentlab}
 EXEC_CMD='git --version; ls /work; cat /etc/hostname'
 UPLOAD_MB=0
-TIMEOUT=60
+TIMEOUT=
+TEMPLATE=
+MEMORY=
+CORES=1
 while [ $# -gt 0 ]; do
 	case $1 in
 	--accel) ACCEL=${2:?}; shift 2 ;;
@@ -51,6 +61,12 @@ while [ $# -gt 0 ]; do
 	--upload=*) UPLOAD_MB=${1#*=}; shift ;;
 	--timeout) TIMEOUT=${2:?}; shift 2 ;;
 	--timeout=*) TIMEOUT=${1#*=}; shift ;;
+	--template) TEMPLATE=${2:?}; shift 2 ;;
+	--template=*) TEMPLATE=${1#*=}; shift ;;
+	--memory) MEMORY=${2:?}; shift 2 ;;
+	--memory=*) MEMORY=${1#*=}; shift ;;
+	--cores) CORES=${2:?}; shift 2 ;;
+	--cores=*) CORES=${1#*=}; shift ;;
 	-h | --help) usage; exit 0 ;;
 	*) usage >&2; die "unknown argument: $1" ;;
 	esac
@@ -58,10 +74,22 @@ done
 case $ACCEL in tcg | kvm | auto) ;; *) die "--accel must be tcg, kvm or auto" ;; esac
 case $UPLOAD_MB in *[!0-9]* | '') die "--upload needs a number of MiB" ;; esac
 
-IMAGES=$DATA_DIR/images
+case $TEMPLATE in
+*/* | .*) die "--template must be a folder name under the images folder" ;;
+esac
+IMAGES=$DATA_DIR/images${TEMPLATE:+/$TEMPLATE}
 for f in vmlinuz initrd.img root.qcow2; do
-	[ -e "$IMAGES/$f" ] || die "$IMAGES/$f is missing: run scripts/build-guest-image.sh first"
+	[ -e "$IMAGES/$f" ] || die "$IMAGES/$f is missing: run scripts/build-guest-image.sh${TEMPLATE:+ (--distro debian for debian-*)} first"
 done
+# A Debian template (systemd, python cloud-init) needs more memory and time than busybox.
+DISTRO=$(sed -n 's/^ *"distro": *"\([a-z]*\)".*/\1/p' "$IMAGES/manifest.json" 2>/dev/null | head -n 1)
+if [ "$DISTRO" = debian ]; then
+	MEMORY=${MEMORY:-1024}
+	TIMEOUT=${TIMEOUT:-300}
+fi
+MEMORY=${MEMORY:-256}
+TIMEOUT=${TIMEOUT:-60}
+case $MEMORY$CORES$TIMEOUT in *[!0-9]*) die "--memory, --cores and --timeout take numbers" ;; esac
 for c in qemu-system-x86_64:qemu-system-x86 qemu-img:qemu-utils socat:socat python3:python3 \
 	mkfs.vfat:dosfstools mcopy:mtools; do
 	PATH="$PATH:/usr/sbin:/sbin" command -v "${c%%:*}" >/dev/null ||
@@ -86,6 +114,7 @@ KERNEL_CMDLINE=$("$PYTHON" -c 'import json, sys; print(json.load(open(sys.argv[1
 # Changes from the first draft, and why:
 #   acpi=noirq cryptomgr.notests on the kernel command line: PCI interrupt routing without
 #   ACPI link devices (their AML takes most of a second under TCG) and no crypto self-tests;
+#   virtio-rng-pci: the daemon gives every guest one (entropy at boot);
 #   romfile= on virtio-net-pci: no iPXE option ROM to load and run;
 #   socat -lf /dev/null: QEMU starts one socat per guest connection (so any number of
 #   sequential or parallel connections work) with the connection as its stdin, stdout and
@@ -96,7 +125,7 @@ qemu_cmdline() { # ACCEL IMAGES DIR PORT -> array QEMU_CMD
 	# shellcheck disable=SC2054 # the commas belong to QEMU option strings
 	QEMU_CMD=(qemu-system-x86_64
 		-accel "$accel"
-		-m 256 -smp 1
+		-m "$MEMORY" -smp "$CORES"
 		-nodefaults -no-user-config -nographic
 		-kernel "$images/vmlinuz" -initrd "$images/initrd.img"
 		-append "$KERNEL_CMDLINE"
@@ -110,6 +139,7 @@ qemu_cmdline() { # ACCEL IMAGES DIR PORT -> array QEMU_CMD
 		-device virtserialport,chardev=qga0,name=org.qemu.guest_agent.0
 		-qmp "unix:$dir/qmp.sock,server=on,wait=off"
 		-serial "file:$dir/console.log"
+		-device virtio-rng-pci
 		-pidfile "$dir/qemu.pid")
 }
 
@@ -264,14 +294,17 @@ class Agent:
         return r["return"]
 
 def wait_agent(sock, t0, timeout):
+    # QEMU may drop the client connection while the guest's end of the port is not open yet
+    # (a slow boot): connect again until the deadline instead of giving up.
     deadline = now() + timeout
-    try:
-        a = Agent(sock, deadline)
-        if a.sync(deadline):
-            print("%.2f" % (now() - t0))
-            return 0
-    except (OSError, EOFError):
-        pass
+    while now() < deadline:
+        try:
+            a = Agent(sock, deadline)
+            if a.sync(deadline):
+                print("%.2f" % (now() - t0))
+                return 0
+        except (OSError, EOFError):
+            time.sleep(0.2)
     return 1
 
 def guest_exec(sock, command, timeout):
@@ -417,17 +450,23 @@ if [ -z "${AGENT_SECONDS:-}" ]; then
 fi
 log "accel $ACCEL: guest agent answered guest-sync-delimited $AGENT_SECONDS s after spawn"
 
-if PH=$(helper wait-request "$WORK/requests.log" /phone-home/ "$T0" 60); then
+PH_SECONDS=none
+if PH=$(helper wait-request "$WORK/requests.log" /phone-home/ "$T0" "$TIMEOUT"); then
+	PH_SECONDS=${PH%% *}
 	log "phone_home arrived ${PH%% *} s after spawn: $(printf '%s' "${PH#* }" |
 		"$PYTHON" -c 'import json,sys; r=json.load(sys.stdin); print(r["method"], r["path"], r["content_type"], repr(r.get("body")))')"
 else
-	log "phone_home did not arrive within 60 s"
+	log "phone_home did not arrive within $TIMEOUT s"
 fi
 # The daemon gets many requests per VM through the one guestfwd: check that sequential and
 # parallel connections all arrive.
-# shellcheck disable=SC2016 # $i is the guest shell's
-helper exec "$WORK/qga.sock" 'for i in 1 2 3 4 5; do wget -q -O /dev/null http://10.0.2.100/seq/$i; done
-	wget -q -O /dev/null http://10.0.2.100/par/1 & wget -q -O /dev/null http://10.0.2.100/par/2 & wait' 60 \
+# busybox has wget, the Debian template curl.
+# shellcheck disable=SC2016 # $1 and $i are the guest shell's
+GET='get() { if command -v wget >/dev/null; then wget -q -O /dev/null "$1"; else curl -fsS -o /dev/null "$1"; fi; }'
+# shellcheck disable=SC2016
+helper exec "$WORK/qga.sock" "$GET"'
+	for i in 1 2 3 4 5; do get http://10.0.2.100/seq/$i; done
+	get http://10.0.2.100/par/1 & get http://10.0.2.100/par/2 & wait' 60 \
 	>/dev/null 2>&1 || true
 seq_n=$(grep -c '"path": "/seq/' "$WORK/requests.log" || true)
 par_n=$(grep -c '"path": "/par/' "$WORK/requests.log" || true)
@@ -447,7 +486,7 @@ if [ "$UPLOAD_MB" -gt 0 ]; then
 	helper exec "$WORK/qga.sock" "tr '\\0' a </dev/zero | head -c $((UPLOAD_MB * 1048576)) >/work/.upload" 900 \
 		>/dev/null 2>&1 || log "upload: cannot make the file"
 	start=$(date +%s.%N)
-	helper exec "$WORK/qga.sock" "wget -q -O /dev/null --post-file /work/.upload http://10.0.2.100/upload; rm -f /work/.upload" 900 \
+	helper exec "$WORK/qga.sock" "if command -v wget >/dev/null; then wget -q -O /dev/null --post-file /work/.upload http://10.0.2.100/upload; else curl -sS -o /dev/null --data-binary @/work/.upload http://10.0.2.100/upload; fi; rm -f /work/.upload" 900 \
 		>/dev/null 2>&1 || log "upload command failed"
 	end=$(date +%s.%N)
 	if UP=$(helper wait-request "$WORK/requests.log" /upload "$T0" 5); then
@@ -460,3 +499,4 @@ fi
 helper qmp-quit "$WORK/qmp.sock" >/dev/null 2>&1 || log "QMP quit failed"
 wait "$QEMU_PID" 2>/dev/null || true
 log "QEMU exited"
+log "result template=${TEMPLATE:-default} accel=$ACCEL agent_s=$AGENT_SECONDS phone_home_s=$PH_SECONDS"

@@ -27,7 +27,30 @@
 # The kernel command line the guest is built for is in the manifest ("kernel_cmdline").
 #
 # See --help for the options. The guest's side of the contract is docs/guest-contract.md.
+#
+# --distro debian builds the Debian 12 agent template (images/debian-12/) instead: that is
+# scripts/build-debian-image.sh, which takes the remaining options (see its --help).
 set -euo pipefail
+
+# --distro: busybox (this script, the default) or debian (handed over with the other options).
+DISTRO=busybox
+REST_ARGS=()
+while [ $# -gt 0 ]; do
+	case $1 in
+	--distro) DISTRO=${2:?--distro needs busybox or debian}; shift 2 ;;
+	--distro=*) DISTRO=${1#*=}; shift ;;
+	*) REST_ARGS+=("$1"); shift ;;
+	esac
+done
+set -- ${REST_ARGS[@]+"${REST_ARGS[@]}"}
+case $DISTRO in
+busybox) ;;
+debian) exec "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/build-debian-image.sh" "$@" ;;
+*)
+	printf 'build-guest-image: error: --distro must be busybox or debian, not %s\n' "$DISTRO" >&2
+	exit 1
+	;;
+esac
 
 readonly ROOT_LABEL=agentlab-root
 # acpi=noirq: PCI interrupt routing from the BIOS table instead of ACPI link devices, whose
@@ -54,6 +77,8 @@ Usage: $(basename "$0") [options]
 Build the guest template into \$AGENTLAB_DATA_DIR/images (default /var/lib/agentlab/images).
 
 Options:
+  --distro NAME          busybox (default: this template) or debian (the Debian 12 agent
+                         template, images/debian-12/: scripts/build-debian-image.sh --help)
   --runner PATH          guest runner binary (default: \$AGENTLAB_RUNNER_BIN, else
                          target/release/agentlab-runner, else target/debug/agentlab-runner)
   --data-dir DIR         instead of \$AGENTLAB_DATA_DIR

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: installs what the tests need, checks formatting and lints, builds the guest
-# image the VM tests boot, and runs every test (unit, integration, and the end-to-end tests that
+# images the VM tests boot (the busybox test template, then the Debian 12 agent template), and runs every test (unit, integration, and the end-to-end tests that
 # boot real QEMU VMs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +31,14 @@ if [ -x scripts/build-guest-image.sh ]; then
   export AGENTLAB_TEST_IMAGES="${AGENTLAB_TEST_IMAGES:-$PWD/target/guest-image/images}"
   AGENTLAB_DATA_DIR="$(dirname "$AGENTLAB_TEST_IMAGES")" \
     scripts/build-guest-image.sh --runner target/debug/agentlab-runner
+  # The Debian 12 template (tests/debian_template.rs), next to it in images/debian-12/. Its build
+  # runs mmdebstrap, which needs root.
+  export AGENTLAB_TEST_DEBIAN_IMAGES="${AGENTLAB_TEST_DEBIAN_IMAGES:-$AGENTLAB_TEST_IMAGES}"
+  debian_build=(env AGENTLAB_DATA_DIR="$(dirname "$AGENTLAB_TEST_DEBIAN_IMAGES")"
+    scripts/build-guest-image.sh --distro debian --runner target/debug/agentlab-runner)
+  if [ "$(id -u)" -ne 0 ]; then
+    debian_build=(sudo "${debian_build[@]}")
+  fi
+  "${debian_build[@]}"
 fi
 cargo test --all-targets -- --test-threads="${AGENTLAB_TEST_THREADS:-2}"
