@@ -118,6 +118,24 @@ fn a_debian_job_runs_cold_with_real_cloud_init_then_restored_from_the_template_s
     assert_eq!(job["exit_code"], 0, "{job}");
     assert_eq!(job["start_method"], "cold", "{job}");
     assert_guest_output(&daemon.job_log(&cold), &job);
+    // The daemon read real cloud-init's verdict through the guest agent, and keeps it as the
+    // template's.
+    let (_, events) = daemon.get(&format!("/v1/jobs/{cold}/events"));
+    let verdicts: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "cloud-init")
+        .map(|e| e["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(verdicts.len(), 1, "{events}");
+    assert!(
+        verdicts[0].starts_with("cloud-init finished without errors (DataSourceNoCloud"),
+        "{events}"
+    );
+    let (_, status) = daemon.get("/v1/status");
+    assert_eq!(status["templates"][0]["template"], PROFILE, "{status}");
+    assert_eq!(status["templates"][0]["errors"], json!([]), "{status}");
 
     // The first snapshot start makes the template's snapshot (a boot of its own), then restores.
     let restored = submit("snapshot");

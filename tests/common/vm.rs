@@ -114,8 +114,11 @@ pub fn runnerless_images(dir: &Path) -> PathBuf {
     std::fs::create_dir_all(&variant).unwrap();
     let source = images();
     for file in ["vmlinuz", "initrd.img", "manifest.json"] {
-        std::os::unix::fs::symlink(source.join(file).canonicalize().unwrap(), variant.join(file))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            source.join(file).canonicalize().unwrap(),
+            variant.join(file),
+        )
+        .unwrap();
     }
     let raw = dir.join("root.raw");
     let run = |program: &str, args: &[&std::ffi::OsStr]| {
