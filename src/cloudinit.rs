@@ -117,8 +117,10 @@ pub fn render_for(
     }
 }
 
-/// The seed of a snapshot's template VM: an identity and nothing a job owns (no token, no
-/// phone-home). Each sandbox restored from it gets its own identity through the guest agent.
+/// The seed of a snapshot's template VM: an identity and nothing of a job's but, when the daemon
+/// serves its runner, the fetch of it (with the runner token of the job that makes the snapshot):
+/// no bootstrap token, no phone-home. Each sandbox restored from it gets its own identity through
+/// the guest agent.
 pub fn render_template(
     instance_id: &str,
     hostname: &str,
@@ -145,15 +147,23 @@ pub fn render_template(
 /// download that is not that file is refused, and cloud-init records the failure. The script
 /// holds a token, so it is 0700 and removes itself.
 fn runner_parts(runner: &RunnerFetch) -> Result<(String, String), CloudInitError> {
-    check_scalar("runner_url", &runner.url)?;
-    check_scalar("runner_token", &runner.token)?;
-    if runner.sha256.len() != 64 || !runner.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+    for (field, value) in [("runner_url", &runner.url), ("runner_token", &runner.token)] {
+        check_scalar(field, value)?;
+        if value.contains('\'') {
+            return Err(CloudInitError {
+                field,
+                reason: "must not contain a single quote",
+            });
+        }
+    }
+    let lower_hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    if runner.sha256.len() != 64 || !runner.sha256.bytes().all(lower_hex) {
         return Err(CloudInitError {
             field: "runner_sha256",
-            reason: "must be 64 hex digits",
+            reason: "must be 64 lower-case hex digits",
         });
     }
-    // check_scalar keeps quotes out of the url and token, so single quotes hold them safely.
+    // No quote of either kind in the url and token, so single quotes hold them safely.
     let script = [
         "set -u".to_owned(),
         format!("want={}", runner.sha256),
@@ -296,11 +306,18 @@ pub(crate) mod tests {
         assert_eq!(doc["write_files"][0]["path"], FETCH_RUNNER_PATH);
         assert!(doc.get("phone_home").is_none());
 
-        let bad = RunnerFetch {
-            sha256: "not-a-digest".into(),
-            ..runner()
-        };
-        assert!(render_template("snapshot-0123", "sandbox-snapshot", Some(&bad)).is_err());
+        for bad in [
+            RunnerFetch {
+                sha256: "not-a-digest".into(),
+                ..runner()
+            },
+            RunnerFetch {
+                url: "http://10.0.2.100/x';reboot;'".into(),
+                ..runner()
+            },
+        ] {
+            assert!(render_template("snapshot-0123", "sandbox-snapshot", Some(&bad)).is_err());
+        }
     }
 
     #[test]
