@@ -240,6 +240,9 @@ fn job_detail_with(job: &Job, queue: Option<&JobQueue>, started: Option<String>)
     }
     match &job.changes {
         Some(changes) => field("changes", changes.summary(job.result_branch)),
+        None if job.result_branch && job.status.is_terminal() => {
+            field("changes", "none came back, so no branch was made".into())
+        }
         None if job.result_branch => field("changes", "to come, as a branch".into()),
         None => {}
     }
@@ -998,6 +1001,15 @@ mod tests {
             "{detail}"
         );
         assert!(detail.contains("took:         1m15s"), "{detail}");
+        let nothing_back = Job {
+            changes: None,
+            ..job()
+        };
+        assert!(
+            job_detail(&nothing_back).contains("changes:      none came back"),
+            "{}",
+            job_detail(&nothing_back)
+        );
         assert!(detail.contains("clone  1.2s      ok"), "{detail}");
         assert!(detail.contains("run    running"), "{detail}");
 
