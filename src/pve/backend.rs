@@ -837,7 +837,7 @@ impl Backend for PveBackend {
             .map_err(|problem| fail(unreadable(&format!("qm guest exec {vmid}"), problem, &text)))
     }
 
-    /// `qm guest exec` (synchronous) of `cat`: qm has no file-read of its own, and its
+    /// `qm guest exec` (synchronous) of `head -c`: qm has no file-read of its own, and its
     /// exec-status hands back the output, up to qemu-ga's own cap on it.
     async fn read_guest_file(
         &self,
@@ -868,7 +868,7 @@ impl Backend for PveBackend {
             .map_err(|e| e.into_backend("guest file read"))?;
         let (code, output) = parse::exec_output(&text).map_err(|problem| {
             unreadable(
-                &format!("qm guest exec {vmid} -- cat {path}"),
+                &format!("qm guest exec {vmid} -- head -c {} {path}", limit + 1),
                 problem,
                 &text,
             )
