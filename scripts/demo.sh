@@ -2,8 +2,8 @@
 # One command from a fresh Debian 12 machine to a real job in a real VM: installs the packages,
 # builds AgentLab, builds the guest image, starts agentlabd on the local QEMU backend in a scratch
 # folder, runs a job against a small git repository (the template is booted once and snapshotted
-# first), then a second job restored from that snapshot, and shows their result, output, artifact and
-# how long each phase took. Everything lives under AGENTLAB_DEMO_DIR (default target/demo).
+# first), then a second job restored from that snapshot whose change comes back as a branch of the
+# repository, and shows their result, output, artifact, the change and how long each phase took. Everything lives under AGENTLAB_DEMO_DIR (default target/demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -85,10 +85,17 @@ id=$("$bin/agentlab" --json job list --limit 1 | grep -o '"id":"[^"]*"' | head -
 step "The job, and how long each phase took"
 "$bin/agentlab" job show "$id"
 
-step "A second job: restored from the template snapshot the first one made"
+step "A second job: restored from the template snapshot the first one made; its change comes back as a branch"
 # shellcheck disable=SC2016
-"$bin/agentlab" job run --profile balanced --task "the same, restored" \
-  --command 'echo "restored sandbox $(hostname), its clock at $(date -u +%T)"' --follow
+"$bin/agentlab" job run --profile balanced --repo "$repo" --result-branch \
+  --task "add a subtract function" \
+  --command 'echo "restored sandbox $(hostname), its clock at $(date -u +%T)"; printf "\ndef sub(a, b):\n    return a - b\n" >> calc.py' \
+  --follow
+second=$("$bin/agentlab" --json job list --limit 1 | grep -o '"id":"[^"]*"' | head -n 1 | cut -d'"' -f4)
+
+step "The agent's change: branch agentlab/$second in $repo (nothing else there changed)"
+git -C "$repo" log --oneline "main..agentlab/$second"
+"$bin/agentlab" job diff "$second"
 
 step "Its artifact, downloaded and checked against its sha256"
 "$bin/agentlab" job artifacts "$id" --download "$demo/artifacts"
