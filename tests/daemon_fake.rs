@@ -744,21 +744,14 @@ fn cloud_inits_errors_become_a_job_event_and_mark_the_template_in_status() {
     let job = daemon.wait_terminal(&id, Duration::from_secs(60));
     // The job itself goes on: its guest did reach the daemon.
     assert_eq!(job["status"], "COMPLETED", "{job}");
-    let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
-    let cloud_init: Vec<&str> = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "cloud-init")
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
+    let cloud_init = daemon.event_messages(&id, "cloud-init");
     assert_eq!(
         cloud_init,
         [
             "cloud-init reported 1 error (DataSourceNoCloud [seed=fake]): \
           ('locale', ProcessExecutionError('locale-gen failed'))"
         ],
-        "{events}"
+        "{cloud_init:?}"
     );
     let (_, status) = daemon.get("/v1/status");
     let templates = status["templates"].as_array().unwrap();

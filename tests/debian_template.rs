@@ -120,18 +120,11 @@ fn a_debian_job_runs_cold_with_real_cloud_init_then_restored_from_the_template_s
     assert_guest_output(&daemon.job_log(&cold), &job);
     // The daemon read real cloud-init's verdict through the guest agent, and keeps it as the
     // template's.
-    let (_, events) = daemon.get(&format!("/v1/jobs/{cold}/events"));
-    let verdicts: Vec<&str> = events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "cloud-init")
-        .map(|e| e["message"].as_str().unwrap())
-        .collect();
-    assert_eq!(verdicts.len(), 1, "{events}");
+    let verdicts = daemon.event_messages(&cold, "cloud-init");
+    assert_eq!(verdicts.len(), 1, "{verdicts:?}");
     assert!(
         verdicts[0].starts_with("cloud-init finished without errors (DataSourceNoCloud"),
-        "{events}"
+        "{verdicts:?}"
     );
     let (_, status) = daemon.get("/v1/status");
     assert_eq!(status["templates"][0]["template"], PROFILE, "{status}");

@@ -20,13 +20,18 @@ use sha2::{Digest, Sha256};
 /// the lifecycle, not admission: the governor's disk rule is off, since the machine running them
 /// may not have a profile's 30 GB free (the test VMs' qcow2 overlays are thin and tiny).
 fn daemon(dir: &Path, tuning: &str, extra: &str) -> Daemon {
+    daemon_with_images(dir, tuning, &images(), extra)
+}
+
+/// `daemon`, with the templates of `images`.
+fn daemon_with_images(dir: &Path, tuning: &str, images: &Path, extra: &str) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
     let tuning = format!("{tuning}governor: {{budget: {{disk_min_free_percent: null}}}}\n");
     std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
     // The jobs' host repository (`git_repo`) lives in the test's folder.
     let qemu = format!(
         "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
-        images().display(),
+        images.display(),
         roots = repo_roots(&[dir]),
     );
     Daemon::start(dir, "qemu", &qemu)
@@ -115,14 +120,7 @@ fn a_job_runs_in_a_real_vm_and_its_output_and_artifact_come_back() {
 
 /// The messages of the job's `cloud-init` events.
 fn cloud_init_events(daemon: &Daemon, id: &str) -> Vec<String> {
-    let (_, events) = daemon.get(&format!("/v1/jobs/{id}/events"));
-    events["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["kind"] == "cloud-init")
-        .map(|e| e["message"].as_str().unwrap().to_owned())
-        .collect()
+    daemon.event_messages(id, "cloud-init")
 }
 
 #[test]
@@ -524,16 +522,8 @@ fn result_branch_figures() {
 
 /// The daemon on `images`, serving the runner at `runner`.
 fn daemon_on(dir: &Path, images: &Path, runner: &Path) -> Daemon {
-    std::fs::create_dir_all(dir.join("tuning")).unwrap();
-    let tuning = format!("{TUNING}governor: {{budget: {{disk_min_free_percent: null}}}}\n");
-    std::fs::write(dir.join("tuning/default.yaml"), tuning).unwrap();
-    let qemu = format!(
-        "{roots}runner_path: {runner}\nqemu:\n  images_dir: {images}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n",
-        roots = repo_roots(&[dir]),
-        runner = runner.display(),
-        images = images.display(),
-    );
-    Daemon::start(dir, "qemu", &qemu)
+    let extra = format!("runner_path: {}\n", runner.display());
+    daemon_with_images(dir, TUNING, images, &extra)
 }
 
 #[test]

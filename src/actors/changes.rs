@@ -26,24 +26,18 @@ pub(super) async fn record_changes(
         repo: PathBuf::from(repo),
         repo_roots: svc.config.repo_roots.clone(),
     };
-    let mut changes = match files.read_changes(job_id, target.clone()).await {
+    let changes = match files
+        .take_changes(job_id, target, request.result_branch)
+        .await
+    {
         Ok(changes) => changes.unwrap_or_default(),
-        Err(err) => {
-            tracing::warn!(job = job_id, %err, "the job's changes could not be read");
-            JobChanges {
-                error: Some(err.to_string()),
-                ..JobChanges::default()
-            }
-        }
+        Err(err) => JobChanges {
+            error: Some(err.to_string()),
+            ..JobChanges::default()
+        },
     };
-    if request.result_branch && changes.commits > 0 && changes.error.is_none() {
-        match files.make_result_branch(job_id, target).await {
-            Ok(branch) => changes.branch = branch,
-            Err(err) => {
-                tracing::warn!(job = job_id, %err, "the job's branch could not be made");
-                changes.error = Some(format!("the branch was not made: {err}"));
-            }
-        }
+    if let Some(error) = &changes.error {
+        tracing::warn!(job = job_id, %error, "the job's changes came back incomplete");
     }
     let message = changes.summary(request.result_branch);
     let id = job_id.to_owned();

@@ -61,39 +61,28 @@ impl JobFiles {
         self.artifact_path(job_id, RESULT_BUNDLE_ARTIFACT)
     }
 
-    /// What the job's result bundle changes; None when the guest sent none (no change).
-    pub async fn read_changes(
+    /// What the job's result bundle changes and, with `make_branch` and at least one commit,
+    /// the branch `agentlab/JOB` made of it in the host repository; None when the guest sent no
+    /// result. The bundle is read once for both. A branch that cannot be made leaves the counts
+    /// and says why in `error`; a bundle that cannot be read is the error.
+    pub async fn take_changes(
         &self,
         job_id: &str,
         target: ResultTarget,
+        make_branch: bool,
     ) -> Result<Option<JobChanges>, JobFilesError> {
-        let (files, job) = (self.clone(), job_id.to_owned());
-        spawn_blocking(move || {
-            let Some(open) = files.open_result(&job, &target)? else {
-                return Ok(None);
-            };
-            count_changes(&open).map(Some)
+        self.with_result(job_id, target, move |open, job| {
+            let mut changes = count_changes(open)?;
+            if make_branch && changes.commits > 0 {
+                let branch = format!("{RESULT_BRANCH_PREFIX}{job}");
+                match fetch_into_host(open, job, &branch) {
+                    Ok(()) => changes.branch = Some(branch),
+                    Err(err) => changes.error = Some(format!("the branch was not made: {err}")),
+                }
+            }
+            Ok(changes)
         })
-        .await?
-    }
-
-    /// Fetches the job's result into its host repository as branch `agentlab/JOB` and returns
-    /// the branch's name; None when the guest sent no result.
-    pub async fn make_result_branch(
-        &self,
-        job_id: &str,
-        target: ResultTarget,
-    ) -> Result<Option<String>, JobFilesError> {
-        let (files, job) = (self.clone(), job_id.to_owned());
-        spawn_blocking(move || {
-            let Some(open) = files.open_result(&job, &target)? else {
-                return Ok(None);
-            };
-            let branch = format!("{RESULT_BRANCH_PREFIX}{job}");
-            fetch_into_host(&open, &job, &branch)?;
-            Ok(Some(branch))
-        })
-        .await?
+        .await
     }
 
     /// The job's change as a patch series (`git format-patch --stdout`); None when the guest
@@ -103,11 +92,7 @@ impl JobFiles {
         job_id: &str,
         target: ResultTarget,
     ) -> Result<Option<Vec<u8>>, JobFilesError> {
-        let (files, job) = (self.clone(), job_id.to_owned());
-        spawn_blocking(move || {
-            let Some(open) = files.open_result(&job, &target)? else {
-                return Ok(None);
-            };
+        self.with_result(job_id, target, |open, _| {
             let range = match &open.header.base {
                 Some(base) => vec![format!("{base}..{SCRATCH_REF}")],
                 None => vec!["--root".to_owned(), SCRATCH_REF.to_owned()],
@@ -119,7 +104,23 @@ impl JobFiles {
                 "format-patch",
                 FETCH_TIMEOUT,
             )?;
-            Ok(Some(output))
+            Ok(output)
+        })
+        .await
+    }
+
+    /// Runs `work` on the job's result bundle read into a scratch repository, off the async
+    /// executor; None when the guest sent no result.
+    async fn with_result<T: Send + 'static>(
+        &self,
+        job_id: &str,
+        target: ResultTarget,
+        work: impl FnOnce(&OpenResult, &str) -> Result<T, JobFilesError> + Send + 'static,
+    ) -> Result<Option<T>, JobFilesError> {
+        let (files, job) = (self.clone(), job_id.to_owned());
+        spawn_blocking(move || match files.open_result(&job, &target)? {
+            Some(open) => work(&open, &job).map(Some),
+            None => Ok(None),
         })
         .await?
     }
@@ -500,7 +501,7 @@ mod tests {
         let (refs_before, status_before) = refs_and_status(&repo);
 
         let changes = files
-            .read_changes("j1", target.clone())
+            .take_changes("j1", target.clone(), false)
             .await
             .unwrap()
             .unwrap();
@@ -522,9 +523,10 @@ mod tests {
         );
 
         let branch = files
-            .make_result_branch("j1", target.clone())
+            .take_changes("j1", target.clone(), true)
             .await
-            .unwrap();
+            .unwrap()
+            .and_then(|changes| changes.branch);
         assert_eq!(branch.as_deref(), Some("agentlab/j1"));
         let (refs_after, status_after) = refs_and_status(&repo);
         assert_eq!(status_after, status_before, "the work tree is untouched");
@@ -558,10 +560,13 @@ mod tests {
             repo_roots: vec![root],
         };
         assert_eq!(
-            files.read_changes("j1", target.clone()).await.unwrap(),
+            files
+                .take_changes("j1", target.clone(), false)
+                .await
+                .unwrap(),
             None
         );
-        assert_eq!(files.make_result_branch("j1", target).await.unwrap(), None);
+        assert_eq!(files.take_changes("j1", target, true).await.unwrap(), None);
     }
 
     #[tokio::test]
@@ -588,12 +593,15 @@ mod tests {
             &["bundle", "create", "-q", dest.to_str().unwrap(), "--all"],
         );
         let err = files
-            .make_result_branch("j1", target.clone())
+            .take_changes("j1", target.clone(), true)
             .await
             .unwrap_err();
         assert!(matches!(err, JobFilesError::ResultRefused(_)), "{err}");
         std::fs::write(&dest, b"PK\x03\x04 not a bundle\n\n").unwrap();
-        let err = files.read_changes("j1", target.clone()).await.unwrap_err();
+        let err = files
+            .take_changes("j1", target.clone(), false)
+            .await
+            .unwrap_err();
         assert!(matches!(err, JobFilesError::ResultRefused(_)), "{err}");
 
         // Changes on top of a commit the host repository never had.
@@ -617,7 +625,7 @@ mod tests {
             ],
         );
         let refs_before = refs_and_status(&repo);
-        let err = files.make_result_branch("j1", target).await.unwrap_err();
+        let err = files.take_changes("j1", target, true).await.unwrap_err();
         assert!(matches!(err, JobFilesError::ResultFailed { .. }), "{err}");
         assert_eq!(refs_and_status(&repo), refs_before);
         assert!(git(&repo, &["rev-parse", "HEAD"]) == base);
@@ -643,7 +651,12 @@ mod tests {
             repo: repo.clone(),
             repo_roots: vec![root],
         };
-        let branch = files.make_result_branch("j2", target).await.unwrap();
+        let branch = files
+            .take_changes("j2", target, true)
+            .await
+            .unwrap()
+            .unwrap()
+            .branch;
         assert_eq!(branch.as_deref(), Some("agentlab/j2"));
         let mut pending = vec![repo.join(".git")];
         while let Some(dir) = pending.pop() {

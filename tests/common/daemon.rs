@@ -282,6 +282,18 @@ impl Daemon {
             .to_vec()
     }
 
+    /// The messages of the job's events of `kind`, in order.
+    pub fn event_messages(&self, id: &str, kind: &str) -> Vec<String> {
+        let (_, events) = self.get(&format!("/v1/jobs/{id}/events"));
+        events["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["message"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// The job's log (stdout and stderr) so far.
     pub fn job_log(&self, id: &str) -> String {
         self.client
