@@ -626,22 +626,26 @@ async fn a_missing_template_is_a_clear_error() {
 
 #[tokio::test]
 async fn kvm_probe_answers_within_its_timeout_and_leaves_no_qemu() {
+    use agentlab::qemu::accel::ProbeBoot;
     let images = template_dir();
     let root = scratch();
     let scratch_dir = root.path().join("probe");
-    let started = Instant::now();
-    let verdict = agentlab::qemu::accel::probe_kvm(
-        Path::new("qemu-system-x86_64"),
-        &images.join("vmlinuz"),
-        &scratch_dir,
-        Duration::from_secs(3),
-    )
-    .await;
-    eprintln!("KVM probe: {verdict:?} after {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(10));
-    // Killed on timeout, and reaped: nothing names the scratch folder any more.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(processes_naming(&scratch_dir).is_empty());
+    let kernel = images.join("vmlinuz");
+    for probe in [ProbeBoot::Kernel(&kernel), ProbeBoot::Firmware] {
+        let started = Instant::now();
+        let verdict = agentlab::qemu::accel::probe_kvm(
+            Path::new("qemu-system-x86_64"),
+            probe,
+            &scratch_dir,
+            Duration::from_secs(3),
+        )
+        .await;
+        eprintln!("KVM probe {probe:?}: {verdict:?} after {:?}", started.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Killed on timeout, and reaped: nothing names the scratch folder any more.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(processes_naming(&scratch_dir).is_empty(), "{probe:?}");
+    }
 }
 
 /// Sandbox folders on disk, no VM booted: the reconciler of a restarted daemon destroys the one

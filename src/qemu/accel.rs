@@ -74,7 +74,7 @@ impl AccelChooser {
 
     /// The accelerator for the next VM. Concurrent callers share one probe; a probe cancelled
     /// half-way is simply run again by the next caller.
-    pub async fn choose(&self, kernel: &Path) -> Accelerator {
+    pub async fn choose(&self, probe: ProbeBoot<'_>) -> Accelerator {
         match self.configured {
             Accel::Kvm => Accelerator::Kvm,
             Accel::Tcg => Accelerator::Tcg,
@@ -84,7 +84,7 @@ impl AccelChooser {
                     .get_or_init(|| async {
                         match probe_kvm(
                             &self.qemu_binary,
-                            kernel,
+                            probe,
                             &self.probe_dir,
                             self.probe_timeout,
                         )
@@ -106,11 +106,33 @@ impl AccelChooser {
     }
 }
 
-/// Boots `kernel` under KVM with no disk and no initrd; Ok if it reached its panic and QEMU
-/// exited (`-no-reboot`) within `timeout`, else why not.
+/// What the KVM probe boots: the template's kernel, or, for a template booted by firmware, the
+/// firmware alone.
+#[derive(Debug, Clone, Copy)]
+pub enum ProbeBoot<'a> {
+    Kernel(&'a Path),
+    Firmware,
+}
+
+impl<'a> ProbeBoot<'a> {
+    pub fn of(template: &'a super::layout::Template) -> ProbeBoot<'a> {
+        template.kernel().map_or(ProbeBoot::Firmware, ProbeBoot::Kernel)
+    }
+}
+
+/// What SeaBIOS prints on its debug port once it has looked at every boot device and found none:
+/// the firmware ran to its end under KVM.
+const FIRMWARE_PROBE_END: &str = "No bootable device";
+
+/// Between two looks at the firmware probe's log.
+const FIRMWARE_PROBE_POLL: Duration = Duration::from_millis(100);
+
+/// Boots `probe` under KVM with no disk; Ok if it ran to its end (a kernel to its panic, QEMU
+/// exiting with `-no-reboot`; the firmware to its "no bootable device") within `timeout`, else
+/// why not.
 pub async fn probe_kvm(
     qemu_binary: &Path,
-    kernel: &Path,
+    probe: ProbeBoot<'_>,
     scratch: &Path,
     timeout: Duration,
 ) -> Result<(), String> {
@@ -130,7 +152,20 @@ pub async fn probe_kvm(
     command
         .args(Accelerator::Kvm.qemu_args())
         .args(["-m", "128", "-smp", "1", "-nodefaults", "-no-user-config"])
-        .args(["-display", "none", "-no-reboot"])
+        .args(["-display", "none", "-no-reboot"]);
+    let kernel = match probe {
+        ProbeBoot::Kernel(kernel) => kernel,
+        ProbeBoot::Firmware => {
+            command
+                .arg("-chardev")
+                .arg(format!("file,id=bios,path={}", console.display()))
+                .args(["-device", "isa-debugcon,iobase=0x402,chardev=bios"]);
+            let outcome = run_firmware_probe(command, &console, timeout).await;
+            let _ = tokio::fs::remove_file(&console).await;
+            return outcome;
+        }
+    };
+    command
         .arg("-kernel")
         .arg(kernel)
         .args(["-append", "console=ttyS0 panic=-1"])
@@ -148,5 +183,46 @@ pub async fn probe_kvm(
             "the probe kernel exited without reaching its panic; console ended with: {}",
             tool::tail(log.as_bytes(), 200)
         ))
+    }
+}
+
+/// Runs the firmware probe until its log shows the firmware's end or `timeout` passes. The
+/// firmware waits and tries again after its end instead of exiting, so QEMU is killed either way.
+async fn run_firmware_probe(
+    mut command: Command,
+    log: &Path,
+    timeout: Duration,
+) -> Result<(), String> {
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot run the KVM probe: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let text = tokio::fs::read(log).await.unwrap_or_default();
+        if String::from_utf8_lossy(&text).contains(FIRMWARE_PROBE_END) {
+            let _ = child.kill().await;
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the firmware probe exited ({status}) before the firmware's end; its log ended \
+                 with: {}",
+                tool::tail(&text, 200)
+            ));
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let _ = child.kill().await;
+            return Err(format!(
+                "the firmware did not reach its end under KVM in {}; its log ended with: {}",
+                humantime::format_duration(timeout),
+                tool::tail(&text, 200)
+            ));
+        }
+        tokio::time::sleep(FIRMWARE_PROBE_POLL).await;
     }
 }

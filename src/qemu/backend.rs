@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use tokio::process::Command;
 use tokio::sync::OwnedMutexGuard;
 
-use super::accel::{AccelChooser, Accelerator};
+use super::accel::{AccelChooser, Accelerator, ProbeBoot};
 use super::files::{
     create_private_dir_all, exists, remove_dir_all, remove_file_if_present, write_file,
 };
@@ -259,7 +259,7 @@ impl QemuBackend {
         };
         let accel = Arc::clone(&self.accel);
         Some(tokio::spawn(
-            async move { accel.choose(&template.kernel).await },
+            async move { accel.choose(ProbeBoot::of(&template)).await },
         ))
     }
 
@@ -760,7 +760,7 @@ impl Backend for QemuBackend {
                 missing.display()
             )));
         }
-        let accel = self.accel.choose(&record.template.kernel).await;
+        let accel = self.accel.choose(ProbeBoot::of(&record.template)).await;
         let plan = LaunchPlan {
             qemu_binary: &self.config.qemu_binary,
             socat_binary: &self.config.socat_binary,
@@ -1035,6 +1035,7 @@ fn seed_error(error: SeedError) -> BackendError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu::layout::{Boot, KernelBoot};
 
     fn backend(root: &Path) -> QemuBackend {
         QemuBackend::new(
@@ -1175,10 +1176,12 @@ mod tests {
             job_id: "job".into(),
             created_ms: 0,
             template: Template {
-                kernel: "/i/vmlinuz".into(),
-                initrd: "/i/initrd.img".into(),
+                boot: Boot::Kernel(KernelBoot {
+                    kernel: "/i/vmlinuz".into(),
+                    initrd: "/i/initrd.img".into(),
+                    cmdline: String::new(),
+                }),
                 root_disk: "/i/root.qcow2".into(),
-                kernel_cmdline: String::new(),
             },
             cores: 1,
             memory_mb: 256,

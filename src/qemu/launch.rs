@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::process::Command;
 
 use super::accel::Accelerator;
-use super::layout::{SandboxPaths, SandboxRecord};
+use super::layout::{Boot, SandboxPaths, SandboxRecord};
 use super::process;
 use crate::backend::{BackendError, NetworkMode};
 
@@ -60,16 +60,26 @@ impl LaunchPlan<'_> {
         push(&["-nodefaults", "-no-user-config", "-display", "none"]);
         // A reboot or panic ends the VM instead of looping; the lifecycle sees it as stopped.
         push(&["-no-reboot"]);
-        push(&["-kernel", &display(&template.kernel)]);
-        push(&["-initrd", &display(&template.initrd)]);
-        push(&["-append", &template.kernel_cmdline]);
-        push(&[
-            "-drive",
-            &format!(
-                "file={},if=virtio,format=qcow2,discard=unmap",
-                display(&paths.overlay())
-            ),
-        ]);
+        let overlay = display(&paths.overlay());
+        match &template.boot {
+            Boot::Kernel(kernel) => {
+                push(&["-kernel", &display(&kernel.kernel)]);
+                push(&["-initrd", &display(&kernel.initrd)]);
+                push(&["-append", &kernel.cmdline]);
+                push(&[
+                    "-drive",
+                    &format!("file={overlay},if=virtio,format=qcow2,discard=unmap"),
+                ]);
+            }
+            // The firmware boots the root disk's own boot loader, and only that disk: the seed's
+            // vfat image carries a boot sector too, which would print "not a bootable disk".
+            Boot::Firmware => push(&[
+                "-drive",
+                &format!("file={overlay},if=none,id=root,format=qcow2,discard=unmap"),
+                "-device",
+                "virtio-blk-pci,drive=root,bootindex=0",
+            ]),
+        }
         push(&[
             "-drive",
             &format!(
@@ -77,7 +87,7 @@ impl LaunchPlan<'_> {
                 display(&paths.seed_image())
             ),
         ]);
-        // No option ROM: the kernel boots directly, and the PXE ROM file may not be installed.
+        // No option ROM: the disk is what boots, and the PXE ROM file may not be installed.
         push(&[
             "-netdev",
             &self.netdev(),
@@ -202,7 +212,7 @@ pub async fn launch(plan: &LaunchPlan<'_>, timeout: Duration) -> Result<(), Back
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::qemu::layout::Template;
+    use crate::qemu::layout::{KernelBoot, Template};
 
     fn record(network: NetworkMode) -> SandboxRecord {
         SandboxRecord {
@@ -210,10 +220,12 @@ mod tests {
             job_id: "job".into(),
             created_ms: 0,
             template: Template {
-                kernel: "/i/vmlinuz".into(),
-                initrd: "/i/initrd.img".into(),
+                boot: Boot::Kernel(KernelBoot {
+                    kernel: "/i/vmlinuz".into(),
+                    initrd: "/i/initrd.img".into(),
+                    cmdline: "console=ttyS0 root=/dev/vda rw".into(),
+                }),
                 root_disk: "/i/root.qcow2".into(),
-                kernel_cmdline: "console=ttyS0 root=/dev/vda rw".into(),
             },
             cores: 2,
             memory_mb: 512,
@@ -230,8 +242,11 @@ mod tests {
     }
 
     fn args_with(network: NetworkMode, endpoint: &str, memory: GuestMemory) -> Vec<String> {
+        args_of(record(network), endpoint, memory)
+    }
+
+    fn args_of(record: SandboxRecord, endpoint: &str, memory: GuestMemory) -> Vec<String> {
         let paths = SandboxPaths::new(Path::new("/s"), "sandbox-abc");
-        let record = record(network);
         let plan = LaunchPlan {
             qemu_binary: Path::new("qemu-system-x86_64"),
             socat_binary: Path::new("socat"),
@@ -301,6 +316,24 @@ mod tests {
         // A cold boot has QEMU's own anonymous RAM and starts at once.
         assert!(after(&args, "-object").is_empty());
         assert!(!args.contains(&"-incoming".to_owned()));
+    }
+
+    #[test]
+    fn a_firmware_template_boots_its_root_disk_without_a_kernel() {
+        let mut record = record(NetworkMode::Restricted);
+        record.template.boot = Boot::Firmware;
+        let args = args_of(record, "127.0.0.1:8848", GuestMemory::Anonymous);
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(after(&args, flag).is_empty(), "{flag} in {args:?}");
+        }
+        assert_eq!(
+            after(&args, "-drive"),
+            [
+                "file=/s/sandbox-abc/overlay.qcow2,if=none,id=root,format=qcow2,discard=unmap",
+                "file=/s/sandbox-abc/seed.img,if=virtio,format=raw,readonly=on",
+            ]
+        );
+        assert!(after(&args, "-device").contains(&"virtio-blk-pci,drive=root,bootindex=0"));
     }
 
     #[test]

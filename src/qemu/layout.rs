@@ -18,21 +18,105 @@ pub const MAX_SOCKET_PATH: usize = 107;
 /// The kernel command line used when neither the config nor the template's manifest gives one.
 pub const FALLBACK_KERNEL_CMDLINE: &str = "console=ttyS0 root=/dev/vda rw quiet panic=-1";
 
-/// The files of one template. Each path is resolved through symlinks when the sandbox is cloned,
-/// so rebuilding the template (which swaps a `current` link) never changes an existing sandbox's
-/// base.
+/// The files of one template and how it boots. Each path is resolved through symlinks when the
+/// sandbox is cloned, so rebuilding the template (which swaps a `current` link) never changes an
+/// existing sandbox's base.
+///
+/// On disk (`sandbox.json`, a snapshot's shape) a kernel-booted template keeps the form it had
+/// before templates could boot by firmware, so that snapshot ids, which hash it, stay the same.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "TemplateRecord", try_from = "TemplateRecord")]
 pub struct Template {
+    pub boot: Boot,
+    pub root_disk: PathBuf,
+}
+
+/// How a template's VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// QEMU loads the template's kernel and initramfs itself (`-kernel`): the templates that
+    /// scripts/build-guest-image.sh builds, whose root file system is the whole disk.
+    Kernel(KernelBoot),
+    /// The firmware (QEMU's SeaBIOS) boots the disk's own boot loader: a whole-disk image with a
+    /// partition table, such as a distribution's cloud image (`agentlab template import`).
+    Firmware,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelBoot {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
-    pub root_disk: PathBuf,
-    pub kernel_cmdline: String,
+    pub cmdline: String,
+}
+
+/// `manifest.json`'s word for a firmware-booted template.
+pub const FIRMWARE_BOOT: &str = "firmware";
+
+/// The serialized form of a `Template`.
+#[derive(Debug, Serialize, Deserialize)]
+struct TemplateRecord {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initrd: Option<PathBuf>,
+    root_disk: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kernel_cmdline: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot: Option<String>,
+}
+
+impl From<Template> for TemplateRecord {
+    fn from(template: Template) -> TemplateRecord {
+        match template.boot {
+            Boot::Kernel(kernel) => TemplateRecord {
+                kernel: Some(kernel.kernel),
+                initrd: Some(kernel.initrd),
+                root_disk: template.root_disk,
+                kernel_cmdline: Some(kernel.cmdline),
+                boot: None,
+            },
+            Boot::Firmware => TemplateRecord {
+                kernel: None,
+                initrd: None,
+                root_disk: template.root_disk,
+                kernel_cmdline: None,
+                boot: Some(FIRMWARE_BOOT.to_owned()),
+            },
+        }
+    }
+}
+
+impl TryFrom<TemplateRecord> for Template {
+    type Error = String;
+
+    fn try_from(record: TemplateRecord) -> Result<Template, String> {
+        let boot = match (record.boot.as_deref(), record.kernel, record.initrd) {
+            (Some(FIRMWARE_BOOT), None, None) => Boot::Firmware,
+            (Some(FIRMWARE_BOOT), _, _) => {
+                return Err("a firmware-booted template names no kernel or initrd".into())
+            }
+            (Some(other), _, _) => return Err(format!("unknown template boot `{other}`")),
+            (None, Some(kernel), Some(initrd)) => Boot::Kernel(KernelBoot {
+                kernel,
+                initrd,
+                cmdline: record.kernel_cmdline.unwrap_or_default(),
+            }),
+            (None, _, _) => return Err("a kernel-booted template needs its kernel and initrd".into()),
+        };
+        Ok(Template {
+            boot,
+            root_disk: record.root_disk,
+        })
+    }
 }
 
 /// The subset of the template's `manifest.json` the backend reads.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct Manifest {
     kernel_cmdline: Option<String>,
+    /// `firmware` for a whole-disk image booted by its own boot loader; absent for a kernel one.
+    boot: Option<String>,
 }
 
 impl Template {
@@ -45,7 +129,7 @@ impl Template {
         let plain = name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
-        if !plain || name.starts_with('.') {
+        if !plain || name.starts_with('.') || name.len() > MAX_NAME_LEN {
             return Err(BackendError::InvalidInput(format!(
                 "template name `{name}` must be a plain folder name under the images folder"
             )));
@@ -54,7 +138,8 @@ impl Template {
     }
 
     /// Finds template `name`, resolving its files to their real paths. `cmdline_override` (from
-    /// the config) wins over the template manifest's `kernel_cmdline`.
+    /// the config) wins over the template manifest's `kernel_cmdline`; a firmware-booted
+    /// template's boot loader has its own command line.
     pub async fn resolve(
         images_dir: &Path,
         name: &str,
@@ -68,32 +153,52 @@ impl Template {
                 tokio::fs::canonicalize(&path).await.map_err(|e| {
                     BackendError::InvalidInput(format!(
                         "template `{label}` is not usable: {} ({e}); build it with \
-                         scripts/build-guest-image.sh",
+                         scripts/build-guest-image.sh or import a disk image with \
+                         `agentlab template import`",
                         path.display()
                     ))
                 })
             }
         };
-        let kernel = resolve("vmlinuz").await?;
-        let initrd = resolve("initrd.img").await?;
+        let manifest = read_manifest(&dir.join("manifest.json")).await?;
         let root_disk = resolve("root.qcow2").await?;
-        let kernel_cmdline = match cmdline_override {
-            Some(cmdline) => cmdline.to_owned(),
-            None => read_manifest_cmdline(&dir.join("manifest.json"))
-                .await?
-                .unwrap_or_else(|| FALLBACK_KERNEL_CMDLINE.to_owned()),
+        let boot = match manifest.boot.as_deref() {
+            Some(FIRMWARE_BOOT) => Boot::Firmware,
+            Some(other) => {
+                return Err(BackendError::InvalidInput(format!(
+                    "template `{label}`: its manifest's boot `{other}` is not one this daemon \
+                     knows (`{FIRMWARE_BOOT}`, or none for a kernel-booted template)"
+                )))
+            }
+            None => Boot::Kernel(KernelBoot {
+                kernel: resolve("vmlinuz").await?,
+                initrd: resolve("initrd.img").await?,
+                cmdline: match cmdline_override {
+                    Some(cmdline) => cmdline.to_owned(),
+                    None => manifest
+                        .kernel_cmdline
+                        .unwrap_or_else(|| FALLBACK_KERNEL_CMDLINE.to_owned()),
+                },
+            }),
         };
-        Ok(Template {
-            kernel,
-            initrd,
-            root_disk,
-            kernel_cmdline,
-        })
+        Ok(Template { boot, root_disk })
+    }
+
+    /// The kernel QEMU loads, for a kernel-booted template.
+    pub fn kernel(&self) -> Option<&Path> {
+        match &self.boot {
+            Boot::Kernel(kernel) => Some(&kernel.kernel),
+            Boot::Firmware => None,
+        }
     }
 
     /// Whether the files this sandbox was cloned from are all still there.
     pub async fn missing_file(&self) -> Option<&Path> {
-        for path in [&self.kernel, &self.initrd, &self.root_disk] {
+        let mut files = vec![self.root_disk.as_path()];
+        if let Boot::Kernel(kernel) = &self.boot {
+            files.extend([kernel.kernel.as_path(), kernel.initrd.as_path()]);
+        }
+        for path in files {
             if !matches!(tokio::fs::try_exists(path).await, Ok(true)) {
                 return Some(path);
             }
@@ -102,15 +207,14 @@ impl Template {
     }
 }
 
-async fn read_manifest_cmdline(path: &Path) -> Result<Option<String>, BackendError> {
+async fn read_manifest(path: &Path) -> Result<Manifest, BackendError> {
     let text = match tokio::fs::read_to_string(path).await {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Manifest::default()),
         Err(e) => return Err(BackendError::io(format!("reading {}", path.display()), e)),
     };
-    let manifest: Manifest = serde_json::from_str(&text)
-        .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))?;
-    Ok(manifest.kernel_cmdline)
+    serde_json::from_str(&text)
+        .map_err(|e| BackendError::InvalidInput(format!("{}: {e}", path.display())))
 }
 
 /// What the backend keeps about a sandbox in `sandbox.json`: enough to start it after a restart.
@@ -401,6 +505,74 @@ mod tests {
         }
     }
 
+    fn cmdline(template: &Template) -> &str {
+        match &template.boot {
+            Boot::Kernel(kernel) => &kernel.cmdline,
+            Boot::Firmware => panic!("a kernel-booted template was expected"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_firmware_template_needs_only_its_disk_and_says_so_in_its_manifest() {
+        let images = tempfile::tempdir().unwrap();
+        let dir = images.path().join("stock");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("root.qcow2"), b"x").unwrap();
+        std::fs::write(
+            dir.join("manifest.json"),
+            r#"{"format": 1, "boot": "firmware"}"#,
+        )
+        .unwrap();
+        let template = Template::resolve(images.path(), "stock", Some("quiet"))
+            .await
+            .unwrap();
+        assert_eq!(template.boot, Boot::Firmware);
+        assert_eq!(template.kernel(), None);
+        assert!(template.missing_file().await.is_none());
+
+        std::fs::write(dir.join("manifest.json"), r#"{"boot": "uefi"}"#).unwrap();
+        let err = Template::resolve(images.path(), "stock", None)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("boot `uefi`"), "{err}");
+    }
+
+    #[test]
+    fn a_kernel_template_serializes_as_before_firmware_boot_existed_and_both_round_trip() {
+        // Snapshot ids hash this form: it must not change for kernel-booted templates.
+        let kernel = Template {
+            boot: Boot::Kernel(KernelBoot {
+                kernel: "/i/vmlinuz".into(),
+                initrd: "/i/initrd.img".into(),
+                cmdline: "console=ttyS0".into(),
+            }),
+            root_disk: "/i/root.qcow2".into(),
+        };
+        let text = serde_json::to_string(&kernel).unwrap();
+        assert_eq!(
+            text,
+            r#"{"kernel":"/i/vmlinuz","initrd":"/i/initrd.img","root_disk":"/i/root.qcow2","kernel_cmdline":"console=ttyS0"}"#
+        );
+        assert_eq!(serde_json::from_str::<Template>(&text).unwrap(), kernel);
+
+        let firmware = Template {
+            boot: Boot::Firmware,
+            root_disk: "/i/stock/root.qcow2".into(),
+        };
+        let text = serde_json::to_string(&firmware).unwrap();
+        assert_eq!(text, r#"{"root_disk":"/i/stock/root.qcow2","boot":"firmware"}"#);
+        assert_eq!(serde_json::from_str::<Template>(&text).unwrap(), firmware);
+
+        for bad in [
+            r#"{"root_disk":"/r"}"#,
+            r#"{"root_disk":"/r","boot":"firmware","kernel":"/k","initrd":"/i"}"#,
+            r#"{"root_disk":"/r","boot":"pxe"}"#,
+        ] {
+            assert!(serde_json::from_str::<Template>(bad).is_err(), "{bad}");
+        }
+    }
+
     #[tokio::test]
     async fn resolves_template_files_through_links_and_reads_the_manifest() {
         let images = tempfile::tempdir().unwrap();
@@ -415,7 +587,7 @@ mod tests {
             template.root_disk,
             build.canonicalize().unwrap().join("root.qcow2")
         );
-        assert_eq!(template.kernel_cmdline, FALLBACK_KERNEL_CMDLINE);
+        assert_eq!(cmdline(&template), FALLBACK_KERNEL_CMDLINE);
 
         std::fs::write(
             images.path().join("manifest.json"),
@@ -423,11 +595,11 @@ mod tests {
         )
         .unwrap();
         let template = Template::resolve(images.path(), "", None).await.unwrap();
-        assert_eq!(template.kernel_cmdline, "console=ttyS0 root=/dev/vda");
+        assert_eq!(cmdline(&template), "console=ttyS0 root=/dev/vda");
         let template = Template::resolve(images.path(), "", Some("quiet"))
             .await
             .unwrap();
-        assert_eq!(template.kernel_cmdline, "quiet");
+        assert_eq!(cmdline(&template), "quiet");
         assert!(template.missing_file().await.is_none());
 
         let err = Template::resolve(images.path(), "nope", None)

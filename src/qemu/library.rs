@@ -7,7 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::accel::{AccelChooser, Accelerator};
+use super::accel::{AccelChooser, Accelerator, ProbeBoot};
 use super::files::remove_dir_all;
 use super::layout::Template;
 use super::overlay;
@@ -79,7 +79,7 @@ impl SnapshotLibrary {
                 BackendError::io(format!("reading {}", template.root_disk.display()), e)
             })?;
         let disk_bytes = overlay::size_for(&template.root_disk, spec.disk_gb).await?;
-        let accel = self.accel.choose(&template.kernel).await;
+        let accel = self.accel.choose(ProbeBoot::of(&template)).await;
         let qemu = self.qemu_build().await?;
         let shape = SnapshotShape {
             format: SNAPSHOT_FORMAT,

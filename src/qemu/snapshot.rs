@@ -233,16 +233,19 @@ pub fn modified_ms(meta: &std::fs::Metadata) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qemu::layout::{Boot, KernelBoot};
 
     fn shape() -> SnapshotShape {
         SnapshotShape {
             format: SNAPSHOT_FORMAT,
             template_name: String::new(),
             template: Template {
-                kernel: "/i/builds/1/vmlinuz".into(),
-                initrd: "/i/builds/1/initrd.img".into(),
+                boot: Boot::Kernel(KernelBoot {
+                    kernel: "/i/builds/1/vmlinuz".into(),
+                    initrd: "/i/builds/1/initrd.img".into(),
+                    cmdline: "console=ttyS0".into(),
+                }),
                 root_disk: "/i/builds/1/root.qcow2".into(),
-                kernel_cmdline: "console=ttyS0".into(),
             },
             root_disk_modified_ms: 1,
             qemu: QemuBuild {
