@@ -640,7 +640,10 @@ async fn kvm_probe_answers_within_its_timeout_and_leaves_no_qemu() {
             Duration::from_secs(3),
         )
         .await;
-        eprintln!("KVM probe {probe:?}: {verdict:?} after {:?}", started.elapsed());
+        eprintln!(
+            "KVM probe {probe:?}: {verdict:?} after {:?}",
+            started.elapsed()
+        );
         assert!(started.elapsed() < Duration::from_secs(10));
         // Killed on timeout, and reaped: nothing names the scratch folder any more.
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -10,6 +10,7 @@
 //! - Blocking work (child processes, file IO of any size) runs off the async executor threads.
 
 pub mod fake;
+pub mod templates;
 
 pub use crate::config::backends::{BackendKind, NetworkMode};
 pub use crate::model::StartMode;
@@ -328,6 +329,20 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         path: &str,
         limit: usize,
     ) -> Result<Option<Vec<u8>>, BackendError>;
+
+    /// Checks a whole-disk image and registers it as a template that boots by firmware
+    /// (`agentlab template import`). Only the local QEMU backend keeps templates of its own.
+    async fn import_template(
+        &self,
+        request: &templates::TemplateImportRequest,
+    ) -> Result<templates::ImportOutcome, BackendError> {
+        let _ = request;
+        Err(BackendError::InvalidInput(format!(
+            "the {} backend does not import templates: only the local QEMU backend does (on \
+             Proxmox VE, make a template VM with scripts/create_template.sh)",
+            self.kind().as_str()
+        )))
+    }
 
     /// Stops the VM and removes everything that belongs to it. Succeeds if it is already gone.
     async fn destroy_vm(&self, vm: &VmHandle) -> Result<(), BackendError>;

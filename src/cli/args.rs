@@ -72,6 +72,23 @@ pub enum Command {
     Profiles,
     /// The warm pool: per profile its target, READY and booting sandboxes, hits and misses.
     Pool,
+    /// Templates the local QEMU backend boots sandboxes from.
+    #[command(subcommand)]
+    Template(TemplateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TemplateCommand {
+    /// Check a whole-disk image (qcow2 or raw, with a partition table and a BIOS boot loader, such
+    /// as a distribution's cloud image) and register it as template NAME, booted by its own boot
+    /// loader. Says what the image lacks if a sandbox could not run in it. A profile then names
+    /// it with `image: NAME`.
+    Import {
+        /// The image file; it is sent to the daemon, which keeps its own converted copy.
+        file: PathBuf,
+        /// The template's name: letters, digits, `-`, `_` and `.`.
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

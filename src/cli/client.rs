@@ -157,6 +157,17 @@ impl ApiClient {
         resp.text().map_err(|e| self.transport_error(&e))
     }
 
+    /// POST a file as the body, without a time limit (it may be gigabytes), returning the
+    /// answer as text.
+    pub fn post_file(&self, path: &str, file: std::fs::File, len: u64) -> Result<String, CliError> {
+        let req = self
+            .request(&self.streams, reqwest::Method::POST, path)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::blocking::Body::sized(file, len));
+        let resp = self.send(req)?;
+        resp.text().map_err(|e| self.transport_error(&e))
+    }
+
     /// GET without a time limit, for streams the caller reads as they come.
     pub fn get_stream(&self, path: &str) -> Result<Response, CliError> {
         self.send(self.request(&self.streams, reqwest::Method::GET, path))

@@ -9,7 +9,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::args::{Cli, Command, JobCommand, RunArgs, SandboxCommand};
+use super::args::{Cli, Command, JobCommand, RunArgs, SandboxCommand, TemplateCommand};
 use super::client::{parse, ApiClient};
 use super::exit::{self, CliError};
 use super::follow;
@@ -87,6 +87,9 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
         Command::Pool => {
             let text = client.get_text("/v1/pool")?;
             show(out, json, &text, |p: &PoolStatus| format::pool(p, now))
+        }
+        Command::Template(TemplateCommand::Import { file, name }) => {
+            import_template(&client, out, err, json, file, name)
         }
         Command::Profiles => {
             let text = client.get_text("/v1/profiles")?;
@@ -187,6 +190,41 @@ pub fn execute(cli: &Cli, out: &mut dyn Write, err: &mut dyn Write) -> Result<u8
             })
         }
     }
+}
+
+fn import_template(
+    client: &ApiClient,
+    out: &mut dyn Write,
+    err: &mut dyn Write,
+    json: bool,
+    file: &Path,
+    name: &str,
+) -> Result<u8, CliError> {
+    let image = std::fs::File::open(file)
+        .map_err(|e| CliError::io(format!("opening {}", file.display()), e))?;
+    let len = image
+        .metadata()
+        .map_err(|e| CliError::io(format!("reading {}", file.display()), e))?
+        .len();
+    let source = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    writeln!(
+        err,
+        "sending {} ({}) to the daemon; it then checks and converts it, which takes a while for \
+         a large image",
+        file.display(),
+        format::bytes(len)
+    )
+    .map_err(io)?;
+    let path = format!(
+        "/v1/templates/{}?source={}",
+        crate::urlpath::encode_segment(name),
+        crate::urlpath::encode_segment(&source)
+    );
+    let text = client.post_file(&path, image, len)?;
+    show(out, json, &text, format::template_import)
 }
 
 fn push_after(path: &mut String, after: Option<&str>) {

@@ -8,6 +8,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use crate::actors::pool_status::PoolStatus;
+use crate::backend::templates::TemplateImport;
 use crate::governor::status::{GovernorStatus, JobQueue, MemoryStatus, SandboxMemory};
 use crate::model::{Artifact, Job, PhaseRun, Sandbox, StartMethod};
 
@@ -648,6 +649,54 @@ pub fn governor_view(g: &GovernorStatus, now_ms: i64) -> String {
         "  sampling:   {:.2} ms CPU per sample (mean of {})",
         g.cost.mean_cpu_ms, g.cost.samples
     );
+    out
+}
+
+/// A size in the unit that reads best: MB below a GB, GB above.
+pub fn bytes(bytes: u64) -> String {
+    if bytes >= 1024 * 1024 * 1024 {
+        gb(bytes)
+    } else {
+        mb(bytes)
+    }
+}
+
+/// What `template import` registered and what its check found.
+pub fn template_import(import: &TemplateImport) -> String {
+    let check = &import.check;
+    let or_dash = |v: Option<&str>| v.unwrap_or("-").to_owned();
+    let mut out = format!(
+        "template {} registered (build {}), boots by {}: {}\n",
+        import.template,
+        import.build_id,
+        import.boot,
+        or_dash(check.os.as_deref())
+    );
+    out.push_str(&format!(
+        "  image: {} {} virtual, {} partition table, boot loader {}, root partition {} ({})\n",
+        check.format,
+        gb(check.virtual_size),
+        or_dash(check.partition_table.as_deref()),
+        or_dash(check.boot_loader.as_deref()),
+        check
+            .root_partition
+            .map_or_else(|| "-".to_owned(), |n| n.to_string()),
+        or_dash(check.root_fs.as_deref())
+    ));
+    for found in &check.found {
+        let version = found
+            .version
+            .as_deref()
+            .map(|v| format!(" {v}"))
+            .unwrap_or_default();
+        out.push_str(&format!("  {}: {}{version}\n", found.what, found.path));
+    }
+    out.push_str(&format!(
+        "  template disk: {}, imported in {:.1} s; a profile uses it with `image: {}`\n",
+        bytes(import.disk_bytes),
+        import.import_seconds,
+        import.template
+    ));
     out
 }
 

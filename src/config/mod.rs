@@ -125,6 +125,8 @@ pub struct Config {
     pub artifact_token_ttl_minutes: u64,
     /// Cap on one artifact.
     pub artifact_max_bytes: u64,
+    /// Cap on an image uploaded by `agentlab template import`.
+    pub template_import_max_bytes: u64,
     /// Folders on this host under which a job's local `repo` must lie (absolute, existing; the
     /// check resolves symlinks). Empty: no job may use a repository on this host.
     pub repo_roots: Vec<PathBuf>,
@@ -182,6 +184,7 @@ impl Default for Config {
             provisioning_timeout: Duration::from_secs(600),
             artifact_token_ttl_minutes: 1440,
             artifact_max_bytes: 256 * 1024 * 1024,
+            template_import_max_bytes: 64 * 1024 * 1024 * 1024,
             repo_roots: Vec::new(),
             artifact_job_max_bytes: 1024 * 1024 * 1024,
             artifact_max_files: 1000,
@@ -280,6 +283,7 @@ impl Config {
         }
         for (key, value) in [
             ("artifact_max_bytes", self.artifact_max_bytes),
+            ("template_import_max_bytes", self.template_import_max_bytes),
             ("artifact_job_max_bytes", self.artifact_job_max_bytes),
             ("artifact_max_files", self.artifact_max_files),
             ("guest_requests_per_job", self.guest_requests_per_job as u64),
@@ -393,6 +397,11 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("agentlab.db")
+    }
+
+    /// Where uploads wait for the daemon to take them in (an image to import).
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.data_dir.join("uploads")
     }
 
     pub fn artifacts_dir(&self) -> PathBuf {

@@ -65,6 +65,10 @@ pub struct QemuConfig {
     /// Cap on one host tool run (qemu-img, mkfs.vfat, mcopy, the qemu launch itself).
     #[serde(with = "humantime_serde")]
     pub tool_timeout: Duration,
+    /// Cap on one conversion of `agentlab template import` (qemu-img reading or writing a whole
+    /// disk image, gigabytes).
+    #[serde(with = "humantime_serde")]
+    pub import_timeout: Duration,
     /// Cap on one `agent_ping` (connect, sync, guest-ping); short, because callers poll it.
     #[serde(with = "humantime_serde")]
     pub agent_ping_timeout: Duration,
@@ -93,6 +97,7 @@ impl Default for QemuConfig {
             cores_cap: None,
             kernel_cmdline: None,
             tool_timeout: Duration::from_secs(60),
+            import_timeout: Duration::from_secs(30 * 60),
             agent_ping_timeout: Duration::from_millis(1500),
             agent_call_timeout: Duration::from_secs(10),
         }

@@ -33,6 +33,10 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     ShuttingDown(String),
+    /// A well-formed request for something that cannot be done with what it sent (an image that
+    /// lacks what a template needs).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -51,6 +55,7 @@ impl ApiError {
             ApiError::RequestTimeout(_) => "request_timeout",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::ShuttingDown(_) => "shutting_down",
+            ApiError::Unprocessable(_) => "unprocessable",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -74,6 +79,7 @@ impl ResponseError for ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::ShuttingDown(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -10,6 +10,7 @@ mod paging;
 mod sandboxes;
 mod stream;
 mod system;
+mod templates;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -232,6 +233,7 @@ fn serve_control(
             .configure(system::routes)
             .configure(jobs::routes)
             .configure(sandboxes::routes)
+            .configure(templates::routes)
             .configure(stream::routes)
             .default_service(web::to(no_route))
             .wrap(from_fn(require_token))

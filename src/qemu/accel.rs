@@ -116,7 +116,9 @@ pub enum ProbeBoot<'a> {
 
 impl<'a> ProbeBoot<'a> {
     pub fn of(template: &'a super::layout::Template) -> ProbeBoot<'a> {
-        template.kernel().map_or(ProbeBoot::Firmware, ProbeBoot::Kernel)
+        template
+            .kernel()
+            .map_or(ProbeBoot::Firmware, ProbeBoot::Kernel)
     }
 }
 

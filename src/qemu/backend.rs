@@ -23,6 +23,7 @@ use super::accel::{AccelChooser, Accelerator, ProbeBoot};
 use super::files::{
     create_private_dir_all, exists, remove_dir_all, remove_file_if_present, write_file,
 };
+use super::import::{ImportError, Importer};
 use super::launch::GuestMemory;
 use super::launch::{self, LaunchPlan};
 use super::layout::{self, RestoreSource, SandboxPaths, SandboxRecord, Template};
@@ -37,6 +38,7 @@ use super::seed::{self, SeedError, SeedTools};
 use super::snapshot::{SnapshotFiles, SnapshotManifest};
 use super::snapshot_maker::SnapshotMaker;
 use super::tool::{self, ToolError};
+use crate::backend::templates::{ImportOutcome, TemplateImportRequest};
 use crate::backend::{
     Backend, BackendError, BackendKind, DiskUsage, ExecStatus, GuestCommand, ListedVm, MemoryUsage,
     Provisioning, SandboxSpec, SnapshotInfo, SnapshotStatus, StartMode, StartReport, VmHandle,
@@ -258,9 +260,9 @@ impl QemuBackend {
             }
         };
         let accel = Arc::clone(&self.accel);
-        Some(tokio::spawn(
-            async move { accel.choose(ProbeBoot::of(&template)).await },
-        ))
+        Some(tokio::spawn(async move {
+            accel.choose(ProbeBoot::of(&template)).await
+        }))
     }
 
     /// Whether the folder records another daemon's id; its owner if so.
@@ -796,6 +798,26 @@ impl Backend for QemuBackend {
             Ok(()) => Ok(()),
             Err(e) => Err(self.agent_error("guest ping", &vm.name, &paths, e).await),
         }
+    }
+
+    async fn import_template(
+        &self,
+        request: &TemplateImportRequest,
+    ) -> Result<ImportOutcome, BackendError> {
+        let importer = Importer {
+            images_dir: self.dirs.images.clone(),
+            qemu_img: self.config.qemu_img_binary.clone(),
+            tool_timeout: self.config.tool_timeout,
+            convert_timeout: self.config.import_timeout,
+        };
+        importer.import(request).await.map_err(|e| match e {
+            ImportError::InvalidInput(_)
+            | ImportError::NotImported(_)
+            | ImportError::Unreadable(_) => BackendError::InvalidInput(e.to_string()),
+            ImportError::Tool(tool) => overlay::tool_error("import", tool),
+            ImportError::Io { context, source } => BackendError::io(context, source),
+            ImportError::Task(message) => BackendError::operation("import", message),
+        })
     }
 
     async fn read_guest_file(

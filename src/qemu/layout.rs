@@ -102,7 +102,9 @@ impl TryFrom<TemplateRecord> for Template {
                 initrd,
                 cmdline: record.kernel_cmdline.unwrap_or_default(),
             }),
-            (None, _, _) => return Err("a kernel-booted template needs its kernel and initrd".into()),
+            (None, _, _) => {
+                return Err("a kernel-booted template needs its kernel and initrd".into())
+            }
         };
         Ok(Template {
             boot,
@@ -561,7 +563,10 @@ mod tests {
             root_disk: "/i/stock/root.qcow2".into(),
         };
         let text = serde_json::to_string(&firmware).unwrap();
-        assert_eq!(text, r#"{"root_disk":"/i/stock/root.qcow2","boot":"firmware"}"#);
+        assert_eq!(
+            text,
+            r#"{"root_disk":"/i/stock/root.qcow2","boot":"firmware"}"#
+        );
         assert_eq!(serde_json::from_str::<Template>(&text).unwrap(), firmware);
 
         for bad in [

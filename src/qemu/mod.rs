@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod backend;
 pub mod files;
+pub mod import;
 pub mod launch;
 pub mod layout;
 pub mod library;
