@@ -108,12 +108,17 @@ impl Daemon {
         } else {
             format!("{guest}runner_path: \"\"\n")
         };
+        // The repository's profiles, unless the test brings its own.
+        let profiles = if extra.contains("profiles_dir:") {
+            String::new()
+        } else {
+            format!("profiles_dir: {}/profiles\n", repo_dir().display())
+        };
         let text = format!(
             "data_dir: {data}\nsocket_path: {socket}\nmetrics_listen: \"\"\n{guest}\
-             profiles_dir: {repo}/profiles\ntuning_dir: {tuning}\nbackend: {backend}\n{extra}\n",
+             {profiles}tuning_dir: {tuning}\nbackend: {backend}\n{extra}\n",
             data = dir.join("data").display(),
             socket = socket.display(),
-            repo = repo_dir().display(),
             tuning = dir.join("tuning").display(),
         );
         std::fs::write(&config, text).unwrap();
