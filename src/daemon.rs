@@ -166,6 +166,16 @@ fn create_dirs(config: &Config) -> Result<(), DaemonError> {
             source,
         })?;
     }
+    // Uploads a daemon stopped in the middle of (an image being imported) are of no use to
+    // anyone: nothing waits for them any more.
+    let uploads = config.uploads_dir();
+    if let Ok(entries) = std::fs::read_dir(&uploads) {
+        for entry in entries.flatten() {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(path = %entry.path().display(), error = %e, "cannot remove a stale upload");
+            }
+        }
+    }
     Ok(())
 }
 

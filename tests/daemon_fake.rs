@@ -21,6 +21,36 @@ fn slow_fake(state: &std::path::Path) -> String {
     )
 }
 
+/// The import route's own refusals; a real import is in tests/stock_image.rs.
+#[test]
+fn a_template_import_without_an_image_or_on_a_backend_without_templates_is_a_400() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path(), "fake", "");
+    let (status, answer) = daemon.post_raw("/v1/templates/stock", Vec::new());
+    assert_eq!(
+        (status, error_code(&answer)),
+        (400, "bad_request"),
+        "{answer}"
+    );
+    assert!(answer["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no image"));
+
+    let (status, answer) = daemon.post_raw("/v1/templates/stock", vec![0; 4096]);
+    assert_eq!(
+        (status, error_code(&answer)),
+        (400, "bad_request"),
+        "{answer}"
+    );
+    let message = answer["error"]["message"].as_str().unwrap();
+    assert!(message.contains("does not import templates"), "{message}");
+    // The upload is gone once answered.
+    let uploads = dir.path().join("data/uploads");
+    let left: Vec<_> = std::fs::read_dir(&uploads).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
 #[test]
 fn bad_api_input_gets_a_clear_4xx() {
     let dir = tempfile::tempdir().unwrap();

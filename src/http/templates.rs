@@ -29,10 +29,28 @@ struct ImportQuery {
 /// the handler is dropped.
 struct Upload {
     path: PathBuf,
+    removed: bool,
+}
+
+impl Upload {
+    /// Removes the upload before the answer goes out.
+    async fn remove(mut self) {
+        self.removed = true;
+        match tokio::fs::remove_file(&self.path).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "cannot remove an upload")
+            }
+        }
+    }
 }
 
 impl Drop for Upload {
     fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || match std::fs::remove_file(&path) {
             Ok(()) => {}
@@ -56,6 +74,7 @@ async fn import(
     builder.create(&dir).await.map_err(ApiError::internal)?;
     let upload = Upload {
         path: dir.join(format!("template-{}.img", uuid::Uuid::now_v7().simple())),
+        removed: false,
     };
     let mut file = tokio::fs::OpenOptions::new()
         .write(true)
@@ -80,6 +99,7 @@ async fn import(
     file.sync_all().await.map_err(ApiError::internal)?;
     drop(file);
     if received == 0 {
+        upload.remove().await;
         return Err(ApiError::BadRequest(
             "the request carries no image: send the disk image as the body".into(),
         ));
@@ -95,7 +115,9 @@ async fn import(
         serves_runner: state.svc.runner.is_some(),
     };
     tracing::info!(template = %name, bytes = received, "checking an uploaded image to import");
-    match state.svc.backend.import_template(&request).await {
+    let outcome = state.svc.backend.import_template(&request).await;
+    upload.remove().await;
+    match outcome {
         Ok(ImportOutcome::Registered(import)) => Ok(HttpResponse::Created().json(import)),
         Ok(ImportOutcome::Refused(check)) => Err(ApiError::Unprocessable(format!(
             "the image cannot be template `{name}`; it lacks: {}",
