@@ -150,7 +150,8 @@ make_disk_image() {
 		-E "offset=$((DISK_PART_START * 512)),lazy_itable_init=0,lazy_journal_init=0,root_owner=0:0" \
 		"$raw" "$((part_sectors / 2))k"
 	printf 'label: dos\nunit: sectors\n\nstart=%s, size=%s, type=83, bootable\n' "$DISK_PART_START" "$part_sectors" |
-		sfdisk --quiet --no-reread --no-tell-kernel --wipe never --wipe-partitions never "$raw" >/dev/null
+		sfdisk --quiet --no-reread --no-tell-kernel --wipe never --wipe-partitions never "$raw" &>/dev/null ||
+		die "disk image: sfdisk could not write the partition table"
 	# boot.img's code only: bytes 440.. are the disk signature and the partition table.
 	dd if="$GRUB_DIR/boot.img" of="$raw" bs=440 count=1 conv=notrunc status=none
 	dd if="$core" of="$raw" bs=512 seek=1 conv=notrunc status=none
