@@ -32,8 +32,17 @@
 # Debian's own initramfs and the compressed kernel: it is the reference the trimming is measured
 # against.
 #
+# --disk-image FILE also makes build-disk-image.sh's whole-disk image (partition table, GRUB,
+# Debian's kernel and initramfs-tools initramfs; see that script) from this build's tree, so that
+# one mmdebstrap run serves both. It is made only when out of date; when the template is up to
+# date and the disk image is not, build-disk-image.sh makes it with its own mmdebstrap run.
+#
 # Root is needed (mmdebstrap in root mode chroots; the files must belong to root in the image).
 # Nothing is mounted on the host: the ext4 image is made with mkfs.ext4 -d.
+#
+# The Debian tree (sources, packages, the mmdebstrap run, the trim and the configuration shared
+# with the disk image) is scripts/lib/debian.sh; stamps, publishing and the initramfs are in
+# scripts/lib/common.sh.
 # shellcheck disable=SC2016 # the single-quoted $1 and $(...) are for mmdebstrap, apt and dpkg
 set -euo pipefail
 
