@@ -30,6 +30,9 @@
 #
 # --distro debian builds the Debian 12 agent template (images/debian-12/) instead: that is
 # scripts/build-debian-image.sh, which takes the remaining options (see its --help).
+#
+# The code shared with the other build scripts (logging, host checks, the stamp and lock,
+# publishing, the kernel extraction, the busybox initramfs) is in scripts/lib/common.sh.
 set -euo pipefail
 
 # --distro: busybox (this script, the default) or debian (handed over with the other options).
@@ -59,16 +62,14 @@ readonly KERNEL_CMDLINE="console=ttyS0 root=/dev/vda rw quiet panic=-1 acpi=noir
 # git-core programs the guest does not need: servers, and perl programs (there is no perl).
 readonly GIT_CORE_SKIP="git-daemon git-http-backend git-http-push git-imap-send git-shell git-instaweb scalar"
 readonly KEEP_BUILDS=2
+readonly TEMPLATE_FILES=(vmlinuz initrd.img root.qcow2 manifest.json)
 
 SCRIPT=$(readlink -f "${BASH_SOURCE[0]}")
 REPO_ROOT=$(cd "$(dirname "$SCRIPT")/.." && pwd)
 GUEST_DIR=$REPO_ROOT/guest-image
-
-log() { printf 'build-guest-image: %s\n' "$*" >&2; }
-die() {
-	printf 'build-guest-image: error: %s\n' "$*" >&2
-	exit 1
-}
+LOG_NAME=build-guest-image
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$REPO_ROOT/scripts/lib/common.sh"
 
 usage() {
 	cat <<EOF
@@ -119,22 +120,13 @@ IMAGES=$DATA_DIR/images
 
 # ---- host requirements ------------------------------------------------------------------------
 
-pkg_installed() {
-	[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" = installed ]
-}
-
 # Debian packages the build reads from or runs. busybox-static, not busybox: the initramfs has
 # no C library.
 REQUIRED_PKGS=(linux-image-amd64 busybox-static qemu-guest-agent git ca-certificates e2fsprogs
 	qemu-utils cpio zstd xz-utils)
 [ "$(id -u)" = 0 ] || REQUIRED_PKGS+=(fakeroot)
-command -v dpkg-query >/dev/null || die "this script needs a Debian (or derived) host: no dpkg-query"
-missing=()
-for p in "${REQUIRED_PKGS[@]}"; do
-	pkg_installed "$p" || missing+=("$p")
-done
-[ ${#missing[@]} -eq 0 ] || die "missing Debian packages: ${missing[*]}
-  install them with: apt-get install ${missing[*]}"
+require_dpkg
+require_packages "${REQUIRED_PKGS[@]}"
 
 # Re-run under fakeroot when not root, so that the files in the image are owned by root.
 if [ "$(id -u)" != 0 ] && [ -z "${AGENTLAB_BUILD_UNDER_FAKEROOT:-}" ]; then
@@ -169,21 +161,7 @@ MODDIR=/lib/modules/$KVER
 [ -r "$MODDIR/modules.dep" ] || die "$MODDIR/modules.dep is missing (apt-get install linux-image-$KVER)"
 
 # The runner: --runner, $AGENTLAB_RUNNER_BIN, then the cargo build outputs.
-if [ -z "$RUNNER" ]; then
-	for c in "$REPO_ROOT/target/release/agentlab-runner" "$REPO_ROOT/target/debug/agentlab-runner"; do
-		if [ -f "$c" ]; then
-			RUNNER=$c
-			break
-		fi
-	done
-	[ -n "$RUNNER" ] || die "no guest runner binary: build it with
-  cargo build --release --bin agentlab-runner   (or: cargo build --bin agentlab-runner)
-  or name one with --runner PATH or AGENTLAB_RUNNER_BIN"
-fi
-if [ ! -f "$RUNNER" ] || [ ! -r "$RUNNER" ]; then
-	die "runner binary $RUNNER does not exist or is unreadable"
-fi
-RUNNER=$(readlink -f "$RUNNER")
+find_runner "$REPO_ROOT"
 
 if [ ! -f "$GUEST_DIR/init" ] || [ ! -f "$GUEST_DIR/modules" ] || [ ! -d "$GUEST_DIR/rootfs" ]; then
 	die "$GUEST_DIR is incomplete (init, modules, rootfs/)"
@@ -192,39 +170,7 @@ fi
 # ---- inputs -----------------------------------------------------------------------------------
 
 # Kernel modules for the initramfs, dependencies first, built-in ones skipped.
-declare -A MOD_PATH=() MOD_DEPS=() MOD_SEEN=()
-while IFS= read -r line; do
-	file=${line%%:*}
-	name=${file##*/}
-	name=${name%%.ko*}
-	name=${name//-/_}
-	MOD_PATH[$name]=$file
-	MOD_DEPS[$name]=${line#*:}
-done <"$MODDIR/modules.dep"
-MOD_ORDER=()
-add_module() {
-	local name=${1//-/_} dep deps i
-	[ -z "${MOD_SEEN[$name]:-}" ] || return 0
-	MOD_SEEN[$name]=1
-	if [ -z "${MOD_PATH[$name]:-}" ]; then
-		if grep -q "/${name}\.ko" "$MODDIR/modules.builtin" 2>/dev/null ||
-			grep -q "/${name//_/-}\.ko" "$MODDIR/modules.builtin" 2>/dev/null; then
-			return 0
-		fi
-		die "kernel $KVER has no module $name (guest-image/modules)"
-	fi
-	# modules.dep lists every (indirect) dependency; modprobe loads them last to first.
-	read -r -a deps <<<"${MOD_DEPS[$name]}"
-	for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
-		dep=${deps[$i]##*/}
-		add_module "${dep%%.ko*}"
-	done
-	MOD_ORDER+=("${MOD_PATH[$name]}")
-}
-while read -r m _; do
-	case $m in '' | '#'*) continue ;; esac
-	add_module "$m"
-done <"$GUEST_DIR/modules"
+resolve_modules "$MODDIR" "$KVER" "$GUEST_DIR/modules"
 
 # Shared libraries of dynamically linked programs (ldd fails on static ones and scripts).
 elf_libs() {
@@ -261,40 +207,18 @@ stamp_inputs() {
 	(cd "$GUEST_DIR" && find . -type f -printf '%m %P\n' -o -type l -printf 'l %P\n' | LC_ALL=C sort)
 	find "$GIT_CORE" "$GIT_TEMPLATES" -printf '%m %y %p %l\n' | LC_ALL=C sort
 	{
-		printf '%s\n' "$SCRIPT" "$VMLINUZ" "$BUSYBOX" "$QEMU_GA" "$CA_BUNDLE" "$RUNNER"
+		build_code_files
+		printf '%s\n' "$VMLINUZ" "$BUSYBOX" "$QEMU_GA" "$CA_BUNDLE" "$RUNNER"
 		printf '%s\n' "${MOD_ORDER[@]/#/$MODDIR/}" "${GIT_ELF[@]}" "${LIBS[@]}"
 		find "$GUEST_DIR" "$GIT_TEMPLATES" -type f
 	} | xargs -d '\n' sha256sum
 }
-STAMP_TEXT=$(stamp_inputs)
-STAMP=$(printf '%s\n' "$STAMP_TEXT" | sha256sum | cut -d' ' -f1)
+STAMP=$(stamp_of "$(stamp_inputs)")
 
-mkdir -p "$IMAGES"
-exec 9>"$IMAGES/.lock"
-flock 9 # one build at a time per data directory
-# Left behind by a build that was killed: nothing else can be using them while we hold the lock.
-find "$IMAGES" -mindepth 1 -maxdepth 1 -name '.build.*' -exec rm -rf {} +
+build_lock "$IMAGES" # one build at a time per data directory
 
-current_ok() {
-	local f
-	[ -f "$IMAGES/current/stamp" ] && [ "$(cat "$IMAGES/current/stamp")" = "$STAMP" ] || return 1
-	for f in vmlinuz initrd.img root.qcow2 manifest.json; do
-		[ -f "$IMAGES/current/$f" ] || return 1
-	done
-}
-
-publish_links() { # the stable names, each a symlink into current/ (replaced atomically)
-	local f
-	for f in vmlinuz initrd.img root.qcow2 manifest.json; do
-		if [ "$(readlink "$IMAGES/$f" 2>/dev/null)" != "current/$f" ]; then
-			ln -sfn "current/$f" "$IMAGES/.$f.link"
-			mv -Tf "$IMAGES/.$f.link" "$IMAGES/$f"
-		fi
-	done
-}
-
-if [ "$FORCE" = 0 ] && current_ok; then
-	publish_links
+if [ "$FORCE" = 0 ] && current_ok "$IMAGES" "$STAMP" "${TEMPLATE_FILES[@]}"; then
+	publish_links "$IMAGES" "${TEMPLATE_FILES[@]}"
 	log "up to date: $IMAGES ($(readlink "$IMAGES/current"))"
 	exit 0
 fi
@@ -366,44 +290,9 @@ qemu-img convert -f raw -O qcow2 "$WORK/root.raw" "$OUT/root.qcow2"
 rm -f "$WORK/root.raw"
 
 log "initramfs: busybox and ${#MOD_ORDER[@]} modules"
-mkdir -p "$INITRD"/{bin,dev,proc,sys,newroot,lib/modules}
-cp "$GUEST_DIR/init" "$INITRD/init"
-chmod 0755 "$INITRD/init"
-cp "$BUSYBOX" "$INITRD/bin/busybox"
-while IFS= read -r a; do
-	[ "$a" = busybox ] || ln -s busybox "$INITRD/bin/$a"
-done < <("$BUSYBOX" --list)
-: >"$INITRD/lib/modules/load.list"
-for m in "${MOD_ORDER[@]}"; do
-	base=${m##*/}
-	case $base in
-	*.ko) cp "$MODDIR/$m" "$INITRD/lib/modules/$base" ;;
-	*.ko.xz) xz -dc "$MODDIR/$m" >"$INITRD/lib/modules/${base%.xz}" ;;
-	*.ko.zst) zstd -qdc "$MODDIR/$m" >"$INITRD/lib/modules/${base%.zst}" ;;
-	*.ko.gz) gzip -dc "$MODDIR/$m" >"$INITRD/lib/modules/${base%.gz}" ;;
-	*) die "unexpected module file $m" ;;
-	esac
-	echo "${base%.ko*}.ko" >>"$INITRD/lib/modules/load.list"
-done
-# Fixed timestamps: the same inputs give the same initrd.img.
-find "$INITRD" -exec touch -h -d @0 {} +
-# zstd: the kernel has CONFIG_RD_ZSTD, and it unpacks faster than gzip.
-(cd "$INITRD" && find . -mindepth 1 | LC_ALL=C sort |
-	cpio --quiet -o -H newc -R 0:0 --reproducible) | zstd -q -9 >"$OUT/initrd.img"
+pack_busybox_initramfs "$GUEST_DIR/init" "$BUSYBOX" "$MODDIR" "$INITRD" "$OUT/initrd.img"
 
-# The uncompressed kernel: the payload of the bzImage, found by its compression magic (like the
-# kernel's scripts/extract-vmlinux), used only if it is an ELF file and the kernel has PVH.
-extract_vmlinux() { # BZIMAGE OUT
-	local magic tool off
-	for magic in '\xfd7zXZ\x00:xz -dc --single-stream' '\x28\xb5\x2f\xfd:zstd -qdc' '\x1f\x8b\x08:gzip -dc'; do
-		tool=${magic#*:}
-		off=$(LC_ALL=C grep -obUaP "${magic%%:*}" "$1" | head -n 1 | cut -d: -f1) || true
-		[ -n "$off" ] || continue
-		tail -c +$((off + 1)) "$1" | $tool >"$2" 2>/dev/null || true
-		[ "$(head -c 4 "$2" | od -An -tx1 | tr -d ' ')" = 7f454c46 ] && return 0
-	done
-	return 1
-}
+# The uncompressed kernel (extract_vmlinux), used only if the kernel has PVH.
 KERNEL_FORMAT=bzimage
 if [ "$BZIMAGE" = 1 ]; then
 	cp "$VMLINUZ" "$OUT/vmlinuz"
@@ -421,13 +310,6 @@ printf '%s\n' "$STAMP" >"$OUT/stamp"
 
 # ---- manifest ---------------------------------------------------------------------------------
 
-json_str() {
-	local s=$1
-	s=${s//\\/\\\\}
-	s=${s//\"/\\\"}
-	printf '"%s"' "$s"
-}
-sha() { sha256sum "$1" | cut -d' ' -f1; }
 pkg_version() { dpkg-query -W -f='${Version}' "$1" 2>/dev/null || true; }
 input() { # NAME PATH PACKAGE
 	printf '    %s: {"path": %s, "sha256": "%s"' "$(json_str "$1")" "$(json_str "$2")" "$(sha "$2")"
@@ -489,18 +371,7 @@ BUILD_ID=$(date -u +%Y%m%dT%H%M%SZ)-${STAMP:0:12}
 
 # ---- publish ----------------------------------------------------------------------------------
 
-mkdir -p "$IMAGES/builds"
-mv "$OUT" "$IMAGES/builds/$BUILD_ID"
-ln -sfn "builds/$BUILD_ID" "$IMAGES/.current.link"
-mv -Tf "$IMAGES/.current.link" "$IMAGES/current"
-publish_links
-
-# Keep the newest $KEEP_BUILDS builds (the new one included); running VMs hold theirs open.
-mapfile -t old < <(find "$IMAGES/builds" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' | LC_ALL=C sort -r |
-	tail -n +$((KEEP_BUILDS + 1)))
-for b in "${old[@]}"; do
-	[ "$b" = "$BUILD_ID" ] || rm -rf "${IMAGES:?}/builds/$b"
-done
+publish_build "$IMAGES" "$OUT" "$BUILD_ID" "$KEEP_BUILDS" "${TEMPLATE_FILES[@]}"
 
 log "done in $(($(date +%s) - START)) s: $IMAGES -> builds/$BUILD_ID"
 log "  vmlinuz $(stat -Lc %s "$IMAGES/vmlinuz") B, initrd.img $(stat -Lc %s "$IMAGES/initrd.img") B, root.qcow2 $(stat -Lc %s "$IMAGES/root.qcow2") B ($DISK_SIZE virtual)"

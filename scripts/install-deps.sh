@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what AgentLab needs to build, run real VMs and run its tests on Debian 12: QEMU, the
 # guest images' ingredients (the busybox template's host packages; mmdebstrap and the Debian
-# archive keyring for the Debian 12 template), and (if missing) a Rust toolchain. Safe to rerun: it installs only
+# archive keyring for the Debian 12 template; sfdisk and GRUB's BIOS images for the whole-disk
+# image of build-disk-image.sh), and (if missing) a Rust toolchain. Safe to rerun: it installs only
 # what is missing, then checks that every program and file the project uses is really there.
 #
 # Why it checks after installing: a machine may come with packages newer than Debian 12's (a
@@ -51,6 +52,8 @@ readonly PROGRAMS=(
 	pkg-config:pkg-config
 	python3:python3
 	mmdebstrap:mmdebstrap
+	sfdisk:fdisk
+	grub-mkimage:grub-common
 )
 # file:package — files the guest image is built from, by their Debian paths.
 readonly FILES=(
@@ -58,6 +61,8 @@ readonly FILES=(
 	/etc/ssl/certs/ca-certificates.crt:ca-certificates
 	/usr/include/stdio.h:libc6-dev
 	/usr/share/keyrings/debian-archive-keyring.gpg:debian-archive-keyring
+	/usr/lib/grub/i386-pc/boot.img:grub-pc-bin
+	/usr/lib/grub/i386-pc/diskboot.img:grub-pc-bin
 )
 # Packages checked by name too: the initramfs needs the static busybox (the dynamic one has the
 # same path), and the image takes the kernel linux-image-amd64 depends on.
