@@ -13,19 +13,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::daemon::{repo_dir, repo_roots, Daemon};
-use common::vm::{assert_nothing_left, git_repo};
+use common::vm::{assert_nothing_left, git_repo, output_value, SLOW_GUEST_TUNING};
 use serde_json::{json, Value};
 
 const PROFILE: &str = "debian-12";
-
-/// A systemd + python cloud-init guest under TCG boots in tens of seconds, not a few: longer
-/// phases than the busybox tests use. The clone phase of the first snapshot start boots the
-/// template VM and saves its memory.
-const TUNING: &str =
-    "phase_timeouts: {clone: 600s, start: 120s, cloud_init: 420s, guest_agent: 240s, \
-     run: 300s, upload: 120s, destroy: 60s}\n\
-     intervals: {guest_poll: 500ms, reconcile: 5s}\n\
-     governor: {budget: {disk_min_free_percent: null}, boot_cap: {initial: 1}}\n";
 
 /// Prints what every job checks: cloud-init's own verdict, the tools' versions, units that
 /// failed, where resolv.conf points.
@@ -52,7 +43,7 @@ fn debian_images() -> PathBuf {
 
 fn daemon(dir: &Path) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
-    std::fs::write(dir.join("tuning/default.yaml"), TUNING).unwrap();
+    std::fs::write(dir.join("tuning/default.yaml"), SLOW_GUEST_TUNING).unwrap();
     let qemu = format!(
         "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 1024\n  cores_cap: 1\n  \
          snapshot_boot_timeout: 600s\n",
@@ -60,14 +51,6 @@ fn daemon(dir: &Path) -> Daemon {
         roots = repo_roots(&[dir]),
     );
     Daemon::start(dir, "qemu", &qemu)
-}
-
-/// The value of the job output's line `key=value`.
-fn value<'a>(log: &'a str, key: &str) -> &'a str {
-    log.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {log}"))
-        .trim()
 }
 
 /// What a job on the template must show, cold or restored.
@@ -81,20 +64,20 @@ fn assert_guest_output(log: &str, job: &Value) {
     assert!(has("git version 2."), "no git version: {log}");
     assert!(has("Python 3."), "no python3 version: {log}");
     assert!(
-        value(log, "node").starts_with('v'),
+        output_value(log, "node").starts_with('v'),
         "no node version: {log}"
     );
     assert!(has("gcc (Debian "), "no gcc version: {log}");
-    assert_eq!(value(log, "failed-units"), "", "failed units: {log}");
+    assert_eq!(output_value(log, "failed-units"), "", "failed units: {log}");
     assert_eq!(
-        value(log, "resolv"),
+        output_value(log, "resolv"),
         "../run/systemd/resolve/resolv.conf",
         "{log}"
     );
     // The guest is the sandbox, under its own name (a restored one too).
     let sandbox = job["sandbox_id"].as_str().unwrap_or_default();
     assert!(!sandbox.is_empty(), "{job}");
-    assert_eq!(value(log, "hostname"), sandbox, "{job}\n{log}");
+    assert_eq!(output_value(log, "hostname"), sandbox, "{job}\n{log}");
 }
 
 #[test]

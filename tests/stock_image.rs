@@ -16,17 +16,12 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::daemon::{repo_dir, repo_roots, Daemon};
-use common::vm::{assert_nothing_left, git_repo, images, stripped_runner};
+use common::vm::{
+    assert_nothing_left, git_repo, images, output_value, stripped_runner, SLOW_GUEST_TUNING,
+};
 use serde_json::{json, Value};
 
 const TEMPLATE: &str = "debian-stock";
-
-/// Firmware, GRUB, Debian's initramfs and systemd under TCG: tens of seconds per boot.
-const TUNING: &str =
-    "phase_timeouts: {clone: 600s, start: 120s, cloud_init: 420s, guest_agent: 240s, \
-     run: 300s, upload: 120s, destroy: 60s}\n\
-     intervals: {guest_poll: 500ms, reconcile: 5s}\n\
-     governor: {budget: {disk_min_free_percent: null}, boot_cap: {initial: 1}}\n";
 
 const PROFILE: &str = "name: stock\n\
      description: an imported whole-disk image, booted by firmware\n\
@@ -62,7 +57,7 @@ fn disk_image() -> PathBuf {
 
 fn daemon(dir: &Path) -> Daemon {
     std::fs::create_dir_all(dir.join("tuning")).unwrap();
-    std::fs::write(dir.join("tuning/default.yaml"), TUNING).unwrap();
+    std::fs::write(dir.join("tuning/default.yaml"), SLOW_GUEST_TUNING).unwrap();
     std::fs::create_dir_all(dir.join("profiles")).unwrap();
     std::fs::write(dir.join("profiles/stock.yaml"), PROFILE).unwrap();
     let extra = format!(
@@ -84,13 +79,6 @@ fn cli(daemon: &Daemon, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn value<'a>(log: &'a str, key: &str) -> &'a str {
-    log.lines()
-        .find_map(|l| l.strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {log}"))
-        .trim()
-}
-
 fn assert_booted_by_its_own_loader(log: &str, job: &Value) {
     assert!(
         log.lines().any(|l| l.trim() == "status: done"),
@@ -98,12 +86,15 @@ fn assert_booted_by_its_own_loader(log: &str, job: &Value) {
     );
     assert!(log.contains("hello from the host repo"), "{log}");
     // GRUB names the kernel it loaded; QEMU's -kernel does not.
-    assert!(value(log, "cmdline").contains("BOOT_IMAGE="), "{log}");
+    assert!(
+        output_value(log, "cmdline").contains("BOOT_IMAGE="),
+        "{log}"
+    );
     // The root file system is a partition of the disk, not the whole device.
-    assert!(value(log, "root").starts_with("/dev/vda"), "{log}");
-    assert_ne!(value(log, "root"), "/dev/vda", "{log}");
+    assert!(output_value(log, "root").starts_with("/dev/vda"), "{log}");
+    assert_ne!(output_value(log, "root"), "/dev/vda", "{log}");
     let sandbox = job["sandbox_id"].as_str().unwrap_or_default();
-    assert_eq!(value(log, "hostname"), sandbox, "{job}\n{log}");
+    assert_eq!(output_value(log, "hostname"), sandbox, "{job}\n{log}");
 }
 
 #[test]

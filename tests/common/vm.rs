@@ -181,3 +181,19 @@ pub fn stripped_runner(dir: &Path) -> PathBuf {
     assert!(out.status.success(), "strip: {out:?}");
     runner
 }
+
+/// Phase timeouts for guests that boot with systemd and Python cloud-init under TCG (tens of
+/// seconds, not a few); the clone phase of a first snapshot start boots the template VM too.
+pub const SLOW_GUEST_TUNING: &str =
+    "phase_timeouts: {clone: 600s, start: 120s, cloud_init: 420s, guest_agent: 240s, \
+     run: 300s, upload: 120s, destroy: 60s}\n\
+     intervals: {guest_poll: 500ms, reconcile: 5s}\n\
+     governor: {budget: {disk_min_free_percent: null}, boot_cap: {initial: 1}}\n";
+
+/// The value of a job output's line `key=value`.
+pub fn output_value<'a>(log: &'a str, key: &str) -> &'a str {
+    log.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {log}"))
+        .trim()
+}

@@ -16,6 +16,8 @@ use crate::backend::templates::TemplateImport;
 const KEEP_BUILDS: usize = 2;
 const SCRATCH_PREFIX: &str = ".import-";
 const IMPORT_LOCK: &str = ".import.lock";
+/// What only a build script's (kernel-booted) template folder holds.
+const BUILT_TEMPLATE_FILES: [&str; 2] = ["vmlinuz", "initrd.img"];
 
 /// The folder one import works in, with the lock that makes it the only one.
 #[derive(Debug)]
@@ -80,7 +82,7 @@ fn lock_file(path: &Path) -> Result<std::fs::File, ImportError> {
 /// Whether the template folder holds a kernel-booted template (a build script's), which an
 /// import must not take over.
 pub async fn is_built_template(dir: &Path) -> bool {
-    for file in ["vmlinuz", "initrd.img"] {
+    for file in BUILT_TEMPLATE_FILES {
         if tokio::fs::symlink_metadata(dir.join(file)).await.is_ok() {
             return true;
         }
@@ -152,7 +154,7 @@ fn publish_blocking(dir: &Path, build: &Path, build_id: &str) -> Result<(), Impo
     std::fs::create_dir_all(&builds).map_err(io_error(format!("creating {}", builds.display())))?;
     let _lock = lock_file(&dir.join(".lock"))?;
     // Under the lock: a build script may have made the folder a kernel template meanwhile.
-    if ["vmlinuz", "initrd.img"]
+    if BUILT_TEMPLATE_FILES
         .iter()
         .any(|f| std::fs::symlink_metadata(dir.join(f)).is_ok())
     {
