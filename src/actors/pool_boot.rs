@@ -3,8 +3,9 @@
 //! sandbox will list it. The guest boots with a seed that names only its hostname and, when the
 //! daemon serves its runner, the runner's fetch behind a token scoped to this pool sandbox (no
 //! job token, no phone-home): cloud-init is done when it has written its result, the runner
-//! installed by then, and the identity comes with the job, through the guest agent. Phase changes go to the Hub's broadcast like a job's,
-//! so the governor counts and times these boots as it does any other.
+//! installed by then, and the identity comes with the job, through the guest agent. Phase
+//! changes go to the Hub's broadcast like a job's, so the governor counts and times these boots
+//! as it does any other.
 
 use std::time::Duration;
 

@@ -1,8 +1,9 @@
-//! The guest API: what a sandbox's guest may call, each call checked against a token scoped to
-//! one job (or, for the runner's download only, to one pool sandbox booted before any job). Nothing a guest sends is trusted: the handlers here parse, authorize and answer; the
-//! job's files (logs, artifacts, repository bundles), with their path confinement, size caps and
-//! quotas, are `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same
-//! 401, which does not say whether the token was missing, unknown, of another kind, used or expired.
+//! The guest API: what a sandbox's guest may call, each call checked against a token scoped to one
+//! job (or, for the runner's download only, to one pool sandbox booted before any job). Nothing a
+//! guest sends is trusted: the handlers here parse, authorize and answer; the job's files (logs,
+//! artifacts, repository bundles), with their path confinement, size caps and quotas, are
+//! `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same 401, which
+//! does not say whether the token was missing, unknown, of another kind, used or expired.
 //!
 //! Under abuse: once the token names the job, a request takes one of the job's permits
 //! (`guest_limits`; none left: 429 at once); request bodies are read here, after that, each piece
@@ -84,21 +85,30 @@ async fn session(state: &ApiState, req: &HttpRequest) -> Result<String, ApiError
 
 /// One of the job's request permits, held for the rest of the request.
 fn admit<'a>(state: &'a ApiState, job_id: &str) -> Result<RequestPermit<'a>, ApiError> {
-    admit_scope(state, &TokenScope::Job(job_id.to_owned()))
+    admit_as(state, job_id, || format!("job {job_id}"))
 }
 
-/// One of the permits of what the token is scoped to, a job or a pool sandbox: each has
+/// One of the permits of what a runner token is scoped to, a job or a pool sandbox: each has
 /// `guest_requests_per_job` of its own (their ids never collide: a pool sandbox's starts
 /// `sandbox-`, a job's does not).
 fn admit_scope<'a>(state: &'a ApiState, scope: &TokenScope) -> Result<RequestPermit<'a>, ApiError> {
-    state.guest_limits.admit(scope.id()).ok_or_else(|| {
-        let who = match scope {
-            TokenScope::Job(id) => format!("job {id}"),
-            TokenScope::Pool(id) => format!("pool sandbox {id}"),
-        };
+    admit_as(state, scope.id(), || match scope {
+        TokenScope::Job(id) => format!("job {id}"),
+        TokenScope::Pool(id) => format!("pool sandbox {id}"),
+    })
+}
+
+/// A permit of `key`'s; `who` names it in the refusal.
+fn admit_as<'a>(
+    state: &'a ApiState,
+    key: &str,
+    who: impl FnOnce() -> String,
+) -> Result<RequestPermit<'a>, ApiError> {
+    state.guest_limits.admit(key).ok_or_else(|| {
         ApiError::TooManyRequests(format!(
-            "{who} already has {} guest requests in flight, as many as \
+            "{} already has {} guest requests in flight, as many as \
              guest_requests_per_job allows; send this one again once one has ended",
+            who(),
             state.guest_limits.per_job()
         ))
     })
