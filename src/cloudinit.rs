@@ -55,9 +55,14 @@ struct Bootstrap<'a> {
     token: &'a str,
 }
 
-/// Renders the seed's files. `instance_id` names the VM for cloud-init; a new id makes cloud-init
-/// treat a boot as a first boot.
-pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, CloudInitError> {
+/// Renders the seed's files of a job's sandbox, with the runner's fetch when the daemon serves
+/// it. `instance_id` names the VM for cloud-init; a new id makes cloud-init treat a boot as a
+/// first boot.
+pub fn render(
+    instance_id: &str,
+    spec: &CloudInitSpec,
+    runner: Option<&RunnerFetch>,
+) -> Result<SeedFiles, CloudInitError> {
     check_hostname("instance_id", instance_id)?;
     check_hostname("hostname", &spec.hostname)?;
     check_scalar("guest_url", &spec.guest_url)?;
@@ -78,7 +83,7 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
         field: "bootstrap_token",
         reason: "cannot be encoded as JSON",
     })?;
-    let runner = spec.runner.as_ref().map(runner_parts).transpose()?;
+    let runner = runner.map(runner_parts).transpose()?;
     let (runner_file, runcmd) = runner.unwrap_or_default();
     let user_data = format!(
         "#cloud-config\n\
@@ -106,21 +111,23 @@ pub fn render(instance_id: &str, spec: &CloudInitSpec) -> Result<SeedFiles, Clou
 }
 
 /// The seed of a sandbox: its job's (`render`), or, for a pool sandbox booted before any job,
-/// one that names only its hostname (the job's identity comes later through the guest agent).
+/// one that names only its hostname and, when the daemon serves its runner, the fetch of it with
+/// the pool sandbox's own runner token (the job's identity comes later through the guest agent).
 pub fn render_for(
     instance_id: &str,
     spec: Option<&CloudInitSpec>,
+    runner: Option<&RunnerFetch>,
 ) -> Result<SeedFiles, CloudInitError> {
     match spec {
-        Some(spec) => render(instance_id, spec),
-        None => render_template(instance_id, instance_id, None),
+        Some(spec) => render(instance_id, spec, runner),
+        None => render_template(instance_id, instance_id, runner),
     }
 }
 
-/// The seed of a snapshot's template VM: an identity and nothing of a job's but, when the daemon
-/// serves its runner, the fetch of it (with the runner token of the job that makes the snapshot):
-/// no bootstrap token, no phone-home. Each sandbox restored from it gets its own identity through
-/// the guest agent.
+/// The seed of a snapshot's template VM, or of a pool sandbox: an identity and nothing of a job's
+/// but, when the daemon serves its runner, the fetch of it (with the runner token of the job or
+/// pool sandbox that makes the snapshot, or of the pool sandbox): no bootstrap token, no
+/// phone-home. Each sandbox restored from it gets its own identity through the guest agent.
 pub fn render_template(
     instance_id: &str,
     hostname: &str,
@@ -253,7 +260,6 @@ pub(crate) mod tests {
             phone_home_url: "http://10.0.2.100/guest/v1/phone-home/PHONETOKEN123".into(),
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: "BOOTTOKEN456".into(),
-            runner: None,
         }
     }
 
@@ -267,11 +273,8 @@ pub(crate) mod tests {
 
     #[test]
     fn the_runner_fetch_is_a_0700_script_that_runcmd_runs_and_that_checks_the_digest() {
-        let spec = CloudInitSpec {
-            runner: Some(runner()),
-            ..spec()
-        };
-        let files = render("sandbox-0123456789ab", &spec).unwrap();
+        let spec = spec();
+        let files = render("sandbox-0123456789ab", &spec, Some(&runner())).unwrap();
         let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
         let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
         let script = &doc["write_files"][1];
@@ -296,7 +299,8 @@ pub(crate) mod tests {
         );
         // The phone-home still comes last, after runcmd has installed the runner.
         assert!(doc["phone_home"]["url"].is_string());
-        assert!(!format!("{spec:?}").contains("RUNNERTOKEN789"));
+        assert!(!format!("{:?}", runner()).contains("RUNNERTOKEN789"));
+        assert!(!format!("{files:?}").contains("RUNNERTOKEN789"));
 
         let template =
             render_template("snapshot-0123", "sandbox-snapshot", Some(&runner())).unwrap();
@@ -321,8 +325,36 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_pool_sandboxs_seed_fetches_the_runner_and_carries_nothing_of_a_job() {
+        let files = render_for("sandbox-pool-0123", None, Some(&runner())).unwrap();
+        let doc: serde_json::Value =
+            yaml_serde::from_str(files.user_data.strip_prefix("#cloud-config\n").unwrap()).unwrap();
+        assert_eq!(doc["hostname"], "sandbox-pool-0123");
+        let script = doc["write_files"][0]["content"].as_str().unwrap();
+        assert!(
+            script.contains("Authorization: Bearer RUNNERTOKEN789"),
+            "{script}"
+        );
+        assert!(script.contains(&format!("want={}", "ab".repeat(32))));
+        assert_eq!(
+            doc["runcmd"],
+            serde_json::json!([format!("/bin/sh {FETCH_RUNNER_PATH}")])
+        );
+        let keys: Vec<&String> = doc.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["hostname", "runcmd", "write_files"], "{doc}");
+        assert_eq!(doc["write_files"].as_array().unwrap().len(), 1);
+        assert!(!files.user_data.contains(BOOTSTRAP_PATH));
+        // Without a runner to serve it names only its hostname, as before.
+        let bare = render_for("sandbox-pool-0123", None, None).unwrap();
+        assert_eq!(
+            bare.user_data,
+            "#cloud-config\nhostname: \"sandbox-pool-0123\"\n"
+        );
+    }
+
+    #[test]
     fn renders_the_expected_documents() {
-        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let files = render("sandbox-0123456789ab", &spec(), None).unwrap();
         assert_eq!(
             files.meta_data,
             "instance-id: \"sandbox-0123456789ab\"\nlocal-hostname: \"sandbox-0123456789ab\"\n"
@@ -346,7 +378,7 @@ phone_home:
 
     #[test]
     fn user_data_means_what_it_says_to_a_yaml_parser() {
-        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let files = render("sandbox-0123456789ab", &spec(), None).unwrap();
         let body = files.user_data.strip_prefix("#cloud-config\n").unwrap();
         let doc: serde_json::Value = yaml_serde::from_str(body).unwrap();
         assert_eq!(doc["hostname"], "sandbox-0123456789ab");
@@ -385,7 +417,7 @@ phone_home:
     #[test]
     fn tokens_stay_out_of_debug_output() {
         let spec = spec();
-        let files = render("sandbox-0123456789ab", &spec).unwrap();
+        let files = render("sandbox-0123456789ab", &spec, None).unwrap();
         for text in [format!("{files:?}"), format!("{spec:?}")] {
             assert!(!text.contains("BOOTTOKEN456"), "{text}");
             assert!(!text.contains("PHONETOKEN123"), "{text}");
@@ -397,7 +429,7 @@ phone_home:
         let mut bad = spec();
         bad.hostname = "evil\nruncmd: [reboot]".into();
         assert!(matches!(
-            render("sandbox-1", &bad),
+            render("sandbox-1", &bad, None),
             Err(CloudInitError {
                 field: "hostname",
                 ..
@@ -406,7 +438,7 @@ phone_home:
         let mut bad = spec();
         bad.phone_home_url = "http://x/\"quoted\"".into();
         assert!(matches!(
-            render("sandbox-1", &bad),
+            render("sandbox-1", &bad, None),
             Err(CloudInitError {
                 field: "phone_home_url",
                 ..
@@ -414,8 +446,8 @@ phone_home:
         ));
         let mut bad = spec();
         bad.bootstrap_token = String::new();
-        assert!(render("sandbox-1", &bad).is_err());
-        assert!(render("Sandbox_1", &spec()).is_err());
+        assert!(render("sandbox-1", &bad, None).is_err());
+        assert!(render("Sandbox_1", &spec(), None).is_err());
     }
 
     /// The guest image's own YAML reader (guest-image/, busybox awk) reads what we write.
@@ -424,7 +456,7 @@ phone_home:
         let parser = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("guest-image/rootfs/usr/libexec/agentlab/yaml2tree.awk");
         let dir = tempfile::tempdir().unwrap();
-        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let files = render("sandbox-0123456789ab", &spec(), None).unwrap();
         for (name, text) in [
             ("user-data", &files.user_data),
             ("meta-data", &files.meta_data),

@@ -1,7 +1,8 @@
 //! The warm pool end to end on the local QEMU backend, with real VMs: READY sandboxes booted
 //! ahead of any job, a job that takes one (its phase list says so) and completes, the refill,
 //! a job that arrives while the pool is empty and boots its own, a SIGHUP that resizes the
-//! pool, and a daemon killed with a full pool and a job just claimed.
+//! pool, a daemon killed with a full pool and a job just claimed, and a pool on a template
+//! without a runner, whose sandboxes fetch the daemon's behind a token of their own.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -11,7 +12,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::daemon::{repo_roots, Daemon};
-use common::vm::{artifact_at, assert_nothing_left, free_port, git_repo, images, qemu_processes};
+use common::vm::{
+    artifact_at, assert_nothing_left, free_port, git_repo, images, qemu_processes,
+    runnerless_images, stripped_runner,
+};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -43,12 +47,30 @@ fn daemon(dir: &Path, pool: u32, extra: &str) -> Daemon {
 }
 
 fn start(dir: &Path, extra: &str) -> Daemon {
+    start_on(dir, &images(), extra)
+}
+
+fn start_on(dir: &Path, images: &Path, extra: &str) -> Daemon {
     let qemu = format!(
         "{roots}qemu:\n  images_dir: {}\n  accel: tcg\n  memory_mb_cap: 384\n  cores_cap: 1\n{extra}",
-        images().display(),
+        images.display(),
         roots = repo_roots(&[dir]),
     );
     Daemon::start(dir, "qemu", &qemu)
+}
+
+/// The finished snapshots in the daemon's data folder (a making in progress has a longer name).
+fn snapshot_ids(dir: &Path) -> Vec<String> {
+    let mut ids: Vec<String> = std::fs::read_dir(dir.join("data/snapshots"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.len() == 16)
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
 }
 
 fn balanced(daemon: &Daemon) -> Value {
@@ -282,6 +304,66 @@ fn a_budget_that_fits_only_the_pool_makes_the_pool_shrink_for_a_queued_job() {
     let refilled = wait_ready(&daemon, 1);
     assert!(refilled.is_disjoint(&pooled), "{refilled:?} {pooled:?}");
     write_tuning_with(dir.path(), 0, ", vcpus_per_core: 0.5");
+    daemon.signal("HUP");
+    wait_empty(&daemon);
+    assert_nothing_left(dir.path());
+}
+
+#[test]
+fn a_pool_on_a_template_without_a_runner_fetches_the_daemons_and_shares_the_jobs_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = runnerless_images(dir.path());
+    let runner = stripped_runner(dir.path());
+    write_tuning(dir.path(), 1);
+    let daemon = start_on(
+        dir.path(),
+        &images,
+        &format!("runner_path: {}\n", runner.display()),
+    );
+    // READY means `agentlab-runner --version` ran in the guest: the template has none, so the
+    // one there came from the daemon, fetched by the template VM of the snapshot the pool
+    // sandbox's clone made, with the pool sandbox's own token.
+    let pooled = wait_ready(&daemon, 1);
+    let pool_id = pooled.iter().next().unwrap().clone();
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("a guest fetched the runner") && l.contains(&pool_id)),
+        "no fetch by {pool_id}:\n{log}"
+    );
+    let made = snapshot_ids(dir.path());
+    assert_eq!(made.len(), 1, "{made:?}");
+
+    // Two at once: the first takes the pool sandbox, the second boots its own from the same
+    // snapshot, which only a job spec of the same shape as the pool's finds.
+    let job = |task: &str| {
+        json!({
+            "profile": "balanced", "task": task,
+            "command": "agentlab-runner --version; echo ran-with-the-daemons-runner",
+        })
+    };
+    let hit = daemon.submit(&job("hit"));
+    let miss = daemon.submit(&job("miss"));
+    let hit_job = daemon.wait_terminal(&hit, LIMIT);
+    let miss_job = daemon.wait_terminal(&miss, LIMIT);
+    let log = daemon.log();
+    assert_eq!(hit_job["status"], "COMPLETED", "{hit_job}\n{log}");
+    assert_eq!(miss_job["status"], "COMPLETED", "{miss_job}\n{log}");
+    assert_eq!(hit_job["sandbox_id"], pool_id.as_str(), "{hit_job}");
+    assert!(
+        boot_phases_from_pool(&hit_job),
+        "{:?}",
+        phase_results(&hit_job)
+    );
+    for (id, job) in [(&hit, &hit_job), (&miss, &miss_job)] {
+        let output = daemon.job_log(id);
+        assert!(output.contains("ran-with-the-daemons-runner"), "{output}");
+        assert_eq!(job["start_method"], "restored", "{job}");
+        assert_eq!(job["snapshot_id"], made[0].as_str(), "{job}");
+    }
+    assert_eq!(snapshot_ids(dir.path()), made, "no second snapshot");
+
+    write_tuning(dir.path(), 0);
     daemon.signal("HUP");
     wait_empty(&daemon);
     assert_nothing_left(dir.path());

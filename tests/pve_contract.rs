@@ -382,8 +382,8 @@ fn spec(network: NetworkMode) -> SandboxSpec {
             phone_home_url: "http://10.77.0.1:8848/guest/v1/phone-home/ph-secret".into(),
             guest_url: "http://10.77.0.1:8848".into(),
             bootstrap_token: "boot-secret".into(),
-            runner: None,
         }),
+        runner: None,
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
         restore_from: None,
@@ -430,8 +430,12 @@ async fn clone_issues_exactly_these_commands() {
     let text = std::fs::read_to_string(&snippet).unwrap();
     assert!(text.starts_with("#cloud-config\n") && text.contains("boot-secret"));
     // One guest contract: exactly the user-data of the local backend's seed.
-    let seed =
-        agentlab::cloudinit::render_for(NAME, spec(NetworkMode::Restricted).cloud_init.as_ref());
+    let spec_sent = spec(NetworkMode::Restricted);
+    let seed = agentlab::cloudinit::render_for(
+        NAME,
+        spec_sent.cloud_init.as_ref(),
+        spec_sent.runner.as_ref(),
+    );
     assert_eq!(text, seed.unwrap().user_data);
     assert_eq!(
         std::fs::metadata(&snippet).unwrap().permissions().mode() & 0o777,

@@ -10,7 +10,7 @@ mod common;
 
 use agentlab::backend::{
     Backend, BackendError, CloudInitSpec, ExecStatus, GuestCommand, GuestInput, ListedVm,
-    NetworkMode, SandboxSpec, SnapshotStatus, VmHandle, VmState,
+    NetworkMode, RunnerFetch, SandboxSpec, SnapshotStatus, VmHandle, VmState,
 };
 use agentlab::qemu::qmp::QmpClient;
 use agentlab::qemu::{Accel, QemuBackend, QemuConfig, QemuDirs};
@@ -98,8 +98,8 @@ fn spec(name: &str, job_id: &str) -> SandboxSpec {
             phone_home_url: format!("http://10.0.2.100/guest/v1/phone-home/ph-{job_id}"),
             guest_url: "http://10.0.2.100".into(),
             bootstrap_token: format!("boot-{job_id}"),
-            runner: None,
         }),
+        runner: None,
         owner: OWNER.into(),
         start: agentlab::model::StartMode::Cold,
         restore_from: None,
@@ -750,6 +750,65 @@ async fn restoring_spec(backend: &QemuBackend, name: &str, job_id: &str) -> (San
     };
     spec.restore_from = Some(id.clone());
     (spec, id)
+}
+
+/// A pool sandbox's spec as the daemon sends it: no job, no cloud-init identity, and a runner
+/// fetch with a token of its own.
+fn pool_spec(name: &str, runner: RunnerFetch) -> SandboxSpec {
+    SandboxSpec {
+        job_id: String::new(),
+        cloud_init: None,
+        runner: Some(runner),
+        ..spec(name, "unused")
+    }
+}
+
+fn runner_fetch(token: &str, sha256: &str) -> RunnerFetch {
+    RunnerFetch {
+        url: "http://10.0.2.100/guest/v1/runner".into(),
+        token: token.into(),
+        sha256: sha256.into(),
+    }
+}
+
+/// No VM: the ids come from the template and the specs alone.
+#[tokio::test]
+async fn a_job_and_a_pool_sandbox_of_one_shape_map_to_one_snapshot_whatever_their_tokens() {
+    let images = template_dir();
+    let root = scratch();
+    let (endpoint, _requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let id_of = |status: SnapshotStatus| match status {
+        SnapshotStatus::Missing { id } => id,
+        SnapshotStatus::Ready(info) => info.id,
+    };
+    let digest = "ab".repeat(32);
+    let job = SandboxSpec {
+        runner: Some(runner_fetch("job-token", &digest)),
+        ..spec("sandbox-0123456789ab", "job-1")
+    };
+    let pool = pool_spec("sandbox-p0123456789a", runner_fetch("pool-token", &digest));
+    let job_id = id_of(backend.snapshot_status(&job).await.unwrap());
+    assert_eq!(
+        id_of(backend.snapshot_status(&pool).await.unwrap()),
+        job_id,
+        "a pool sandbox would make a snapshot no job restores from"
+    );
+    // The runner's digest is part of the shape: another runner, another snapshot; and a
+    // template that keeps its own (no fetch) is another shape again.
+    let other = pool_spec(
+        "sandbox-p0123456789a",
+        runner_fetch("pool-token", &"cd".repeat(32)),
+    );
+    let bare = SandboxSpec {
+        runner: None,
+        ..pool.clone()
+    };
+    let other_id = id_of(backend.snapshot_status(&other).await.unwrap());
+    let bare_id = id_of(backend.snapshot_status(&bare).await.unwrap());
+    assert_ne!(other_id, job_id);
+    assert_ne!(bare_id, job_id);
+    assert_ne!(bare_id, other_id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

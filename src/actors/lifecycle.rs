@@ -11,10 +11,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::Services;
-use super::{changes, cloud_check, restore};
+use super::{changes, cloud_check, restore, runner_fetch};
 use crate::backend::{
-    BackendError, CloudInitSpec, ExecStatus, GuestCommand, RunnerFetch, SandboxSpec, VmHandle,
-    VmState,
+    BackendError, CloudInitSpec, ExecStatus, GuestCommand, SandboxSpec, VmHandle, VmState,
 };
 use crate::config::profile::Profile;
 use crate::jobfiles::JobFiles;
@@ -501,11 +500,7 @@ impl Lifecycle {
             .runner
             .as_ref()
             .zip(runner_token)
-            .map(|(binary, token)| RunnerFetch {
-                url: format!("{guest_url}/guest/v1/runner"),
-                token,
-                sha256: binary.sha256.clone(),
-            });
+            .map(|(binary, token)| runner_fetch::fetch(&guest_url, binary, token));
         let template = template_of(&self.svc, &self.profile);
         let spec = SandboxSpec {
             job_id: self.job.id.clone(),
@@ -520,8 +515,8 @@ impl Lifecycle {
                 phone_home_url: format!("{guest_url}/guest/v1/phone-home/{phone_home}"),
                 guest_url,
                 bootstrap_token: bootstrap,
-                runner,
             }),
+            runner,
             owner: self.svc.instance.id.to_string(),
             start: restore::start_mode(&self.svc, &self.request)?,
             restore_from: None,

@@ -18,6 +18,7 @@ pub mod pool_status;
 pub mod reconciler;
 pub mod restore;
 pub mod retention;
+pub mod runner_fetch;
 pub mod sandbox;
 pub mod supervisor;
 

@@ -1,17 +1,19 @@
 //! One pool sandbox's boot, ahead of any job: clone → start → cloud_init → guest_agent, each
 //! phase under its tuning timeout, each recorded on the pool row as the job that takes the
-//! sandbox will list it. The guest boots with a seed that names only its hostname (no token,
-//! no phone-home): cloud-init is done when it has written its result, and the identity comes
-//! with the job, through the guest agent. Phase changes go to the Hub's broadcast like a job's,
-//! so the governor counts and times these boots as it does any other.
+//! sandbox will list it. The guest boots with a seed that names only its hostname and, when the
+//! daemon serves its runner, the runner's fetch behind a token scoped to this pool sandbox (no
+//! job token, no phone-home): cloud-init is done when it has written its result, the runner
+//! installed by then, and the identity comes with the job, through the guest agent. Phase
+//! changes go to the Hub's broadcast like a job's, so the governor counts and times these boots
+//! as it does any other.
 
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::lifecycle::{self, PhaseError};
-use super::restore;
 use super::Services;
+use super::{restore, runner_fetch};
 use crate::backend::{ExecStatus, GuestCommand, SandboxSpec, SnapshotStatus, VmHandle, VmState};
 use crate::config::profile::Profile;
 use crate::model::{now_ms, Phase, PhaseRun, PoolSandbox, StartMethod, StartMode};
@@ -157,6 +159,9 @@ impl PoolBoot<'_> {
             tuning.snapshots_enabled(),
         )
         .map_err(|refusal| PhaseError::Guest(refusal.to_string()))?;
+        // Issued afresh for each boot; it goes with the pool row, so a job that takes this VM
+        // over, or its destroy, ends it.
+        let runner = runner_fetch::for_pool(self.svc, &self.row.id).await?;
         let spec = SandboxSpec {
             job_id: String::new(),
             name: self.row.id.clone(),
@@ -166,6 +171,7 @@ impl PoolBoot<'_> {
             disk_gb: self.row.disk_gb,
             network: self.profile.network.mode,
             cloud_init: None,
+            runner,
             owner: self.svc.instance.id.to_string(),
             start,
             restore_from: None,

@@ -31,8 +31,6 @@ pub struct CloudInitSpec {
     pub guest_url: String,
     /// One-time token the runner redeems for its job spec.
     pub bootstrap_token: String,
-    /// Where the guest fetches the daemon's runner, when the daemon serves one.
-    pub runner: Option<RunnerFetch>,
 }
 
 /// The daemon's runner as a guest fetches it: `GET url` with the bearer `token`, installed only
@@ -76,9 +74,13 @@ pub struct SandboxSpec {
     pub disk_gb: u64,
     pub network: NetworkMode,
     /// What a job's guest gets at boot. None for a pool sandbox, booted before any job: its seed
-    /// names only its hostname, and the job that takes it gets its identity through the guest
-    /// agent.
+    /// names only its hostname (and the runner's fetch), and the job that takes it gets its
+    /// identity through the guest agent.
     pub cloud_init: Option<CloudInitSpec>,
+    /// Where the guest fetches the daemon's runner, when the daemon serves one: a job's sandbox
+    /// and a pool sandbox alike (each with a token of its own), and the template VM of the
+    /// snapshot it makes.
+    pub runner: Option<RunnerFetch>,
     /// The daemon's instance id (`crate::instance`), which the VM carries so that a restarted
     /// daemon tells its own VMs from everyone else's.
     pub owner: String,

@@ -1,8 +1,9 @@
-//! The guest API: what a sandbox's guest may call, each call checked against a token scoped to
-//! one job. Nothing a guest sends is trusted: the handlers here parse, authorize and answer; the
-//! job's files (logs, artifacts, repository bundles), with their path confinement, size caps and
-//! quotas, are `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same
-//! 401, which does not say whether the token was missing, unknown, of another kind, used or expired.
+//! The guest API: what a sandbox's guest may call, each call checked against a token scoped to one
+//! job (or, for the runner's download only, to one pool sandbox booted before any job). Nothing a
+//! guest sends is trusted: the handlers here parse, authorize and answer; the job's files (logs,
+//! artifacts, repository bundles), with their path confinement, size caps and quotas, are
+//! `crate::jobfiles`' work. Tokens are never logged. Every refused token gets the same 401, which
+//! does not say whether the token was missing, unknown, of another kind, used or expired.
 //!
 //! Under abuse: once the token names the job, a request takes one of the job's permits
 //! (`guest_limits`; none left: 429 at once); request bodies are read here, after that, each piece
@@ -28,7 +29,7 @@ use crate::jobfiles::{BundleSource, JobFilesError, JobMasker, LogAppend, Quota};
 use crate::model::{now_ms, Artifact, ArtifactUsage};
 use crate::runner::spec::{JobSpec, RepoSpec};
 use crate::secrets::mask::Masker;
-use crate::store::TokenKind;
+use crate::store::{TokenKind, TokenScope};
 
 /// Where the runner checks the repo out, inside the guest.
 const GUEST_WORKDIR: &str = "/work/repo";
@@ -84,10 +85,30 @@ async fn session(state: &ApiState, req: &HttpRequest) -> Result<String, ApiError
 
 /// One of the job's request permits, held for the rest of the request.
 fn admit<'a>(state: &'a ApiState, job_id: &str) -> Result<RequestPermit<'a>, ApiError> {
-    state.guest_limits.admit(job_id).ok_or_else(|| {
+    admit_as(state, job_id, || format!("job {job_id}"))
+}
+
+/// One of the permits of what a runner token is scoped to, a job or a pool sandbox: each has
+/// `guest_requests_per_job` of its own (their ids never collide: a pool sandbox's starts
+/// `sandbox-`, a job's does not).
+fn admit_scope<'a>(state: &'a ApiState, scope: &TokenScope) -> Result<RequestPermit<'a>, ApiError> {
+    admit_as(state, scope.id(), || match scope {
+        TokenScope::Job(id) => format!("job {id}"),
+        TokenScope::Pool(id) => format!("pool sandbox {id}"),
+    })
+}
+
+/// A permit of `key`'s; `who` names it in the refusal.
+fn admit_as<'a>(
+    state: &'a ApiState,
+    key: &str,
+    who: impl FnOnce() -> String,
+) -> Result<RequestPermit<'a>, ApiError> {
+    state.guest_limits.admit(key).ok_or_else(|| {
         ApiError::TooManyRequests(format!(
-            "job {job_id} already has {} guest requests in flight, as many as \
+            "{} already has {} guest requests in flight, as many as \
              guest_requests_per_job allows; send this one again once one has ended",
+            who(),
             state.guest_limits.per_job()
         ))
     })
@@ -273,14 +294,22 @@ async fn repo_bundle(
 }
 
 /// The daemon's runner binary, for the sandbox's user-data to install: behind the sandbox's
-/// runner token, which works until it expires or the job ends (the template VM of a snapshot the
-/// job makes uses it too). `X-Sha256` is the digest the user-data checks, read at start-up.
+/// runner token, scoped to its job or, for a pool sandbox booted before any job, to that pool
+/// sandbox; it works until it expires or what it is scoped to ends (the template VM of a
+/// snapshot the sandbox makes uses it too). `X-Sha256` is the digest the user-data checks, read
+/// at start-up.
 async fn runner_binary(
     state: web::Data<ApiState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let job_id = redeem(&state, bearer(&req), TokenKind::Runner).await?;
-    let _permit = admit(&state, &job_id)?;
+    let token = bearer(&req).ok_or_else(refused)?;
+    let scope = state
+        .svc
+        .store
+        .call(move |s| s.redeem_runner_token(&token))
+        .await?
+        .ok_or_else(refused)?;
+    let _permit = admit_scope(&state, &scope)?;
     let runner =
         state.svc.runner.as_ref().ok_or_else(|| {
             ApiError::NotFound("this daemon serves no runner (runner_path)".into())
@@ -289,7 +318,12 @@ async fn runner_binary(
         .await
         .map_err(ApiError::internal)?;
     let size = file.metadata().await.map_err(ApiError::internal)?.len();
-    tracing::info!(job = %job_id, "a guest fetched the runner");
+    match &scope {
+        TokenScope::Job(id) => tracing::info!(job = %id, "a guest fetched the runner"),
+        TokenScope::Pool(id) => {
+            tracing::info!(pool_sandbox = %id, "a guest fetched the runner")
+        }
+    }
     let body = tokio_util::io::ReaderStream::with_capacity(file, 64 * 1024);
     Ok(HttpResponse::Ok()
         .content_type("application/octet-stream")

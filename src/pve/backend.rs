@@ -515,9 +515,13 @@ impl PveBackend {
         hold: &CloneHold,
     ) -> Result<(), PveError> {
         // The same user-data as the local backend's seed; Proxmox makes the meta-data itself.
-        let contents = crate::cloudinit::render_for(&spec.name, spec.cloud_init.as_ref())
-            .map_err(|e| PveError::Invalid(e.to_string()))?
-            .user_data;
+        let contents = crate::cloudinit::render_for(
+            &spec.name,
+            spec.cloud_init.as_ref(),
+            spec.runner.as_ref(),
+        )
+        .map_err(|e| PveError::Invalid(e.to_string()))?
+        .user_data;
         let (dir, name) = (self.config.snippets_dir.clone(), spec.name.clone());
         let snippet_hold = Arc::clone(hold);
         tokio::task::spawn_blocking(move || {

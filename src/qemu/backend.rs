@@ -637,7 +637,7 @@ impl Backend for QemuBackend {
 
     async fn make_snapshot(&self, spec: &SandboxSpec) -> Result<SnapshotInfo, BackendError> {
         let (shape, accel) = self.snapshots.shape_for(spec).await?;
-        let runner = spec.cloud_init.as_ref().and_then(|c| c.runner.clone());
+        let runner = spec.runner.clone();
         let manifest = self.snapshots.make(shape, accel, runner).await?;
         Ok(SnapshotInfo::from(&manifest))
     }
@@ -672,8 +672,9 @@ impl Backend for QemuBackend {
                 spec.name
             )));
         }
-        let seed_files = cloudinit::render_for(&spec.name, spec.cloud_init.as_ref())
-            .map_err(|e| seed_error(e.into()))?;
+        let seed_files =
+            cloudinit::render_for(&spec.name, spec.cloud_init.as_ref(), spec.runner.as_ref())
+                .map_err(|e| seed_error(e.into()))?;
         let handle = Self::handle(&paths, &spec.name);
         let _guard = self.lock_vm(&spec.name).await;
 
@@ -1267,8 +1268,8 @@ mod tests {
                 phone_home_url: "http://10.0.2.100/p".into(),
                 guest_url: "http://10.0.2.100".into(),
                 bootstrap_token: "t".into(),
-                runner: None,
             }),
+            runner: None,
             owner: "0199-ours".into(),
             start: crate::model::StartMode::Cold,
             restore_from: None,

@@ -277,7 +277,8 @@ impl From<&SnapshotManifest> for SnapshotInfo {
     }
 }
 
-/// The runner fetch of the spec's seed, which the template VM of its snapshot uses too.
+/// The runner fetch of the spec's seed, which the template VM of its snapshot uses too: a job's
+/// and a pool sandbox's alike, so both map to one snapshot.
 fn runner_of(spec: &SandboxSpec) -> Option<&crate::backend::RunnerFetch> {
-    spec.cloud_init.as_ref().and_then(|c| c.runner.as_ref())
+    spec.runner.as_ref()
 }

@@ -147,7 +147,7 @@ mod tests {
     async fn writes_a_cidata_vfat_image() {
         let dir = tempfile::tempdir().unwrap();
         let image = dir.path().join("seed.img");
-        let files = render("sandbox-0123456789ab", &spec()).unwrap();
+        let files = render("sandbox-0123456789ab", &spec(), None).unwrap();
         let tools = SeedTools {
             mkfs_vfat: "mkfs.vfat".into(),
             mcopy: "mcopy".into(),

@@ -165,6 +165,29 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (backend, template)
     );
     "#,
+    // 7: a runner token may be scoped to a pool sandbox instead of a job. SQLite cannot relax a
+    // column's constraint in place, so the table is rebuilt with its rows.
+    r#"
+    CREATE TABLE tokens_7 (
+        hash TEXT PRIMARY KEY,
+        -- What the token is scoped to: a job, or (a runner token only) a pool sandbox booted
+        -- before any job. Exactly one is set. The pool sandbox's tokens go with its row, whether
+        -- a job takes it over or it is destroyed.
+        job_id TEXT REFERENCES jobs (id),
+        pool_id TEXT REFERENCES pool_sandboxes (id) ON DELETE CASCADE,
+        kind TEXT NOT NULL,
+        expires_ms INTEGER NOT NULL,
+        used_ms INTEGER,
+        CHECK ((job_id IS NULL) <> (pool_id IS NULL)),
+        CHECK (pool_id IS NULL OR kind = 'runner')
+    );
+    INSERT INTO tokens_7 (hash, job_id, kind, expires_ms, used_ms)
+        SELECT hash, job_id, kind, expires_ms, used_ms FROM tokens;
+    DROP TABLE tokens;
+    ALTER TABLE tokens_7 RENAME TO tokens;
+    CREATE INDEX tokens_by_job ON tokens (job_id);
+    CREATE INDEX tokens_by_pool ON tokens (pool_id) WHERE pool_id IS NOT NULL;
+    "#,
 ];
 
 pub(super) fn apply(conn: &mut Connection) -> Result<(), StoreError> {
@@ -210,6 +233,39 @@ mod tests {
             apply(&mut conn),
             Err(StoreError::TooNew { found: 99, .. })
         ));
+    }
+
+    #[test]
+    fn a_schema_6_database_keeps_its_tokens_through_the_rebuild_of_their_table() {
+        use super::super::TokenKind;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agentlab.db");
+        {
+            let mut old = Connection::open(&path).unwrap();
+            apply_through(&mut old, 6).unwrap();
+            old.execute_batch(
+                "INSERT INTO jobs (id, profile, request_json, status, created_ms)
+                 VALUES ('j1', 'balanced', '{\"profile\":\"balanced\",\"task\":\"t\"}',
+                         'RUNNING', 1);",
+            )
+            .unwrap();
+            // A session token whose plaintext is "t0k3n".
+            old.execute(
+                "INSERT INTO tokens (hash, job_id, kind, expires_ms)
+                 VALUES (?1, 'j1', 'session', ?2)",
+                rusqlite::params![
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b"t0k3n")),
+                    i64::MAX
+                ],
+            )
+            .unwrap();
+        }
+        let store = super::super::Store::open(&path).unwrap();
+        assert_eq!(
+            store.redeem_token("t0k3n", TokenKind::Session).unwrap(),
+            Some("j1".to_owned())
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub use paging::{BadCursor, JobCursor, Page, SandboxCursor};
 pub use pool::{Claim, ClaimTerms};
 pub use retention::{job_artifacts_path, job_bundle_path, job_log_path};
 pub use sandboxes::{LeaseRenewal, MAX_LEASE};
-pub use tokens::TokenKind;
+pub use tokens::{TokenKind, TokenScope};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
