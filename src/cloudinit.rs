@@ -17,8 +17,8 @@ pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
 
 /// The script the user-data writes and runs to install the daemon's runner.
 pub const FETCH_RUNNER_PATH: &str = "/etc/agentlab/fetch-runner.sh";
-/// Where the runner is installed (docs/guest-contract.md).
-const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
+/// Where the runner lives in every guest, baked in or installed (docs/guest-contract.md).
+pub const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
 
 /// How often cloud-init's phone_home retries.
 const PHONE_HOME_TRIES: u32 = 10;

@@ -1028,3 +1028,41 @@ async fn a_sweep_clears_an_interrupted_making_and_stale_snapshots_only() {
         "the current one stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_template_vm_that_did_not_install_the_daemons_runner_is_not_saved_as_a_snapshot() {
+    let images = template_dir();
+    let root = scratch();
+    // The stand-in endpoint answers the runner's fetch with an empty body, as a dead token's
+    // 401 would leave the guest without the runner: its digest is not the one the seed names.
+    let (endpoint, mut requests) = guest_endpoint().await;
+    let backend = backend(root.path(), &images, endpoint);
+    let spec = SandboxSpec {
+        runner: Some(runner_fetch("ended-token", &"ab".repeat(32))),
+        ..spec("sandbox-norunner", "job-norunner")
+    };
+    let SnapshotStatus::Missing { id } = backend.snapshot_status(&spec).await.unwrap() else {
+        panic!("no snapshot can exist yet");
+    };
+    let refusal = backend.make_snapshot(&spec).await.unwrap_err().to_string();
+    assert!(
+        refusal.contains("has not installed the daemon's runner")
+            && refusal.contains("no snapshot is saved"),
+        "{refusal}"
+    );
+    // The guest did ask for the runner, with the seed's token.
+    let mut fetched = false;
+    while let Ok(request) = requests.try_recv() {
+        fetched |= request.starts_with("GET /guest/v1/runner") && request.contains("ended-token");
+    }
+    assert!(fetched, "the template VM never fetched the runner");
+    assert_eq!(
+        backend.snapshot_status(&spec).await.unwrap(),
+        SnapshotStatus::Missing { id: id.clone() },
+        "a snapshot without the runner was published"
+    );
+    let snapshots = root.path().join("snapshots");
+    assert!(!snapshots.join(&id).exists());
+    assert!(!snapshots.join(format!("{id}.building")).exists());
+    assert!(processes_naming(&snapshots).is_empty(), "a qemu survived");
+}

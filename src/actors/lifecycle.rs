@@ -23,8 +23,7 @@ use crate::model::{
 use crate::store::{GuestProgress, PhaseLimit, StoreError, TokenKind};
 
 /// Where the runner lives in every guest image, and how it finds its bootstrap token.
-pub const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
-pub const BOOTSTRAP_PATH: &str = "/etc/agentlab/bootstrap.json";
+pub use crate::cloudinit::{BOOTSTRAP_PATH, RUNNER_PATH};
 /// Stored as the runner's pid while its guest-exec is under way: a crash then leaves it unknown
 /// whether the runner started, and a second one must not be started (it would lose the one-time
 /// bootstrap token and look like a failure).

@@ -1,7 +1,7 @@
 //! Making one template snapshot: boot the template in a VM whose RAM is the snapshot's memory
 //! file (mapped shared), wait until its guest is fully up (guest agent answering, cloud-init's
-//! `result.json` written; no job, no runner), pause it and save its device state, quit, and
-//! publish the folder. See `snapshot` for what the files are.
+//! `result.json` written; no job), check that the runner its seed fetched is there, pause it and
+//! save its device state, quit, and publish the folder. See `snapshot` for what the files are.
 //!
 //! Everything happens in `<id>.building/`; only a whole snapshot is renamed to `<id>/`. A making
 //! that fails removes its folder and stops its VM; one cut short by a daemon crash leaves the
@@ -18,7 +18,7 @@ use super::layout::{self, SandboxPaths, SandboxRecord};
 use super::migration;
 use super::overlay;
 use super::process;
-use super::qga::{ExecRequest, QgaClient};
+use super::qga::{ExecRequest, ExecStatusReply, QgaClient, QgaError};
 use super::qmp::QmpClient;
 use super::seed::{self, SeedError, SeedTools};
 use super::snapshot::{SnapshotFiles, SnapshotManifest, SnapshotShape};
@@ -47,6 +47,12 @@ const WARM_UP: &str = "cat /usr/local/bin/agentlab-runner /usr/lib/git-core/git 
 
 /// How long the warm-up may take.
 const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long checking the fetched runner's digest may take (hashing a few megabytes).
+const RUNNER_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How much of cloud-init's errors a refusal quotes.
+const QUOTED_ERRORS_CHARS: usize = 600;
 
 /// How long saving the device state may take (about a megabyte; it takes milliseconds).
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -170,6 +176,9 @@ impl SnapshotMaker {
         };
         launch::launch(&plan, self.config.tool_timeout).await?;
         let cloud_init_result = self.wait_until_up(&vm).await?;
+        if let Some(runner) = runner {
+            self.check_runner(&vm, runner, &cloud_init_result).await?;
+        }
         self.warm_up(&vm).await;
 
         let mut qmp = QmpClient::connect(&vm.qmp_socket(), Duration::from_secs(5))
@@ -246,28 +255,101 @@ impl SnapshotMaker {
 }
 
 impl SnapshotMaker {
+    /// Checks that the runner the seed fetched is in the template VM with the daemon's sha256.
+    /// A fetch can fail where a job's boot would only record it (its token ended with the job or
+    /// pool sandbox that asked for the snapshot, the endpoint was down), and a snapshot saved then
+    /// would hand every sandbox restored from it a guest without the daemon's runner.
+    async fn check_runner(
+        &self,
+        vm: &SandboxPaths,
+        runner: &RunnerFetch,
+        cloud_init_result: &[u8],
+    ) -> Result<(), BackendError> {
+        let digest = format!("sha256sum {} 2>&1", cloudinit::RUNNER_PATH);
+        let reply = tokio::time::timeout(RUNNER_CHECK_TIMEOUT, self.run_to_end(vm, &digest))
+            .await
+            .map_err(|_| BackendError::Timeout {
+                operation: "snapshot runner check",
+                seconds: RUNNER_CHECK_TIMEOUT.as_secs_f64(),
+            })?
+            .map_err(|e| {
+                BackendError::operation("snapshot", format!("checking the runner: {e}"))
+            })?;
+        runner_verdict(&runner.sha256, &reply, cloud_init_result)
+            .map_err(|refusal| BackendError::operation("snapshot", refusal))
+    }
+
     /// Runs `WARM_UP` in the template VM and waits for it; a failure is only logged.
     async fn warm_up(&self, vm: &SandboxPaths) {
+        match tokio::time::timeout(WARM_UP_TIMEOUT, self.run_to_end(vm, WARM_UP)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "warming the template VM's page cache failed"),
+            Err(_) => tracing::warn!("warming the template VM's page cache timed out"),
+        }
+    }
+
+    /// Runs `script` with the template VM's `/bin/sh` through its guest agent, output captured,
+    /// and waits for it to end.
+    async fn run_to_end(
+        &self,
+        vm: &SandboxPaths,
+        script: &str,
+    ) -> Result<ExecStatusReply, QgaError> {
         let mut agent = QgaClient::new(vm.qga_socket());
         let request = ExecRequest {
             path: "/bin/sh".to_owned(),
-            args: vec!["-c".to_owned(), WARM_UP.to_owned()],
+            args: vec!["-c".to_owned(), script.to_owned()],
+            capture_output: true,
             ..ExecRequest::default()
         };
         let timeout = self.config.agent_call_timeout;
-        let warmed = async {
-            let pid = agent.exec(&request, timeout).await?;
-            loop {
-                if agent.exec_status(pid, timeout).await?.exited {
-                    return Ok::<(), super::qga::QgaError>(());
-                }
-                tokio::time::sleep(UP_POLL).await;
+        let pid = agent.exec(&request, timeout).await?;
+        loop {
+            let status = agent.exec_status(pid, timeout).await?;
+            if status.exited {
+                return Ok(status);
             }
-        };
-        match tokio::time::timeout(WARM_UP_TIMEOUT, warmed).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "warming the template VM's page cache failed"),
-            Err(_) => tracing::warn!("warming the template VM's page cache timed out"),
+            tokio::time::sleep(UP_POLL).await;
+        }
+    }
+}
+
+/// Whether `sha256sum`'s `reply` in the template VM shows the runner with digest `want`; if not,
+/// the refusal, with what cloud-init's `result` says went wrong.
+fn runner_verdict(want: &str, reply: &ExecStatusReply, result: &[u8]) -> Result<(), String> {
+    let output = String::from_utf8_lossy(&reply.stdout);
+    let found = match (reply.exit_code, output.split_whitespace().next()) {
+        (Some(0), Some(have)) if have == want => return Ok(()),
+        (Some(0), Some(have)) => format!("its sha256 is {have}, not the daemon's {want}"),
+        _ => format!("it is not there ({})", output.trim()),
+    };
+    Err(format!(
+        "the template VM has not installed the daemon's runner, so no snapshot is saved: {} \
+         {found}; cloud-init reported {}",
+        cloudinit::RUNNER_PATH,
+        cloud_init_errors(result)
+    ))
+}
+
+/// cloud-init's errors in its `result.json`, quoted, for a refusal.
+fn cloud_init_errors(result: &[u8]) -> String {
+    let errors = serde_json::from_slice::<serde_json::Value>(result)
+        .ok()
+        .and_then(|v| v["v1"]["errors"].as_array().cloned());
+    match errors {
+        None => "no readable result".to_owned(),
+        Some(errors) if errors.is_empty() => "no errors".to_owned(),
+        Some(errors) => {
+            let text = errors
+                .iter()
+                .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_owned))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let mut quoted: String = text.chars().take(QUOTED_ERRORS_CHARS).collect();
+            if quoted.len() < text.len() {
+                quoted.push('…');
+            }
+            format!("{} error(s): {quoted}", errors.len())
         }
     }
 }
@@ -338,4 +420,73 @@ async fn seal(files: SnapshotFiles) -> Result<Sizes, BackendError> {
     })
     .await
     .map_err(|e| BackendError::operation("snapshot", e.to_string()))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha256sum(code: i32, output: &str) -> ExecStatusReply {
+        ExecStatusReply {
+            exited: true,
+            exit_code: Some(code),
+            signal: None,
+            stdout: output.as_bytes().to_vec(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+        }
+    }
+
+    const CLEAN: &[u8] = br#"{"v1": {"datasource": "DataSourceNoCloud", "errors": []}}"#;
+
+    #[test]
+    fn the_runner_with_the_daemons_digest_passes() {
+        let want = "ab".repeat(32);
+        let reply = sha256sum(0, &format!("{want}  /usr/local/bin/agentlab-runner\n"));
+        assert_eq!(runner_verdict(&want, &reply, CLEAN), Ok(()));
+    }
+
+    #[test]
+    fn a_missing_or_other_runner_is_refused_with_cloud_inits_errors() {
+        let want = "ab".repeat(32);
+        let failed = br#"{"v1": {"errors": ["('scripts_user', RuntimeError('Runparts: 1 failures (runcmd) in 1 attempted commands'))"]}}"#;
+        let missing = sha256sum(
+            1,
+            "sha256sum: /usr/local/bin/agentlab-runner: No such file or directory\n",
+        );
+        let refusal = runner_verdict(&want, &missing, failed).unwrap_err();
+        assert!(refusal.contains("no snapshot is saved"), "{refusal}");
+        assert!(refusal.contains("No such file or directory"), "{refusal}");
+        assert!(refusal.contains("1 error(s): ('scripts_user'"), "{refusal}");
+
+        let other = "cd".repeat(32);
+        let baked = sha256sum(0, &format!("{other}  /usr/local/bin/agentlab-runner\n"));
+        let refusal = runner_verdict(&want, &baked, CLEAN).unwrap_err();
+        assert!(
+            refusal.contains(&format!("its sha256 is {other}")),
+            "{refusal}"
+        );
+        assert!(
+            refusal.contains("cloud-init reported no errors"),
+            "{refusal}"
+        );
+
+        // sha256sum's output is the guest's: an empty one is no digest.
+        assert!(runner_verdict(&want, &sha256sum(0, ""), CLEAN).is_err());
+        assert!(runner_verdict(&want, &sha256sum(1, ""), b"not json")
+            .unwrap_err()
+            .contains("no readable result"));
+    }
+
+    #[test]
+    fn long_errors_are_cut() {
+        let long = format!(r#"{{"v1": {{"errors": ["{}"]}}}}"#, "x".repeat(5000));
+        let quoted = cloud_init_errors(long.as_bytes());
+        assert!(
+            quoted.chars().count() < QUOTED_ERRORS_CHARS + 40,
+            "{quoted}"
+        );
+        assert!(quoted.ends_with('…'));
+    }
 }

@@ -6,9 +6,8 @@
 use ext4_view::Ext4;
 
 use crate::backend::templates::FoundItem;
+use crate::cloudinit::RUNNER_PATH;
 
-/// The runner's place in a guest (docs/guest-contract.md).
-const RUNNER_PATH: &str = "/usr/local/bin/agentlab-runner";
 /// Files larger than this are not read as configuration.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// dpkg's database is read whole; a real one is a few MB.
