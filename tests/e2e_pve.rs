@@ -1010,3 +1010,35 @@ fn a_template_without_a_runner_gets_the_daemons_through_the_snippet_user_data() 
     assert!(daemon.log().contains("a guest fetched the runner"));
     node.assert_nothing_left();
 }
+
+#[test]
+fn a_pool_on_a_template_without_a_runner_fetches_the_daemons_with_the_pool_sandboxs_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = runnerless_images(dir.path());
+    let node = Node::with_images(dir.path(), &[], &images);
+    let runner = stripped_runner(dir.path());
+    let pooled = |n: u32| format!("{TUNING}pool: {{profiles: {{balanced: {n}}}}}\n");
+    let daemon = node.daemon_tuned(&pooled(1), &format!("runner_path: {}\n", runner.display()));
+    // READY follows `agentlab-runner --version` in the guest, whose template has none: the
+    // snippet user-data of the pool sandbox fetched it, with a token of that sandbox's own.
+    let pool = wait_pool(&daemon, 1);
+    let ready = pool["sandboxes"][0]["id"].as_str().unwrap().to_owned();
+    let log = daemon.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("a guest fetched the runner") && l.contains(&ready)),
+        "no fetch by {ready}:\n{log}"
+    );
+
+    let id = daemon.submit(&json!({
+        "profile": "balanced", "task": "t",
+        "command": "agentlab-runner --version; echo ran-with-the-daemons-runner",
+    }));
+    let job = daemon.wait_terminal(&id, Duration::from_secs(240));
+    assert_eq!(job["status"], "COMPLETED", "{job}\n{}", daemon.log());
+    assert_eq!(job["sandbox_id"], ready.as_str(), "{job}");
+    assert!(daemon.job_log(&id).contains("ran-with-the-daemons-runner"));
+
+    empty_pool(&daemon, &node.dir, &pooled(0));
+    node.assert_nothing_left();
+}
