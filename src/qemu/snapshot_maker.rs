@@ -51,8 +51,8 @@ const WARM_UP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long checking the fetched runner's digest may take (hashing a few megabytes).
 const RUNNER_CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How much of cloud-init's errors a refusal quotes.
-const QUOTED_ERRORS_CHARS: usize = 600;
+/// How much of the guest's words (cloud-init's errors, sha256sum's output) a refusal quotes.
+const QUOTED_CHARS: usize = 600;
 
 /// How long saving the device state may take (about a megabyte; it takes milliseconds).
 const SAVE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -321,7 +321,7 @@ fn runner_verdict(want: &str, reply: &ExecStatusReply, result: &[u8]) -> Result<
     let found = match (reply.exit_code, output.split_whitespace().next()) {
         (Some(0), Some(have)) if have == want => return Ok(()),
         (Some(0), Some(have)) => format!("its sha256 is {have}, not the daemon's {want}"),
-        _ => format!("it is not there ({})", output.trim()),
+        _ => format!("it is not there ({})", cut(output.trim())),
     };
     Err(format!(
         "the template VM has not installed the daemon's runner, so no snapshot is saved: {} \
@@ -345,13 +345,19 @@ fn cloud_init_errors(result: &[u8]) -> String {
                 .map(|e| e.as_str().map_or_else(|| e.to_string(), str::to_owned))
                 .collect::<Vec<_>>()
                 .join("; ");
-            let mut quoted: String = text.chars().take(QUOTED_ERRORS_CHARS).collect();
-            if quoted.len() < text.len() {
-                quoted.push('…');
-            }
-            format!("{} error(s): {quoted}", errors.len())
+            format!("{} error(s): {}", errors.len(), cut(&text))
         }
     }
+}
+
+/// The guest's `text`, cut to `QUOTED_CHARS` for a refusal: whatever the guest writes, a
+/// refusal stays a line of a log.
+fn cut(text: &str) -> String {
+    let mut quoted: String = text.chars().take(QUOTED_CHARS).collect();
+    if quoted.len() < text.len() {
+        quoted.push('…');
+    }
+    quoted
 }
 
 /// Logs what cloud-init reported in the template VM: errors there are in every restored sandbox.
@@ -483,10 +489,10 @@ mod tests {
     fn long_errors_are_cut() {
         let long = format!(r#"{{"v1": {{"errors": ["{}"]}}}}"#, "x".repeat(5000));
         let quoted = cloud_init_errors(long.as_bytes());
-        assert!(
-            quoted.chars().count() < QUOTED_ERRORS_CHARS + 40,
-            "{quoted}"
-        );
+        assert!(quoted.chars().count() < QUOTED_CHARS + 40, "{quoted}");
         assert!(quoted.ends_with('…'));
+        let flood = sha256sum(1, &"y".repeat(1 << 20));
+        let refusal = runner_verdict(&"ab".repeat(32), &flood, CLEAN).unwrap_err();
+        assert!(refusal.len() < 2 * QUOTED_CHARS, "{} bytes", refusal.len());
     }
 }
